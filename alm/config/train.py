@@ -1,0 +1,208 @@
+"""The training recipe (`alm train RECIPE`): `TrainRecipe` and its parts.
+
+Owns the schema of `stages/*train*.yaml` and `stages/paper_*.yaml` and every rule that can be checked without
+opening a store or loading a model (field types, ranges, cross-field rules). Rules that need a store's manifest
+(fingerprints, stored fields a loss needs) are checked by `alm.train.loop.check_stores` before any model loads.
+Implements the knobs of ALM_SPEC §6-§8 and §11 (gamma, temperature, divergence, boundary classes, GradMag,
+hidden-state loss, LoRA, AdamW with warmup and linear decay).
+
+Imports only `alm.config.load` (and pydantic).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from alm.config.load import StrictModel
+
+# Store boundary classes, in the store's column order (docs/architecture.md).
+BOUNDARY_CLASS_NAMES: tuple[str, ...] = ("space", "newline", "tab", "other_whitespace", "special")
+BoundaryClass = Literal["space", "newline", "tab", "other_whitespace", "special"]
+Divergence = Literal["binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit"]
+
+
+class StoreRef(StrictModel):
+    """A teacher store to train from, with the fingerprints the recipe expects (checked before any model loads)."""
+
+    path: str = Field(description="Teacher store folder (or fsspec URL) written by `alm precompute`.")
+    teacher_tokenizer_fingerprint: str | None = Field(
+        None, description="Expected teacher-tokenizer fingerprint (sha256 hex); a different store is refused."
+    )
+    data_fingerprint: str | None = Field(
+        None, description="Expected data-spec fingerprint; a store made from other data is refused."
+    )
+
+
+class TransferConfig(StrictModel):
+    """Tokenizer transfer: the teacher's own weights moved to a new tokenizer (ALM_SPEC §8, FVT init)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: str = Field(
+        "teacher",
+        alias="from",
+        description="`teacher` (the model recorded in the store's manifest) or an HF id/path of the model to move.",
+    )
+    tokenizer: str = Field(
+        "bytes",
+        description="`bytes` (a pure byte tokenizer keeping the teacher's special tokens) or a tokenizer id/path.",
+    )
+    untie_embeddings: bool = Field(
+        False, description="Give the student separate input and output embeddings (ALM_SPEC §8, byte students)."
+    )
+
+
+class StudentConfig(StrictModel):
+    """Which student to train: an HF causal LM, or the teacher moved to a new tokenizer."""
+
+    model: str | None = Field(None, description="HF model id or local folder of the student (omit with `transfer`).")
+    tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to the model's own tokenizer.")
+    transfer: TransferConfig | None = Field(None, description="Build the student by tokenizer transfer instead.")
+    family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
+        "auto", description="Template family used to render the student's sequences; `auto` detects it."
+    )
+    max_length: int = Field(512, ge=2, description="Student sequence length in tokens (byte students: ~4x).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentConfig:
+        if (self.model is None) == (self.transfer is None):
+            raise ValueError(
+                "give exactly one of student.model (an HF id or path) or student.transfer "
+                "(e.g. transfer: {from: teacher, tokenizer: bytes})"
+            )
+        if self.transfer is not None and self.tokenizer is not None:
+            raise ValueError("student.tokenizer is only for student.model; with transfer use transfer.tokenizer")
+        return self
+
+
+class LossConfig(StrictModel):
+    """Which losses to train with and their options (ALM_SPEC §6-§7)."""
+
+    kind: Literal["alm", "sft", "alm+sft"] = Field(
+        "alm", description="`alm` (default), `sft`, or `alm+sft` combined with GradMag."
+    )
+    hidden: float = Field(
+        0.0, ge=0.0, description="Weight of the hidden-state loss (0 = off); needs `hidden` in the store."
+    )
+    gamma: float = Field(0.1, ge=0.0, lt=1.0, description="Teacher boundary-probability threshold for merging.")
+    temperature: float = Field(100.0, gt=0.0, description="Binarisation temperature tau.")
+    divergence: Divergence = Field("binary_ce", description="Binarised divergence per chunk group.")
+    boundary_classes: list[BoundaryClass] = Field(
+        default_factory=lambda: ["space", "newline", "tab", "special"],
+        min_length=1,
+        description="First-byte classes that count as a pretoken boundary (debiasing and merging).",
+    )
+    combine: Literal["gradmag", "sum"] = Field(
+        "gradmag", description="How several losses are combined: GradMag (paper default) or a plain sum."
+    )
+
+    @field_validator("boundary_classes")
+    @classmethod
+    def _unique_classes(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"boundary classes must not repeat, got {value}")
+        return value
+
+    def losses(self) -> list[str]:
+        """The active loss names in a fixed order: `alm`, `sft`, `hidden`."""
+        names = [n for n in ("alm", "sft") if n in self.kind.split("+")]
+        return [*names, "hidden"] if self.hidden > 0 else names
+
+    def boundary_class_ids(self) -> list[int]:
+        """Store column indices of the chosen boundary classes, ascending."""
+        return sorted(BOUNDARY_CLASS_NAMES.index(c) for c in self.boundary_classes)
+
+
+class OptimConfig(StrictModel):
+    """AdamW with linear warmup then linear decay to zero (ALM_SPEC §8, §11)."""
+
+    lr: float = Field(1e-5, gt=0.0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    steps: int = Field(..., ge=1, description="Total optimizer steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (then linear decay to 0 at `steps`).")
+    grad_clip: float | None = Field(1.0, gt=0.0, description="Global gradient-norm clip; null disables it.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (per process).")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (per process).")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"betas must lie in [0, 1), got {value}")
+        return value
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapters via peft (ALM_SPEC §8: q/k/v/o + MLP, r = alpha = 64, embeddings trained fully)."""
+
+    r: int = Field(64, ge=1, description="LoRA rank.")
+    alpha: float = Field(64.0, gt=0.0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="Module names that get adapters.",
+    )
+    train_embeddings: bool = Field(True, description="Train input/output embeddings fully (needed after transfer).")
+
+
+class EvalConfig(StrictModel):
+    """Held-out evaluation: student bits per byte and chunk agreement with the teacher."""
+
+    store: str = Field(..., description="Held-out teacher store (same teacher tokenizer as the training stores).")
+    every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only before and after training).")
+    max_sequences: int | None = Field(None, ge=1, description="Evaluate on at most this many sequences.")
+
+
+class TrainRecipe(StrictModel):
+    """A whole `alm train` recipe; every problem is reported at once by `alm.config.load_yaml_model`."""
+
+    stores: list[StoreRef] = Field(..., min_length=1, description="Teacher stores to train from (one or more).")
+    student: StudentConfig
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig
+    lora: LoraConfig | None = Field(None, description="LoRA settings; omit for full fine-tuning.")
+    eval: EvalConfig | None = Field(None, description="Held-out evaluation; omit to skip.")
+    output_dir: str = Field(..., description="Run folder: checkpoints, metrics, the final student.")
+    seed: int = Field(0, description="Seed for data order, init draws and dropout.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes building student batches.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
+    )
+    parallel: Literal["ddp", "fsdp2"] = Field("ddp", description="Data parallelism under torchrun.")
+
+    @field_validator("stores", mode="before")
+    @classmethod
+    def _paths_as_refs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainRecipe:
+        problems = []
+        if self.optim.warmup_steps > self.optim.steps:
+            problems.append(
+                f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds optim.steps ({self.optim.steps})"
+            )
+        if self.loss.hidden > 0 and self.lora is not None:
+            problems.append("loss.hidden needs full fine-tuning: the hidden-state loss is not set up with LoRA")
+        if self.parallel == "fsdp2" and self.lora is not None:
+            problems.append("parallel: fsdp2 with LoRA is not supported; use ddp")
+        if self.checkpoint_every > self.optim.steps:
+            problems.append(
+                f"checkpoint_every ({self.checkpoint_every}) exceeds optim.steps ({self.optim.steps}); "
+                "use 0 to checkpoint only at the end"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

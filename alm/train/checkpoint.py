@@ -1,0 +1,107 @@
+"""Resumable checkpoints: model, optimizer, scheduler, RNG states and the data position.
+
+A checkpoint is `OUTPUT/checkpoints/step-NNNNNNNN/state.pt` (one `torch.save` dict), written under a temporary
+folder name and renamed when complete, so a killed run never leaves a half-written checkpoint behind. The data
+position is the optimizer step: the loader's batches are a pure function of (seed, step), so restoring the step,
+the RNG states and the optimizer gives a run that continues bit for bit on CPU (STYLE.md §4).
+
+Never imports `torch.distributed`: the loop saves on the main process only, with full state dicts from
+`alm.train.parallel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def rng_state() -> dict[str, Any]:
+    """The python, numpy and torch (CPU and CUDA) random states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore states captured by `rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    config_hash: str,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint of `step` atomically and keep only the newest `keep` checkpoints.
+
+    Returns:
+        the checkpoint folder.
+    """
+    root = output_dir / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    payload = {
+        "step": step,
+        "config_hash": config_hash,
+        "model": model_state,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "extra": extra or {},
+    }
+    torch.save(payload, tmp / "state.pt")
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("checkpoint saved: %s", final)
+    return final
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first."""
+    root = output_dir / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` (on CPU)."""
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+
+def restore_checkpoint(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> int:
+    """Load model, optimizer, scheduler and RNG states from `state`; return the step to continue from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])

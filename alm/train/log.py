@@ -1,0 +1,111 @@
+"""Watching a run: a tqdm progress bar, metrics as JSONL (and TensorBoard when installed), a readable log.
+
+`RunLog` is used on the main process only. Files it writes in the run folder:
+
+- `metrics.jsonl`: one JSON object per logged step (`step`, `loss`, per-loss values, `lr`, `grad_norm`,
+  `tokens_per_s`, ...) and per evaluation (`eval/*`);
+- `train.log`: the readable log (the `alm` loggers, INFO and above);
+- `tensorboard/`: the same scalars, when `tensorboard` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "train.log"
+
+
+class RunLog:
+    """Progress bar, JSONL metrics, TensorBoard scalars and the run's log file."""
+
+    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.output_dir = output_dir
+        self._metrics = None
+        self._tb = None
+        self._handler: logging.Handler | None = None
+        self._last_time = time.perf_counter()
+        self._tokens = 0
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, disable=not enabled, unit="step", dynamic_ncols=True,
+            mininterval=1.0,
+        )
+        if not enabled:
+            return
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = (output_dir / METRICS_FILE).open("a", encoding="utf-8")
+        self._handler = logging.FileHandler(output_dir / LOG_FILE, encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("alm").addHandler(self._handler)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
+        except ImportError:
+            self._tb = None
+
+    def count_tokens(self, num_tokens: int) -> None:
+        """Add student tokens processed since the last logged step (for tokens/s)."""
+        self._tokens += num_tokens
+
+    def step(self, step: int, metrics: dict[str, float], write: bool) -> None:
+        """Advance the bar to `step` and, when `write`, append `metrics` (plus tokens/s) to the files."""
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        metrics = {**metrics, "tokens_per_s": self._tokens / elapsed}
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if write:
+            self.write(step, metrics)
+        self._last_time, self._tokens = now, 0
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append one JSONL record (and TensorBoard scalars)."""
+        if not self.enabled or self._metrics is None:
+            return
+        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        """Close the bar and the files."""
+        self.bar.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._handler is not None:
+            logging.getLogger("alm").removeHandler(self._handler)
+            self._handler.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
+    """All records of a run's `metrics.jsonl` (empty if none)."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,124 @@
+"""Processes and devices: the only module that imports `torch.distributed`.
+
+One code path for 1 and N processes: `init()` reads the torchrun environment (`RANK`, `WORLD_SIZE`,
+`LOCAL_RANK`); without it everything is a single process and `wrap(model)` is the identity. Under torchrun the
+backend is gloo on CPU and nccl on GPU; `wrap` applies DDP, or FSDP2 `fully_shard` per transformer block when the
+recipe says `parallel: fsdp2`.
+
+Gradients: DDP and FSDP2 *average* gradients over ranks. The ALM/SFT losses are already normalised by global counts
+(ALM_SPEC §6.3), so the loop multiplies each micro-batch loss by `world_size()` to turn that average into a sum.
+
+    torchrun --nproc-per-node 2 -m alm.cli train stages/demo_train.yaml   # 2 CPU processes, gloo
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init() -> torch.device:
+    """Join the process group if launched by torchrun; return this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def shutdown() -> None:
+    """Leave the process group (no-op on one process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """Number of processes (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 without torchrun)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """True on the process that writes logs, checkpoints and the final student."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for all processes (no-op on one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum `value` over all processes (returns a new tensor; identity on one process)."""
+    out = value.clone()
+    if dist.is_initialized():
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's `obj` on every process."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap(model: nn.Module, mode: Literal["ddp", "fsdp2"], device: torch.device) -> nn.Module:
+    """Prepare `model` for data-parallel training: identity on one process, DDP or FSDP2 under torchrun."""
+    model.to(device)
+    if not dist.is_initialized() or world_size() == 1:
+        return model
+    if mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF model inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."""
+    return model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce for a micro-batch that is not the step's last (when `skip`)."""
+    if skip and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A full (unsharded) CPU state dict on every rank, for checkpoints and the final save."""
+    inner = unwrap(model)
+    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in inner.state_dict().items()}

@@ -1,0 +1,310 @@
+"""The student model: load an HF causal LM, or move the teacher to a new tokenizer; optional LoRA.
+
+Owns tokenizer transfer (ALM_SPEC §8, "FVT" initialisation): the teacher's weights keep everything but the
+embeddings; each new token's input (and output) embedding is
+
+1. the teacher embedding of the token with the same bytes, if the teacher vocabulary has one;
+2. for special tokens, the teacher special token with the same role (`bos`, `eos`, `pad`, or its own string);
+3. otherwise the mean of the teacher embeddings of the token's decomposition under the teacher tokenizer;
+4. otherwise (no decomposition) a normal draw with the old embeddings' per-dimension mean and std.
+
+Input and output embeddings can be untied (byte students, ALM_SPEC §8). LoRA comes from `peft`, imported lazily.
+Never imports `torch.distributed` (see `alm.train.parallel`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from alm.config.train import LoraConfig, StudentConfig
+from alm.errors import BackendUnavailableError, ConfigError, TokenizerRefusedError
+from alm.vocab import Vocab, build_byte_tokenizer, encode_text, vocab_from_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Student:
+    """A student ready to train: the model, its tokenizer, the tokenizer as bytes, and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    vocab: Vocab
+    source: str
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """How each new token's embedding was initialised (counts by rule)."""
+
+    num_copied: int
+    num_special: int
+    num_averaged: int
+    num_random: int
+
+
+def load_tokenizer(name: str) -> Any:
+    """Load an HF tokenizer (fast) from an id or a local folder.
+
+    Raises:
+        ConfigError: the tokenizer cannot be found.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"student tokenizer {name!r} cannot be loaded ({exc}). Give a local folder or a cached hub id "
+            "(set HF_HUB_OFFLINE=0 to download)."
+        ) from None
+
+
+def load_causal_lm(name: str) -> nn.Module:
+    """Load an HF causal LM in fp32 from an id or a local folder.
+
+    Raises:
+        ConfigError: the model cannot be found.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"student model {name!r} cannot be loaded ({exc}). Give a local folder or a cached hub id "
+            "(set HF_HUB_OFFLINE=0 to download)."
+        ) from None
+
+
+def byte_tokenizer_like(teacher_tokenizer: Any) -> Any:
+    """The pure byte tokenizer with the teacher's special tokens (same strings, same bos/eos/pad roles)."""
+    specials = list(dict.fromkeys(teacher_tokenizer.all_special_tokens))
+    for added in teacher_tokenizer.added_tokens_decoder.values():
+        if getattr(added, "special", False) and added.content not in specials:
+            specials.append(added.content)
+    tok = build_byte_tokenizer(
+        specials,
+        bos=teacher_tokenizer.bos_token,
+        eos=teacher_tokenizer.eos_token,
+        pad=teacher_tokenizer.pad_token,
+    )
+    if getattr(teacher_tokenizer, "chat_template", None):
+        tok.chat_template = teacher_tokenizer.chat_template
+    return tok
+
+
+def transfer_embeddings(
+    old_embeddings: torch.Tensor,
+    teacher_tokenizer: Any,
+    teacher_vocab: Vocab,
+    student_vocab: Vocab,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, TransferReport]:
+    """New embedding rows for `student_vocab` initialised from the teacher's (ALM_SPEC §8).
+
+    Args:
+        old_embeddings: float [V_teacher, d] teacher input or output embeddings.
+        teacher_tokenizer: the teacher's HF tokenizer (used to decompose new tokens).
+        teacher_vocab: the teacher tokenizer as bytes.
+        student_vocab: the new tokenizer as bytes.
+        generator: seeded generator for the normal draws of unmatched tokens.
+
+    Returns:
+        float [V_student, d] new embeddings, and the count of tokens per rule.
+    """
+    old = old_embeddings.detach().float()
+    num_old = min(old.shape[0], len(teacher_vocab.token_bytes))
+    mean, std = old[:num_old].mean(dim=0), old[:num_old].std(dim=0)
+    new = torch.empty(len(student_vocab.token_bytes), old.shape[1])
+    teacher_id_by_bytes: dict[bytes, int] = {}
+    for tid, tb in enumerate(teacher_vocab.token_bytes[:num_old]):
+        if tb and not teacher_vocab.is_special[tid]:
+            teacher_id_by_bytes.setdefault(tb, tid)
+    teacher_id_by_role = {role: tid for tid, role in teacher_vocab.special_role.items() if tid < num_old}
+    counts = {"copied": 0, "special": 0, "averaged": 0, "random": 0}
+    for sid, sb in enumerate(student_vocab.token_bytes):
+        if student_vocab.is_special[sid]:
+            tid = teacher_id_by_role.get(student_vocab.special_role.get(sid, ""))
+            if tid is not None:
+                new[sid] = old[tid]
+                counts["special"] += 1
+                continue
+        elif sb in teacher_id_by_bytes:
+            new[sid] = old[teacher_id_by_bytes[sb]]
+            counts["copied"] += 1
+            continue
+        elif sb:
+            ids = _decompose(teacher_tokenizer, teacher_vocab, sb, num_old)
+            if ids:
+                new[sid] = old[ids].mean(dim=0)
+                counts["averaged"] += 1
+                continue
+        new[sid] = mean + std * torch.randn(old.shape[1], generator=generator)
+        counts["random"] += 1
+    report = TransferReport(counts["copied"], counts["special"], counts["averaged"], counts["random"])
+    return new.to(old_embeddings.dtype), report
+
+
+def _decompose(teacher_tokenizer: Any, teacher_vocab: Vocab, token_bytes: bytes, num_old: int) -> list[int]:
+    try:
+        ids = encode_text(teacher_tokenizer, teacher_vocab, token_bytes).token_id.tolist()
+    except TokenizerRefusedError:
+        return []
+    return [i for i in ids if i < num_old]
+
+
+def transfer_model(
+    model: nn.Module,
+    teacher_tokenizer: Any,
+    student_tokenizer: Any,
+    *,
+    untie_embeddings: bool,
+    seed: int,
+) -> TransferReport:
+    """Move `model` (the teacher) to `student_tokenizer` in place: new embeddings, untied if asked.
+
+    Returns:
+        the input-embedding transfer report.
+    """
+    teacher_vocab = vocab_from_tokenizer(teacher_tokenizer)
+    student_vocab = vocab_from_tokenizer(student_tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    old_in = model.get_input_embeddings().weight
+    old_out_module = model.get_output_embeddings()
+    was_tied = old_out_module is not None and old_out_module.weight is old_in
+    new_in, report = transfer_embeddings(old_in, teacher_tokenizer, teacher_vocab, student_vocab, generator)
+    num_new, dim = new_in.shape
+    in_module = nn.Embedding(num_new, dim, dtype=old_in.dtype)
+    in_module.weight.data.copy_(new_in)
+    keep_tied = was_tied and not untie_embeddings
+    if old_out_module is not None and not keep_tied:
+        # Untie from the same start when the teacher was tied; else transfer its own output matrix.
+        new_out = new_in.clone() if was_tied else transfer_embeddings(
+            old_out_module.weight, teacher_tokenizer, teacher_vocab, student_vocab, generator
+        )[0]
+        out_module = nn.Linear(dim, num_new, bias=False, dtype=old_in.dtype)
+        out_module.weight.data.copy_(new_out)
+    model.set_input_embeddings(in_module)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.vocab_size = num_new
+        config.tie_word_embeddings = keep_tied
+        for attr, token in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("pad_token_id", "pad_token")):
+            if hasattr(config, attr):
+                value = getattr(student_tokenizer, token, None)
+                setattr(config, attr, student_tokenizer.convert_tokens_to_ids(value) if value else None)
+    if old_out_module is not None:
+        if keep_tied:
+            out_module = nn.Linear(dim, num_new, bias=False, dtype=old_in.dtype)
+            out_module.weight = in_module.weight
+        model.set_output_embeddings(out_module)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(generation_config, attr, getattr(model.config, attr, None))
+    logger.info(
+        "tokenizer transfer to %d tokens: %d copied, %d special by role, %d averaged, %d random%s",
+        num_new, report.num_copied, report.num_special, report.num_averaged, report.num_random,
+        " (untied)" if not keep_tied else "",
+    )
+    return report
+
+
+def resolve_model_path(name: str) -> str:
+    """A teacher model name from a store manifest as something `from_pretrained` loads (`builtin:` ids resolved)."""
+    if name.startswith("builtin:"):
+        from alm.teacher.default import resolve_builtin_teacher
+
+        return str(resolve_builtin_teacher(name))
+    return name
+
+
+def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) -> Student:
+    """Build the student described by `cfg`.
+
+    Args:
+        cfg: the recipe's `student` section.
+        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
+        seed: seed for the transfer's random draws.
+
+    Raises:
+        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+    """
+    if cfg.transfer is None:
+        assert cfg.model is not None
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        model = load_causal_lm(cfg.model)
+        vocab = vocab_from_tokenizer(tokenizer)
+        if model.get_input_embeddings().weight.shape[0] < len(vocab.token_bytes):
+            raise ConfigError(
+                f"student tokenizer has {len(vocab.token_bytes)} tokens but the model only "
+                f"{model.get_input_embeddings().weight.shape[0]} embeddings; use student.transfer to move a "
+                "model to a new tokenizer"
+            )
+        return Student(model, tokenizer, vocab, cfg.model)
+    source = cfg.transfer.from_
+    if source == "teacher":
+        if not teacher_model:
+            raise ConfigError("student.transfer.from: teacher, but the store records no teacher model; give a path")
+        source = resolve_model_path(teacher_model)
+    teacher_tokenizer = load_tokenizer(source)
+    model = load_causal_lm(source)
+    if cfg.transfer.tokenizer == "bytes":
+        student_tokenizer = byte_tokenizer_like(teacher_tokenizer)
+    else:
+        student_tokenizer = load_tokenizer(cfg.transfer.tokenizer)
+    transfer_model(
+        model, teacher_tokenizer, student_tokenizer, untie_embeddings=cfg.transfer.untie_embeddings, seed=seed
+    )
+    return Student(model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap `model` with LoRA adapters (embeddings trained fully when `cfg.train_embeddings`).
+
+    Raises:
+        BackendUnavailableError: `peft` is not installed.
+        ConfigError: none of the target modules exist in the model.
+    """
+    try:
+        import peft
+    except ImportError:
+        raise BackendUnavailableError(
+            "LoRA needs peft: pip install 'alm[lora]' (or remove the `lora` section for full fine-tuning)"
+        ) from None
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [t for t in cfg.targets if t not in module_names]
+    if len(missing) == len(cfg.targets):
+        raise ConfigError(f"lora.targets {cfg.targets} match no module of the student; it has e.g. "
+                          f"{sorted(module_names)[:12]}")
+    to_save = []
+    if cfg.train_embeddings:
+        by_id = {id(m): n for n, m in model.named_modules()}
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None and id(module) in by_id:
+                to_save.append(by_id[id(module)].rsplit(".", 1)[-1])
+    lora_config = peft.LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=[t for t in cfg.targets if t in module_names],
+        modules_to_save=sorted(set(to_save)) or None,
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, lora_config)
+
+
+def save_student(model: nn.Module, tokenizer: Any, path: Path) -> None:
+    """Save the final student (LoRA merged) and its tokenizer so `from_pretrained` loads the folder."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
