@@ -1,0 +1,274 @@
+"""The Hugging Face transformers teacher backend (DESIGN.md "Stage one", HF backend; ALM_SPEC.md §10.2 option 1).
+
+Batched teacher forcing on CPU (fp32 weights) or GPU (bf16 weights by default), under `torch.inference_mode`:
+
+- sequences are grouped by a **token budget** (`plan_batches`: longest first, rows x longest row <= budget) and
+  right-padded with an attention mask; the output order is always the input order;
+- the model's decoder runs once per batch; the LM head is then applied to the valid positions only, in row chunks,
+  in **fp32** (an fp32 copy of the head weight), so neither the padded [B, T, V] logits nor a full fp32 [tokens, V]
+  tensor ever exists (`alm.teacher.scoring.scores_from_hidden`);
+- models whose logits are not exactly `lm_head(decoder(x))` (logit soft-capping or scaling) are detected at load
+  time with a probe and scored from the full `model(...).logits` instead;
+- `hidden` is the decoder's `last_hidden_state`, the input of the LM head: the final-norm hidden state for
+  Llama-style models (equal to `output_hidden_states[-1]`, checked in tests).
+
+Scores are raw: temperature 1, no logits processors. Only this module and `default.py` import transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alm.errors import BackendUnavailableError, ConfigError
+from alm.teacher.base import TeacherScores, boundary_class_masks, plan_batches
+from alm.teacher.scoring import class_mass_matrix, scores_from_hidden
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` means `cuda` when available, else `cpu`.
+
+    Raises:
+        BackendUnavailableError: a CUDA device was asked for on a machine without one.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            f"teacher.device is {device!r} but this machine has no CUDA device; use teacher.device=cpu or auto"
+        )
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` means bf16 on GPU and fp32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_tokenizer(model_path: str, revision: str | None = None):
+    """Load the teacher's tokenizer from an HF id or a local folder.
+
+    Raises:
+        ConfigError: the tokenizer cannot be found or loaded.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"teacher.model {model_path!r}: cannot load its tokenizer ({exc}). Give a local model folder or a "
+            "Hugging Face id (with network access or a filled HF cache)"
+        ) from None
+
+
+def model_config_hash(config_dict: dict) -> str:
+    """Short sha256 of a model config dict (sorted JSON, transformers-version field dropped)."""
+    clean = {
+        k: v for k, v in config_dict.items() if k not in ("transformers_version", "_name_or_path")
+    }
+    blob = json.dumps(clean, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def local_revision(model_path: str) -> str:
+    """A content fingerprint for a local model folder: sha256 over config.json and the weight files' names/sizes."""
+    folder = Path(model_path)
+    digest = hashlib.sha256()
+    for item in sorted(folder.iterdir()):
+        if item.name == "config.json":
+            digest.update(item.read_bytes())
+        elif item.suffix in (".safetensors", ".bin", ".gguf"):
+            digest.update(f"{item.name}:{item.stat().st_size}".encode())
+    return "local-" + digest.hexdigest()[:16]
+
+
+class HFTeacher:
+    """A transformers causal LM scoring token sequences (implements `TeacherBackend`).
+
+    Args:
+        model_path: HF id or local folder of a causal LM.
+        boundary_class: int8 [V_tok] boundary class per tokenizer id (`Vocab.boundary_class`).
+        model_id: what to record as the teacher's id (defaults to `model_path`).
+        revision: hub revision (branch, tag or commit).
+        dtype: `auto` (bf16 on GPU, fp32 on CPU), `float32`, `bfloat16`, `float16`: the weights' dtype.
+        device: `auto`, `cpu`, `cuda`, `cuda:1`, ...
+        top_k: top-k entries per position (0: none).
+        hidden_states: also return final-norm hidden states.
+        token_budget: padded tokens per forward (rows x longest row).
+        row_chunk: positions per LM-head / fp32 log-softmax chunk.
+
+    Raises:
+        ConfigError: the model cannot be loaded.
+    """
+
+    name = "hf"
+    boundary_method = "exact"
+
+    def __init__(
+        self,
+        model_path: str,
+        boundary_class: np.ndarray,
+        *,
+        model_id: str | None = None,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        top_k: int = 0,
+        hidden_states: bool = False,
+        token_budget: int = 4096,
+        row_chunk: int = 1024,
+    ) -> None:
+        import transformers
+        from transformers import AutoModelForCausalLM
+
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.top_k = int(top_k)
+        self.hidden_states = bool(hidden_states)
+        self.token_budget = int(token_budget)
+        self.row_chunk = int(row_chunk)
+        self.model_id = model_id or model_path
+        self.version = f"transformers {transformers.__version__}, torch {torch.__version__}"
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, revision=revision, dtype=self.dtype
+            )
+        except (OSError, ValueError) as exc:
+            raise ConfigError(
+                f"teacher.model {model_path!r}: cannot load it as a causal LM ({exc}). Give a local model folder "
+                "or a Hugging Face id"
+            ) from None
+        self.model = model.to(self.device).eval()
+        config_dict = self.model.config.to_dict()
+        self.model_config_hash = model_config_hash(config_dict)
+        if Path(model_path).is_dir():
+            self.model_revision = revision or local_revision(model_path)
+        else:
+            self.model_revision = getattr(self.model.config, "_commit_hash", None) or revision or ""
+        head = self.model.get_output_embeddings()
+        self.vocab_size = (
+            int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)
+        )
+        self.hidden_size = int(self.model.config.hidden_size)
+        masks = torch.as_tensor(boundary_class_masks(boundary_class, self.vocab_size))
+        self.mass_matrix = class_mass_matrix(masks).to(self.device)
+        self.decoder = self.model.get_decoder()
+        self.use_head_path = self._probe_head_path(head)
+        if self.use_head_path:
+            # fp32 copy of the output layer: bf16 logits would lose ~0.1 nats on large logits
+            self.head_weight = head.weight.detach().to(torch.float32)
+            self.head_bias = None if head.bias is None else head.bias.detach().to(torch.float32)
+        logger.info(
+            "teacher %s on %s (%s), vocab %d, %s",
+            self.model_id,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+            self.vocab_size,
+            "LM head applied in fp32 row chunks"
+            if self.use_head_path
+            else "scored from full logits",
+        )
+
+    @torch.inference_mode()
+    def _probe_head_path(self, head: torch.nn.Module | None) -> bool:
+        """True when `model(x).logits == head(decoder(x).last_hidden_state)` (no soft-capping or scaling)."""
+        if not isinstance(head, torch.nn.Linear) or self.decoder is None:
+            return False
+        ids = torch.arange(1, 9, device=self.device)[None, :] % self.vocab_size
+        try:
+            full = self.model(input_ids=ids, use_cache=False).logits
+            hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+        except (TypeError, AttributeError):
+            return False
+        return bool(torch.equal(head(hidden), full))
+
+    def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(
+            hidden.to(torch.float32), self.head_weight, self.head_bias
+        )  # [R, V]
+
+    def score(self, batch_token_ids: list[np.ndarray]) -> list[TeacherScores]:
+        """Score sequences (teacher forcing), batched by the token budget; output order = input order."""
+        results: list[TeacherScores | None] = [None] * len(batch_token_ids)
+        lengths = [len(ids) for ids in batch_token_ids]
+        for batch in plan_batches(lengths, self.token_budget):
+            for idx, scores in zip(
+                batch, self._score_padded([batch_token_ids[i] for i in batch]), strict=True
+            ):
+                results[idx] = scores
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _score_padded(self, sequences: list[np.ndarray]) -> list[TeacherScores]:
+        lengths = [len(ids) for ids in sequences]
+        if min(lengths) < 1:
+            raise ValueError("cannot score an empty token sequence")
+        max_len = max(lengths)
+        input_ids = torch.zeros((len(sequences), max_len), dtype=torch.long)  # [B, T], right-padded
+        attention_mask = torch.zeros((len(sequences), max_len), dtype=torch.long)  # [B, T]
+        for row, ids in enumerate(sequences):
+            input_ids[row, : len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+            attention_mask[row, : len(ids)] = 1
+        if int(input_ids.max()) >= self.vocab_size:
+            raise ConfigError(
+                f"token id {int(input_ids.max())} is outside the teacher model's {self.vocab_size} output rows: the "
+                "tokenizer does not belong to this model"
+            )
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        valid = attention_mask.bool()  # [B, T]
+        flat_ids = input_ids[valid]  # [N], sequences laid end to end
+        if self.use_head_path:
+            hidden = self.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # [B, T, d]
+            flat_hidden = hidden[valid]  # [N, d]
+            del hidden
+            return scores_from_hidden(
+                flat_hidden,
+                self._lm_head,
+                flat_ids,
+                lengths,
+                self.mass_matrix,
+                top_k=self.top_k,
+                row_chunk=self.row_chunk,
+                keep_hidden=self.hidden_states,
+            )
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=self.hidden_states,
+        )
+        flat_logits = out.logits[valid]  # [N, V]
+        flat_hidden = out.hidden_states[-1][valid] if self.hidden_states else None  # [N, d]
+        del out
+        scores = scores_from_hidden(
+            flat_logits,
+            lambda rows: rows.to(torch.float32, copy=True),
+            flat_ids,
+            lengths,
+            self.mass_matrix,
+            top_k=self.top_k,
+            row_chunk=self.row_chunk,
+        )
+        if flat_hidden is not None:
+            hidden_np = flat_hidden.to(torch.float32).cpu().numpy()
+            starts = np.cumsum([0, *lengths])
+            scores = [
+                TeacherScores(
+                    s.logp, s.boundary_logmass, s.topk_id, s.topk_logp, hidden_np[a:b].copy()
+                )
+                for s, a, b in zip(scores, starts[:-1], starts[1:], strict=True)
+            ]
+        return scores
