@@ -1,0 +1,223 @@
+"""Finalizing a teacher store: check every shard, then write the manifest last and atomically (`DESIGN.md`).
+
+Owns `alm store finalize` and the last worker's `try_finalize`. A store is finished exactly when
+`alm-store.json` exists; it is written only after every expected shard 0..N-1 is present exactly once, its counts
+and checksums match its `shard.json`, and its fingerprints match the plan. Imports numpy, pyarrow and zarr only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from alm.errors import StoreError
+from alm.store import schema
+from alm.store._fs import Location, locate
+from alm.store.fingerprint import array_checksum, bytes_fingerprint
+from alm.store.reader import read_shard_arrays, read_shard_index
+from alm.store.writer import StoreLayout, StorePlan, read_plan, shard_dirname, utc_now
+
+logger = logging.getLogger(__name__)
+
+
+def _check_shard(location: Location, name: str, doc: dict[str, Any], plan: StorePlan, verify_arrays: bool) -> list[str]:
+    """Problems of one committed shard folder (empty list when it is sound)."""
+    where = f"{schema.SHARDS_DIR}/{name}"
+    problems = []
+    expected = {
+        "format": schema.FORMAT_NAME,
+        "format_version": schema.FORMAT_VERSION,
+        "num_shards": plan.num_shards,
+        "plan_fingerprint": plan.fingerprint(),
+        "tokenizer_fingerprint": plan.tokenizer_fingerprint,
+        "data_spec_fingerprint": plan.data_spec_fingerprint,
+    }
+    for key, want in expected.items():
+        if doc.get(key) != want:
+            problems.append(f"{where}: {key} is {doc.get(key)!r}, the plan says {want!r}")
+    if problems:
+        return problems
+    index_bytes = location.read_bytes(where, schema.INDEX_FILE)
+    if bytes_fingerprint(index_bytes) != doc["index"]["sha256"]:
+        problems.append(f"{where}/{schema.INDEX_FILE}: checksum differs from {schema.SHARD_FILE}")
+        return problems
+    index = read_shard_index(location, where, ["token_start", "token_end", "num_tokens", "num_bytes"])
+    num_tokens = int(doc["num_tokens"])
+    if index.num_rows != doc["num_sequences"]:
+        problems.append(f"{where}: index has {index.num_rows} rows, {schema.SHARD_FILE} says {doc['num_sequences']}")
+    starts = index.column("token_start").to_numpy()
+    ends = index.column("token_end").to_numpy()
+    lengths = index.column("num_tokens").to_numpy()
+    contiguous = np.array_equal(starts, np.concatenate([[0], ends[:-1]])) if len(starts) else True
+    if not contiguous or not np.array_equal(ends - starts, lengths) or int(lengths.sum()) != num_tokens:
+        problems.append(f"{where}: index token ranges do not tile the {num_tokens} stored tokens")
+    if int(index.column("num_bytes").to_numpy().sum()) != doc["num_text_bytes"]:
+        problems.append(f"{where}: index text bytes differ from {schema.SHARD_FILE}")
+    specs = plan.field_specs()
+    if set(doc["arrays"]) != set(specs):
+        problems.append(f"{where}: arrays {sorted(doc['arrays'])} differ from the plan's fields {sorted(specs)}")
+        return problems
+    try:
+        arrays = read_shard_arrays(location, where, list(specs)) if verify_arrays else {}
+    except Exception as err:  # a corrupt or missing Zarr array is a user-visible store problem
+        problems.append(f"{where}: cannot read its arrays ({err})")
+        return problems
+    for name, spec in specs.items():
+        want_shape = [num_tokens, *spec.trailing_shape]
+        if doc["arrays"][name]["shape"] != want_shape or doc["arrays"][name]["dtype"] != spec.dtype:
+            problems.append(f"{where}/{name}: {schema.SHARD_FILE} records {doc['arrays'][name]}, expected {want_shape}")
+        elif verify_arrays:
+            arr = arrays[name]
+            if list(arr.shape) != want_shape or str(arr.dtype) != spec.dtype:
+                problems.append(f"{where}/{name}: stored shape {arr.shape} {arr.dtype}, expected {want_shape} {spec.dtype}")
+            elif array_checksum(arr) != doc["arrays"][name]["sha256"]:
+                problems.append(f"{where}/{name}: checksum differs from {schema.SHARD_FILE} (corrupt or modified)")
+    return problems
+
+
+def build_manifest(location: Location, plan: StorePlan, shard_docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest document from the plan and the committed shards' `shard.json` documents."""
+    specs = plan.field_specs()
+    shards = [
+        {
+            "index": int(d["shard_index"]),
+            "path": f"{schema.SHARDS_DIR}/{shard_dirname(int(d['shard_index']))}",
+            "num_sequences": d["num_sequences"],
+            "num_tokens": d["num_tokens"],
+            "num_text_bytes": d["num_text_bytes"],
+            "num_disk_bytes": d["num_disk_bytes"],
+            "seq_id_min": d["seq_id_min"],
+            "seq_id_max": d["seq_id_max"],
+            "arrays": d["arrays"],
+            "index_sha256": d["index"]["sha256"],
+        }
+        for d in sorted(shard_docs, key=lambda d: int(d["shard_index"]))
+    ]
+    return {
+        "format": schema.FORMAT_NAME,
+        "format_version": schema.FORMAT_VERSION,
+        "teacher": {
+            "model": plan.teacher_model,
+            "revision": plan.teacher_revision,
+            "config_hash": plan.teacher_config_hash,
+        },
+        "tokenizer_fingerprint": plan.tokenizer_fingerprint,
+        "data_spec": {"name": plan.data_spec_name, "fingerprint": plan.data_spec_fingerprint},
+        "backend": {
+            "name": plan.backend,
+            "versions": dict(plan.backend_versions),
+            "boundary_method": plan.boundary_method,
+        },
+        "fields": {name: spec.to_json() for name, spec in specs.items()},
+        "boundary_classes": schema.boundary_classes_json(),
+        "default_boundary_classes": list(schema.DEFAULT_BOUNDARY_CLASSES),
+        "top_k": plan.top_k,
+        "max_length": plan.max_length,
+        "hidden_size": plan.hidden_size,
+        "settings": dict(plan.settings),
+        "plan": plan.to_json(),
+        "plan_fingerprint": plan.fingerprint(),
+        "vocab": {
+            "table": schema.VOCAB_TABLE_FILE if location.exists(schema.VOCAB_TABLE_FILE) else None,
+            "tokenizer": schema.TOKENIZER_DIR if location.exists(schema.TOKENIZER_DIR) else None,
+        },
+        "totals": {
+            "num_sequences": sum(s["num_sequences"] for s in shards),
+            "num_tokens": sum(s["num_tokens"] for s in shards),
+            "num_text_bytes": sum(s["num_text_bytes"] for s in shards),
+            "num_disk_bytes": sum(s["num_disk_bytes"] for s in shards),
+        },
+        "shards": shards,
+        "created_at": utc_now(),
+    }
+
+
+def finalize_store(path_or_url: str | os.PathLike[str] | StoreLayout, *, verify_arrays: bool = True) -> str:
+    """Check every shard of a store and write its manifest; return the manifest's path or URL.
+
+    Args:
+        path_or_url: the store root (or a `StoreLayout`).
+        verify_arrays: recompute every array checksum (reads the whole store once).
+
+    Raises:
+        StoreError: a shard is missing, committed twice, outside 0..N-1, or its counts, checksums or fingerprints
+            do not match; the message lists every problem and what to do.
+    """
+    location = path_or_url.location if isinstance(path_or_url, StoreLayout) else locate(path_or_url)
+    plan = read_plan(location)
+    claims: dict[int, list[str]] = {}
+    docs: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for name in location.listdir(schema.SHARDS_DIR):
+        if name.startswith(".tmp-"):
+            logger.info("ignoring unfinished temp shard folder %s", name)
+            continue
+        if not location.exists(schema.SHARDS_DIR, name, schema.SHARD_FILE):
+            logger.info("ignoring uncommitted shard folder %s (no %s)", name, schema.SHARD_FILE)
+            continue
+        doc = json.loads(location.read_bytes(schema.SHARDS_DIR, name, schema.SHARD_FILE))
+        j = int(doc.get("shard_index", -1))
+        claims.setdefault(j, []).append(name)
+        docs[name] = doc
+        if name != shard_dirname(j):
+            problems.append(f"{schema.SHARDS_DIR}/{name} holds shard {j} but is not named {shard_dirname(j)}")
+    missing = [j for j in range(plan.num_shards) if j not in claims]
+    if missing:
+        problems.append(
+            f"missing shard(s) {missing} of {plan.num_shards}; run the precompute for them "
+            f"(`alm precompute RECIPE --shard j/{plan.num_shards}`)"
+        )
+    for j, names in sorted(claims.items()):
+        if len(names) > 1:
+            problems.append(f"shard {j} is present more than once: {names}; keep one and remove the others")
+        if not 0 <= j < plan.num_shards:
+            problems.append(f"{names} hold shard {j}, outside 0..{plan.num_shards - 1} of this store's plan")
+    for name, doc in docs.items():
+        problems.extend(_check_shard(location, name, doc, plan, verify_arrays))
+    if not problems:
+        seen: dict[int, str] = {}
+        for name in sorted(docs):
+            ids = read_shard_index(location, f"{schema.SHARDS_DIR}/{name}", ["seq_id"]).column("seq_id").to_pylist()
+            dup = [i for i in ids if i in seen]
+            if dup:
+                problems.append(f"sequence id(s) {dup[:5]} stored in both {seen[dup[0]]} and {name}")
+                break
+            seen.update(dict.fromkeys(ids, name))
+    if problems:
+        raise StoreError(
+            f"cannot finalize teacher store {location.url}: " + "; ".join(problems)
+            + ". The manifest was not written; fix the shards (delete a bad shard folder and rerun its precompute) "
+            "and run `alm store finalize` again"
+        )
+    manifest = build_manifest(location, plan, list(docs.values()))
+    location.write_bytes(json.dumps(manifest, indent=2).encode(), schema.MANIFEST_FILE)
+    logger.info(
+        "finalized %s: %d shards, %d sequences, %d tokens",
+        location.url,
+        plan.num_shards,
+        manifest["totals"]["num_sequences"],
+        manifest["totals"]["num_tokens"],
+    )
+    return location.path(schema.MANIFEST_FILE) if location.is_local else f"{location.url}/{schema.MANIFEST_FILE}"
+
+
+def try_finalize(layout: StoreLayout, *, verify_arrays: bool = True) -> str | None:
+    """Finalize if every shard is committed (for the last worker); None while shards are still missing.
+
+    A store that is already finished is left as it is and its manifest path returned.
+
+    Raises:
+        StoreError: all shards are present but one does not check out (see `finalize_store`).
+    """
+    if len(layout.done_shards()) < layout.plan.num_shards:
+        return None
+    location = layout.location
+    if location.exists(schema.MANIFEST_FILE):
+        manifest = json.loads(location.read_bytes(schema.MANIFEST_FILE))
+        if manifest.get("plan_fingerprint") == layout.plan.fingerprint():
+            return location.path(schema.MANIFEST_FILE) if location.is_local else f"{location.url}/{schema.MANIFEST_FILE}"
+    return finalize_store(layout, verify_arrays=verify_arrays)
