@@ -1,0 +1,147 @@
+"""The precompute recipe (`alm precompute RECIPE`): `PrecomputeRecipe` and its parts.
+
+Owns the schema of `stages/*precompute*.yaml` (DESIGN.md "Stage one"; ALM_SPEC.md §10.3 for what is stored) and the
+rules that can be checked without reading data or loading a model. `load_precompute_recipe(path, overrides)` reads
+the YAML, applies `--set key=value` overrides and reports every problem at once.
+
+Imports only `alm.config.load` and `alm.errors` (and pydantic).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from alm.config.load import StrictModel, load_yaml_model
+
+
+class VllmOptions(StrictModel):
+    """Engine settings for `teacher.backend: vllm` (GPU machines; `pip install 'alm[vllm]'`)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica.")
+    gpu_memory_utilization: float = Field(
+        0.80,
+        gt=0.0,
+        le=0.95,
+        description="Fraction of GPU memory vLLM may take; prompt log-probs are not counted in vLLM's sizing, so "
+        "leave headroom.",
+    )
+    max_num_batched_tokens: int = Field(
+        8192, ge=16, description="Tokens per engine step (bounds log-prob memory)."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Sequences scheduled at once.")
+    num_logprobs: int = Field(
+        20,
+        ge=0,
+        description="k of vLLM's prompt/sample log-probs (`max_logprobs`); top-k fallback bounds use it.",
+    )
+    boundary_method: Literal["token_ids", "hidden", "topk_lower", "topk_upper"] = Field(
+        "hidden",
+        description="How `boundary_logmass` is obtained with vLLM: `hidden` (final-norm hidden states + LM head "
+        "in alm, exact), `token_ids` (fixed token-id scoring), or a top-k bound (approximate, recorded).",
+    )
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (debugging).")
+    seed: int = Field(
+        0, description="Engine seed (scoring is deterministic; recorded for completeness)."
+    )
+
+
+class TeacherConfig(StrictModel):
+    """Which teacher scores the data, and how it runs."""
+
+    model: str = Field(
+        description="HF model id, local folder, or `builtin:smollm2-135m-instruct` (the embedded default teacher)."
+    )
+    revision: str | None = Field(
+        None, description="Hub revision (branch, tag, commit) of an HF id."
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="`hf` (transformers, CPU or GPU) or `vllm` (GPU)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weights' dtype: `auto` is bf16 on GPU, fp32 on CPU. Log-softmax is always fp32.",
+    )
+    device: str = Field("auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`.")
+    family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
+        "auto",
+        description="Template family used to render documents for this teacher; `auto` detects it.",
+    )
+    vllm: VllmOptions = Field(
+        default_factory=VllmOptions, description="vLLM engine settings (backend vllm)."
+    )
+
+
+class DataConfig(StrictModel):
+    """Which documents the teacher reads."""
+
+    spec: str | dict[str, Any] = Field(
+        description="Data spec: a path to `data_specs/*.yaml` (relative to the working directory, else to the "
+        "recipe's folder or its parent) or the spec inline as a mapping."
+    )
+    split: str | None = Field(
+        None, description="Split to read (e.g. `train`, `heldout`); default: the spec's."
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Read at most this many documents (after empty ones are skipped)."
+    )
+
+
+class PrecomputeRecipe(StrictModel):
+    """A precompute recipe: teacher, data, sequence length, batching, stored fields, output store."""
+
+    teacher: TeacherConfig
+    data: DataConfig
+    output: str = Field(description="Teacher store folder or fsspec URL to write.")
+    max_length: int = Field(
+        1024, ge=2, description="Teacher tokens per sequence; longer documents are truncated."
+    )
+    token_budget: int = Field(
+        8192,
+        ge=1,
+        description="Padded tokens per forward pass (sequences x longest sequence in the batch).",
+    )
+    row_chunk: int = Field(
+        1024,
+        ge=1,
+        description="Positions per fp32 [rows, vocab] log-softmax buffer (memory bound, not results).",
+    )
+    top_k: int = Field(
+        0, ge=0, le=1024, description="Store the top-k next-token ids and log-probs (0 = off)."
+    )
+    hidden_states: bool = Field(
+        False, description="Store final-norm hidden states (for the hidden-state loss)."
+    )
+    hidden_dtype: Literal["bfloat16", "float16"] = Field(
+        "bfloat16", description="16-bit encoding of stored hidden states."
+    )
+    shard_size: int = Field(
+        1024,
+        ge=1,
+        description="Sequences per shard; shard j holds documents [j*shard_size, (j+1)*shard_size).",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> PrecomputeRecipe:
+        if self.teacher.backend == "vllm" and self.teacher.device == "cpu":
+            raise ValueError(
+                "teacher.backend vllm runs on GPUs only; use teacher.backend: hf for teacher.device: cpu"
+            )
+        return self
+
+
+def load_precompute_recipe(
+    path: str | Path, overrides: list[str] | None = None
+) -> PrecomputeRecipe:
+    """Load and validate a precompute recipe.
+
+    Args:
+        path: YAML file, e.g. `stages/demo_precompute.yaml`.
+        overrides: `key.sub=value` strings from `--set`.
+
+    Raises:
+        ConfigError: the file is missing or malformed, or any value is invalid (all problems at once).
+    """
+    return load_yaml_model(PrecomputeRecipe, path, overrides)
