@@ -1,0 +1,355 @@
+"""Greedy chunk alignment between a teacher and a student tokenization of the same text (ALM_SPEC.md §4.1, §13).
+
+Owns `Chunks`, `align_sequences` (token offsets + block roles in, chunks out) and the public `align_chunks`
+(token byte strings in). NumPy only: must not import torch or `alm.config`.
+
+The algorithm is the "cleaner reimplementation" of §4.1, vectorised:
+
+- **Text.** Chunk boundaries are exactly the byte offsets where a teacher text token and a student text token
+  both end (`np.intersect1d` of the two end-offset arrays; zero-width tokens contribute no end). Each text token
+  goes to the chunk whose end is the first common end strictly after its start
+  (`searchsorted(common_end_byte, start_byte, side="right")`), so a zero-width token such as a lone SentencePiece
+  dummy-prefix `▁` joins the chunk that follows it. Tokens after the last common end are the unaligned tail
+  (truncation) and belong to no chunk.
+- **Blocks.** Consecutive tokens with the same non-None role form a block. The k-th block of a role on the teacher
+  side is matched with the k-th block of that role on the student side, and kept only if both sit at the same byte
+  offset (and the matched pairs stay in the same order on both sides). Unmatched blocks are dropped; a chunk whose
+  token range would contain a dropped token is dropped too.
+- **Validity.** A chunk must be a contiguous, non-empty token range on both sides, and must not contain position 0
+  on either side (§5.1: position 0 has no conditional log-prob).
+- **Loss region** (team rule, §3 recommendation): a text chunk is in the loss iff its byte span lies inside one
+  loss span; a block at offset o is in the loss iff some span has `start < o <= end`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from alm.errors import AlignmentError
+
+logger = logging.getLogger(__name__)
+
+_INT = np.int64
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Aligned chunks of one example, sorted by byte offset (and by token position on both sides).
+
+    All arrays have length C. Token ranges are `[start, end)` in each side's own token positions.
+
+    Attributes:
+        teacher_start: int64 [C], first teacher token position of each chunk.
+        teacher_end: int64 [C], one past the last teacher token position.
+        student_start: int64 [C], first student token position.
+        student_end: int64 [C], one past the last student token position.
+        start_byte: int64 [C], byte offset in the content text where the chunk starts.
+        end_byte: int64 [C], byte offset where it ends (equal to `start_byte` for a block chunk).
+        is_block: bool [C], True for a template-block chunk (matched by role).
+        in_loss: bool [C], True where the chunk lies in the loss region. `align_sequences` only returns chunks
+            outside the loss region when asked to (`keep_outside_loss=True`, used for the hidden-state loss).
+    """
+
+    teacher_start: np.ndarray
+    teacher_end: np.ndarray
+    student_start: np.ndarray
+    student_end: np.ndarray
+    start_byte: np.ndarray
+    end_byte: np.ndarray
+    is_block: np.ndarray
+    in_loss: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.teacher_start)
+
+    def select(self, keep: np.ndarray) -> Chunks:
+        """The chunks where the bool mask `keep` [C] is True."""
+        return Chunks(
+            teacher_start=self.teacher_start[keep],
+            teacher_end=self.teacher_end[keep],
+            student_start=self.student_start[keep],
+            student_end=self.student_end[keep],
+            start_byte=self.start_byte[keep],
+            end_byte=self.end_byte[keep],
+            is_block=self.is_block[keep],
+            in_loss=self.in_loss[keep],
+        )
+
+
+@dataclass(frozen=True)
+class _Side:
+    start_byte: np.ndarray  # int64 [n]
+    end_byte: np.ndarray  # int64 [n]
+    is_block: np.ndarray  # bool [n]
+    block_start_pos: np.ndarray  # int64 [nb]
+    block_end_pos: np.ndarray  # int64 [nb]
+    block_role: list[Any]  # [nb]
+
+
+def _side(tokens: Any, name: str) -> _Side:
+    start_byte = np.asarray(tokens.start_byte, dtype=_INT)
+    end_byte = np.asarray(tokens.end_byte, dtype=_INT)
+    n = len(start_byte)
+    if end_byte.shape != (n,) or start_byte.ndim != 1:
+        raise AlignmentError(
+            f"{name} tokens: start_byte and end_byte must be 1-D arrays of the same length, got shapes "
+            f"{start_byte.shape} and {end_byte.shape}; pass one entry per token."
+        )
+    if n and np.any(end_byte < start_byte):
+        bad = int(np.argmax(end_byte < start_byte))
+        raise AlignmentError(
+            f"{name} token {bad} ends before it starts ({start_byte[bad]}..{end_byte[bad]}); "
+            "offsets must satisfy start_byte <= end_byte."
+        )
+    role_in = getattr(tokens, "role", None)
+    if role_in is None:
+        role = np.full(n, None, dtype=object)
+    else:
+        role = np.empty(n, dtype=object)
+        role[:] = list(role_in) if not isinstance(role_in, np.ndarray) else role_in
+    is_block = np.not_equal(role, None).astype(bool)
+    if n == 0:
+        return _Side(start_byte, end_byte, is_block, np.zeros(0, _INT), np.zeros(0, _INT), [])
+    new_block = is_block.copy()
+    new_block[1:] &= ~is_block[:-1] | (role[1:] != role[:-1])
+    block_start_pos = np.flatnonzero(new_block).astype(_INT)
+    # A block ends where the next block starts or where block tokens stop.
+    block_id = np.cumsum(new_block) - 1
+    block_end_pos = np.zeros(len(block_start_pos), _INT)
+    block_pos = np.flatnonzero(is_block)
+    np.maximum.at(block_end_pos, block_id[block_pos], block_pos + 1)
+    return _Side(start_byte, end_byte, is_block, block_start_pos, block_end_pos, list(role[block_start_pos]))
+
+
+def _match_blocks(teacher: _Side, student: _Side) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (teacher block index, student block index): k-th occurrence of a role on each side, same offset.
+
+    Loops over blocks, not tokens (a handful per sequence).
+    """
+    student_index: dict[tuple[Any, int], int] = {}
+    seen: dict[Any, int] = {}
+    for index, role in enumerate(student.block_role):
+        occurrence = seen.get(role, 0)
+        seen[role] = occurrence + 1
+        student_index[(role, occurrence)] = index
+    pairs_teacher: list[int] = []
+    pairs_student: list[int] = []
+    seen = {}
+    last_student = -1
+    for index, role in enumerate(teacher.block_role):
+        occurrence = seen.get(role, 0)
+        seen[role] = occurrence + 1
+        other = student_index.get((role, occurrence))
+        if other is None:
+            continue
+        teacher_byte = teacher.start_byte[teacher.block_start_pos[index]]
+        student_byte = student.start_byte[student.block_start_pos[other]]
+        # Keep pairs in the same order on both sides (a crossing pair could not form chunks).
+        if teacher_byte == student_byte and other > last_student:
+            pairs_teacher.append(index)
+            pairs_student.append(other)
+            last_student = other
+    return np.asarray(pairs_teacher, _INT), np.asarray(pairs_student, _INT)
+
+
+def _token_chunk_index(
+    side: _Side, common_end_byte: np.ndarray, matched_blocks: np.ndarray, num_text_chunks: int
+) -> np.ndarray:
+    """Per token: the chunk index (text chunks first, then matched blocks), -1 tail, -2 dropped block token."""
+    n = len(side.start_byte)
+    index = np.empty(n, _INT)
+    text = ~side.is_block
+    chunk = np.searchsorted(common_end_byte, side.start_byte[text], side="right").astype(_INT)
+    chunk[chunk >= num_text_chunks] = -1  # unaligned tail
+    index[text] = chunk
+    index[side.is_block] = -2
+    if len(matched_blocks):
+        lengths = side.block_end_pos[matched_blocks] - side.block_start_pos[matched_blocks]
+        positions = np.repeat(side.block_start_pos[matched_blocks], lengths) + (
+            np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        )
+        index[positions] = num_text_chunks + np.repeat(np.arange(len(matched_blocks)), lengths)
+    return index
+
+
+def _ranges(index: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per chunk: first position, one past the last position, number of tokens."""
+    positions = np.arange(len(index), dtype=_INT)
+    member = index >= 0
+    count = np.bincount(index[member], minlength=num_chunks).astype(_INT)
+    first = np.full(num_chunks, len(index), _INT)
+    last = np.full(num_chunks, -1, _INT)
+    np.minimum.at(first, index[member], positions[member])
+    np.maximum.at(last, index[member], positions[member])
+    return first, last + 1, count
+
+
+def _in_loss(start_byte: np.ndarray, end_byte: np.ndarray, is_block: np.ndarray, loss_spans: Any) -> np.ndarray:
+    spans = np.asarray(loss_spans, dtype=_INT).reshape(-1, 2)
+    if len(spans) == 0:
+        return np.zeros(len(start_byte), bool)
+    order = np.argsort(spans[:, 0], kind="stable")
+    span_start = spans[order, 0]
+    # Among spans starting at or before x, the one reaching furthest decides "inside one span".
+    reach = np.maximum.accumulate(spans[order, 1])
+    text_span = np.searchsorted(span_start, start_byte, side="right") - 1
+    text_in = (text_span >= 0) & (reach[np.maximum(text_span, 0)] >= end_byte)
+    block_span = np.searchsorted(span_start, start_byte, side="left") - 1  # spans with start < o
+    block_in = (block_span >= 0) & (reach[np.maximum(block_span, 0)] >= start_byte)
+    return np.where(is_block, block_in, text_in)
+
+
+def align_sequences(
+    teacher: Any, student: Any, loss_spans: Any = None, *, keep_outside_loss: bool = False
+) -> Chunks:
+    """Greedy chunks between two token sequences of the same content text (§4.1).
+
+    Args:
+        teacher: object with per-token `start_byte`, `end_byte` (int64 [n], offsets in the content text; block
+            tokens have zero width at the block's offset; a dummy prefix space is excluded) and `role` (None for
+            text tokens, the block role string otherwise; `role` itself may be None for an all-text sequence).
+            A `TokenizedSequence` from `alm.templates.render` or a `StoredSequence`-derived object fits.
+        student: the same for the student tokenization.
+        loss_spans: int64 [k, 2] byte ranges `(start_byte, end_byte)` of the trainable text, or None to train on
+            everything.
+        keep_outside_loss: also return aligned chunks outside the loss region (with `in_loss=False`); the
+            hidden-state loss uses them (§7.1: loss masks are not applied there).
+
+    Returns:
+        The valid chunks, sorted: none contains position 0 on either side, none lies in the unaligned tail after
+        truncation, none contains a dropped (one-sided) block token.
+
+    Raises:
+        AlignmentError: malformed offsets.
+    """
+    teacher_side = _side(teacher, "teacher")
+    student_side = _side(student, "student")
+
+    def text_ends(side: _Side) -> np.ndarray:
+        keep = ~side.is_block & (side.end_byte > side.start_byte)
+        return side.end_byte[keep]
+
+    common_end_byte = np.intersect1d(text_ends(teacher_side), text_ends(student_side))  # sorted, unique
+    num_text = len(common_end_byte)
+    teacher_blocks, student_blocks = _match_blocks(teacher_side, student_side)
+    num_chunks = num_text + len(teacher_blocks)
+
+    teacher_index = _token_chunk_index(teacher_side, common_end_byte, teacher_blocks, num_text)
+    student_index = _token_chunk_index(student_side, common_end_byte, student_blocks, num_text)
+    teacher_start, teacher_end, teacher_count = _ranges(teacher_index, num_chunks)
+    student_start, student_end, student_count = _ranges(student_index, num_chunks)
+
+    block_byte = teacher_side.start_byte[teacher_side.block_start_pos[teacher_blocks]]
+    start_byte = np.concatenate([np.concatenate([[0], common_end_byte[:-1]]).astype(_INT)[:num_text], block_byte])
+    end_byte = np.concatenate([common_end_byte, block_byte]).astype(_INT)
+    is_block = np.concatenate([np.zeros(num_text, bool), np.ones(len(teacher_blocks), bool)])
+    # Byte order; at one offset the text chunk ending there comes first, then the blocks in token order.
+    secondary = np.concatenate([np.zeros(num_text, _INT), 1 + np.arange(len(teacher_blocks), dtype=_INT)])
+
+    valid = (
+        (teacher_count > 0)
+        & (student_count > 0)
+        & (teacher_count == teacher_end - teacher_start)  # contiguous: no foreign or dropped token inside
+        & (student_count == student_end - student_start)
+        & (teacher_start > 0)
+        & (student_start > 0)
+    )
+    in_loss = np.ones(num_chunks, bool) if loss_spans is None else _in_loss(start_byte, end_byte, is_block, loss_spans)
+    if not keep_outside_loss:
+        valid &= in_loss
+    order = np.lexsort((secondary, end_byte))
+    order = order[valid[order]]
+    chunks = Chunks(
+        teacher_start=teacher_start[order],
+        teacher_end=teacher_end[order],
+        student_start=student_start[order],
+        student_end=student_end[order],
+        start_byte=start_byte[order],
+        end_byte=end_byte[order],
+        is_block=is_block[order],
+        in_loss=in_loss[order],
+    )
+    # Both sides must advance together; anything else means inconsistent inputs (never seen on real
+    # tokenizations, where every matched block offset is also a common text end).
+    while len(chunks) > 1:
+        ok = np.ones(len(chunks), bool)
+        ok[1:] = (chunks.teacher_start[1:] >= chunks.teacher_end[:-1]) & (
+            chunks.student_start[1:] >= chunks.student_end[:-1]
+        )
+        if ok.all():
+            break
+        logger.warning("dropping %d chunks whose token order differs between teacher and student", (~ok).sum())
+        chunks = chunks.select(ok)
+    return chunks
+
+
+@dataclass(frozen=True)
+class _TokenOffsets:
+    start_byte: np.ndarray
+    end_byte: np.ndarray
+    role: list[Any] | None
+
+
+def _offsets(tokens: Sequence[bytes], roles: Sequence[Any] | None, name: str) -> tuple[_TokenOffsets, bytes]:
+    if roles is not None and len(roles) != len(tokens):
+        raise AlignmentError(
+            f"{name}_roles has {len(roles)} entries for {len(tokens)} {name} tokens; give one role (or None) per token."
+        )
+    is_block = [False] * len(tokens) if roles is None else [role is not None for role in roles]
+    lengths = np.fromiter(
+        (0 if block else len(token) for token, block in zip(tokens, is_block)), dtype=_INT, count=len(tokens)
+    )
+    end_byte = np.cumsum(lengths, dtype=_INT)
+    text = b"".join(token for token, block in zip(tokens, is_block) if not block)
+    return _TokenOffsets(end_byte - lengths, end_byte, None if roles is None else list(roles)), text
+
+
+def align_chunks(
+    teacher_tokens: Sequence[bytes],
+    student_tokens: Sequence[bytes],
+    *,
+    teacher_roles: Sequence[str | None] | None = None,
+    student_roles: Sequence[str | None] | None = None,
+    loss_spans: Any = None,
+) -> Chunks:
+    """Greedy ALM chunks between two tokenizations of the same text, given as token byte strings (§4.1).
+
+    Example:
+        >>> chunks = align_chunks([b"Hel", b"lo", b" world"], [b"H", b"ello", b" wor", b"ld"])
+        >>> chunks.teacher_start.tolist(), chunks.teacher_end.tolist()
+        ([2], [3])
+
+    (The first chunk `Hel|lo` vs `H|ello` contains position 0 and is excluded.)
+
+    Args:
+        teacher_tokens: the teacher's tokens as the bytes each contributes to the text ([n]).
+        student_tokens: the student's tokens ([m]).
+        teacher_roles: per teacher token, None for text or a role string (`bos`, `eot`, ...) for template-block
+            tokens; block tokens' bytes are ignored (they are not text). Consecutive same-role tokens form one block.
+        student_roles: the same for the student.
+        loss_spans: int [k, 2] byte ranges of the trainable text, or None for all.
+
+    Returns:
+        `Chunks` with NumPy int64 arrays `teacher_start`, `teacher_end`, `student_start`, `student_end` (end
+        exclusive), byte ranges and `is_block`.
+
+    Raises:
+        AlignmentError: the two token sequences do not spell the same text (one must be a prefix of the other,
+            since either side may be truncated).
+    """
+    teacher, teacher_text = _offsets(teacher_tokens, teacher_roles, "teacher")
+    student, student_text = _offsets(student_tokens, student_roles, "student")
+    common = min(len(teacher_text), len(student_text))
+    if teacher_text[:common] != student_text[:common]:
+        first = next(i for i in range(common) if teacher_text[i] != student_text[i])
+        raise AlignmentError(
+            f"teacher and student tokens spell different text: first difference at byte {first} "
+            f"(teacher {teacher_text[first : first + 16]!r}, student {student_text[first : first + 16]!r}); "
+            "tokenize the same bytes on both sides (and exclude dummy prefix spaces)."
+        )
+    return align_sequences(teacher, student, loss_spans)

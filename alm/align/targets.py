@@ -1,0 +1,164 @@
+"""Teacher-side ALM targets of one example: chunk sums, γ-merging and debiasing (ALM_SPEC.md §5.1–§5.3, §7.1).
+
+Owns `AlmTargets` and `build_alm_targets`. Every teacher quantity is stored, so the teacher's whole side of the
+loss is computed here, on CPU in the data path; the model side (`alm.losses.alm`) only adds the student's sums.
+NumPy only: must not import torch or `alm.config`.
+
+Choices where the spec leaves room (documented in docs/alm.md):
+
+- Merging runs on the compact list of in-loss chunks (§5.3 "empty chunks"). A group also ends where the next
+  in-loss chunk is not adjacent on both sides (a gap left by the loss mask or a dropped token), so every group is a
+  contiguous token range on both sides.
+- `drop_unterminated_groups=True` (default) drops a group that ends on a text chunk whose teacher boundary
+  probability is ≤ γ (the trailing group at truncation, or one forced to end by a gap): its debiasing factor is
+  below γ, exactly the "erased chunk" case merging exists to avoid (§5.3 "trailing group", §13.6). A group that ends
+  on a template block is kept: tokenization restarts after a block, so nothing is leaked across it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from alm.align.chunks import Chunks
+from alm.errors import AlignmentError
+
+_INT = np.int64
+
+
+@dataclass(frozen=True)
+class AlmTargets:
+    """Per-example ALM targets. G = number of (merged) groups, C = number of greedy chunks (hidden-state loss).
+
+    Attributes:
+        teacher_group_logp: float32 [G], debiased teacher group log-prob: sum of the group's chunk log-probs
+            (each clipped to ≤ 0) plus the teacher boundary log-mass at the group's last token (append_space).
+        teacher_group_start: int64 [G], first teacher token position of each group.
+        teacher_group_end: int64 [G], one past the last teacher token position.
+        student_group_start: int64 [G], first student token position.
+        student_group_end: int64 [G], one past the last student token position.
+        teacher_group_last_pos: int64 [G], `teacher_group_end - 1`.
+        student_group_last_pos: int64 [G], `student_group_end - 1`; the student boundary log-mass is read here.
+        teacher_chunk_last_pos: int64 [C], last teacher token of every aligned greedy (unmerged) chunk, loss mask
+            not applied (§7.1).
+        student_chunk_last_pos: int64 [C], the same on the student side.
+    """
+
+    teacher_group_logp: np.ndarray
+    teacher_group_start: np.ndarray
+    teacher_group_end: np.ndarray
+    student_group_start: np.ndarray
+    student_group_end: np.ndarray
+    teacher_group_last_pos: np.ndarray
+    student_group_last_pos: np.ndarray
+    teacher_chunk_last_pos: np.ndarray
+    student_chunk_last_pos: np.ndarray
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.teacher_group_logp)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.teacher_chunk_last_pos)
+
+
+def build_alm_targets(
+    chunks: Chunks,
+    teacher_logp: np.ndarray,
+    teacher_boundary_logmass: np.ndarray,
+    *,
+    gamma: float = 0.1,
+    drop_unterminated_groups: bool = True,
+) -> AlmTargets:
+    """Teacher chunk log-probs, γ-merged groups and debiased group log-probs for one example.
+
+    Args:
+        chunks: the example's chunks from `align_sequences` (chunks with `in_loss=False` only feed the
+            hidden-state positions).
+        teacher_logp: float [n], `logp[q] = log p_T(token_q | tokens[:q])`, NaN at q = 0 (never used: no chunk
+            contains position 0). Summed in float64 by prefix sums.
+        teacher_boundary_logmass: float [n], log of the teacher's next-token probability mass on the chosen
+            boundary set after token q (the caller combines the stored classes with logsumexp).
+        gamma: merging threshold; a chunk ends a group iff `exp(boundary log-mass at its last token) > gamma`.
+        drop_unterminated_groups: drop a group that ends on a text chunk whose boundary probability is ≤ gamma
+            (see the module docstring).
+
+    Returns:
+        `AlmTargets`.
+
+    Raises:
+        AlignmentError: the chunks reach past the teacher arrays, or a log-prob inside a chunk is NaN.
+    """
+    logp = np.asarray(teacher_logp, dtype=np.float64)
+    boundary_logmass = np.minimum(np.asarray(teacher_boundary_logmass, dtype=np.float64), 0.0)
+    n = len(logp)
+    if boundary_logmass.shape != (n,):
+        raise AlignmentError(
+            f"teacher_boundary_logmass has shape {boundary_logmass.shape}, expected ({n},) like teacher_logp; "
+            "combine the stored [n, 5] classes into one column with logsumexp first."
+        )
+    if len(chunks) and int(chunks.teacher_end.max()) > n:
+        raise AlignmentError(
+            f"chunks reach teacher position {int(chunks.teacher_end.max())} but the teacher has {n} tokens; "
+            "align against the same teacher tokens whose log-probs you pass."
+        )
+    # prefix[q] = Σ_{1 <= r < q} logp[r]; position 0 contributes nothing (§5.1).
+    body = logp.copy()
+    if n:
+        body[0] = 0.0
+    prefix = np.zeros(n + 1)
+    np.cumsum(body, out=prefix[1:])
+
+    loss_chunks = chunks.select(chunks.in_loss)
+    teacher_start, teacher_end = loss_chunks.teacher_start, loss_chunks.teacher_end
+    student_start, student_end = loss_chunks.student_start, loss_chunks.student_end
+    chunk_logp = np.minimum(prefix[teacher_end] - prefix[teacher_start], 0.0)  # [C'] clipped per chunk (§5.1)
+    if np.isnan(chunk_logp).any():
+        bad = int(np.flatnonzero(np.isnan(chunk_logp))[0])
+        raise AlignmentError(
+            f"teacher log-prob is NaN inside chunk {bad} (teacher positions {teacher_start[bad]}..{teacher_end[bad]}); "
+            "only position 0 of a sequence may be NaN. Check the teacher store."
+        )
+    chunk_boundary = boundary_logmass[teacher_end - 1] if len(loss_chunks) else np.zeros(0)  # [C']
+    is_boundary = np.exp(chunk_boundary) > gamma  # strict (§5.3)
+
+    ends_group = is_boundary.copy()
+    if len(loss_chunks):
+        adjacent = (teacher_start[1:] == teacher_end[:-1]) & (student_start[1:] == student_end[:-1])
+        ends_group[:-1] |= ~adjacent
+        ends_group[-1] = True
+    group_last = np.flatnonzero(ends_group)
+    group_first = np.concatenate([[0], group_last[:-1] + 1]).astype(_INT)[: len(group_last)]
+    group_logp = (
+        np.add.reduceat(chunk_logp, group_first) if len(group_last) else np.zeros(0)
+    ) + chunk_boundary[group_last]
+    keep = np.ones(len(group_last), bool)
+    if drop_unterminated_groups:
+        keep = is_boundary[group_last] | loss_chunks.is_block[group_last]
+    group_first, group_last, group_logp = group_first[keep], group_last[keep], group_logp[keep]
+
+    return AlmTargets(
+        teacher_group_logp=group_logp.astype(np.float32),
+        teacher_group_start=teacher_start[group_first],
+        teacher_group_end=teacher_end[group_last],
+        student_group_start=student_start[group_first],
+        student_group_end=student_end[group_last],
+        teacher_group_last_pos=teacher_end[group_last] - 1,
+        student_group_last_pos=student_end[group_last] - 1,
+        teacher_chunk_last_pos=chunks.teacher_end - 1,
+        student_chunk_last_pos=chunks.student_end - 1,
+    )
+
+
+def combine_boundary_classes(boundary_logmass: np.ndarray, classes: tuple[int, ...] = (0, 1, 2, 3, 4)) -> np.ndarray:
+    """Log-mass of a union of the stored first-byte classes: logsumexp over `classes` of [n, 5] → float64 [n].
+
+    The default is tokenkit's `space+tab+newline+special` plus other whitespace (§5.2).
+    """
+    stored = np.asarray(boundary_logmass, dtype=np.float64)[:, list(classes)]
+    top = np.max(stored, axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.minimum((top + np.log(np.exp(stored - top).sum(axis=1, keepdims=True)))[:, 0], 0.0)
