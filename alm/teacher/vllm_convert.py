@@ -91,7 +91,7 @@ def _entry_arrays(entry: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _split_entry(
-    ids: np.ndarray, logp: np.ndarray, actual_id: int, k: int, where: str
+    ids: np.ndarray, logp: np.ndarray, actual_id: int, k: int, where: str, flat: bool = False
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """Split one position's items (container order) into the actual token's logp and the top-k (descending).
 
@@ -99,9 +99,10 @@ def _split_entry(
     the actual token repeated) or k items (dict layout, actual token inside the top-k).
     """
     hits = np.flatnonzero(ids == actual_id)
-    if hits.size == 0:
+    if hits.size == 0 or (flat and hits[0] != 0):
         raise BackendUnavailableError(
-            f"vLLM logprobs at {where} do not contain the scored token id {actual_id} "
+            f"vLLM logprobs at {where} do not start with (FlatLogprobs) or contain the scored token id "
+            f"{actual_id} "
             f"(got ids {ids[:8].tolist()}...); {_LAYOUT_HINT}"
         )
     actual_logp = float(logp[hits[0]])
@@ -129,7 +130,9 @@ def _positions(container: Any, k: int, actual_ids: Sequence[int], first: int, wh
         flat_logp = np.asarray(container.logprobs, np.float64)
         for j in range(first, len(actual_ids)):
             s, e = starts[j], ends[j]
-            yield _split_entry(flat_ids[s:e], flat_logp[s:e], int(actual_ids[j]), k, f"{where} {j}")
+            yield _split_entry(
+                flat_ids[s:e], flat_logp[s:e], int(actual_ids[j]), k, f"{where} {j}", flat=True
+            )
     else:
         for j in range(first, len(actual_ids)):
             ids, logp = _entry_arrays(container[j])
