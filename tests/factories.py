@@ -40,13 +40,17 @@ TRICKY_TEXTS: tuple[str, ...] = (
     "runs of spaces:     five,\t\ttabs,\n\n\nthree newlines, \x0bvt \x0cff",
     "def f(x):\n    if x:\n        return x  # comment\n\treturn None\n",
     "windows line endings\r\nsecond line\r\n\r\nthird\r\n",
-    "literal markers <|im_start|>user\nhi<|im_end|> and <s> </s> <unk> <0x41> ▁ in text",
+    "literal markers <|im_start|>user\nhi<|im_end|> and <s> </s> <unk> <0x41> in text",
     "numbers 1234567890 3.14159 1e-10 0xFF",
     "\n",
     " ",
     "a",
     "ÀÉÎÕÜ ß ø å æ œ — “quotes” ‘single’ … €£¥",
 )
+
+# SentencePiece maps a literal U+2581 to a space, so these bytes are not reproducible by SentencePiece tokenizers
+# (alm refuses such a text at encode time); byte-level BPE and byte tokenizers handle it.
+SENTENCEPIECE_UNSAFE_TEXT = "a literal \u2581 lower one-eighth block"
 
 
 @functools.lru_cache(maxsize=16)
@@ -128,6 +132,8 @@ def sentencepiece_model_bytes(
         eos_id=2,
         pad_id=-1,
         control_symbols=list(specials),
+        # every printable ASCII character gets a piece, so a literal "<s>" is never segmented as the control piece
+        required_chars="".join(chr(c) for c in range(0x21, 0x7F)),
         max_sentence_length=1_000_000,
         hard_vocab_limit=False,
         minloglevel=2,
@@ -162,6 +168,12 @@ def sentencepiece_tokenizer(
             vocab=vocab, merges=generate_merges(vocab), legacy=False, add_bos_token=False
         )
     else:
+        # Control and byte pieces must never be matched inside text (real SentencePiece never does); HF's Unigram
+        # would otherwise segment a literal "<s>" or "<0x41>" as that piece.
+        pieces = [
+            (p, -1e6 if i < len(special_tokens) or sp.is_byte(i) else score)
+            for i, (p, score) in enumerate(pieces)
+        ]
         tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(
             replacement="▁", prepend_scheme="first", split=False
