@@ -456,9 +456,8 @@ def vocab_from_tokenizer(tokenizer: Any, name: str | None = None) -> Vocab:
             else:
                 token_bytes.append(piece.replace("▁", " ").encode("utf-8"))
     non_special = [b for b, s in zip(token_bytes, is_special, strict=True) if not s]
-    if len(non_special) == 256 and all(len(b) == 1 for b in non_special):
-        if len(set(non_special)) == 256:
-            kind = "bytes"
+    if len(set(non_special)) == 256 == len(non_special) and all(len(b) == 1 for b in non_special):
+        kind = "bytes"
     boundary = np.array(
         [boundary_class_of(b, s) for b, s in zip(token_bytes, is_special, strict=True)],
         dtype=np.int8,
