@@ -1,0 +1,157 @@
+"""The transformers backend (`alm.teacher.hf.HFTeacher`) on a tiny random Llama with a BPE tokenizer trained here.
+
+Every value is pinned against a direct float64 computation from `model(ids).logits` of each sequence alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alm.teacher.base import TeacherBackend, boundary_class_masks
+from alm.teacher.hf import HFTeacher, resolve_device, resolve_dtype
+from tests.factories import bpe_tokenizer, corpus_texts, tiny_llama
+from tests.teacher.test_scoring import TOL, assert_close_with_inf, reference_scores
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory):
+    tokenizer = bpe_tokenizer()
+    folder = tmp_path_factory.mktemp("tiny_teacher")
+    tiny_llama(len(tokenizer), seed=3).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def boundary_class():
+    from alm.vocab import vocab_from_tokenizer
+
+    return vocab_from_tokenizer(bpe_tokenizer()).boundary_class
+
+
+@pytest.fixture(scope="module")
+def sequences():
+    tokenizer = bpe_tokenizer()
+    texts = corpus_texts(6, seed=5)
+    seqs = [
+        np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"][:40], dtype=np.int32)
+        for t in texts
+    ]
+    return [*seqs, np.asarray([1], dtype=np.int32), np.asarray([0, 7], dtype=np.int32)]
+
+
+def direct(model_dir, token_ids: np.ndarray, boundary_class: np.ndarray, top_k: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        out = model(
+            torch.as_tensor(token_ids[None, :], dtype=torch.long), output_hidden_states=True
+        )
+    logits = out.logits[0].numpy()
+    masks = boundary_class_masks(boundary_class, logits.shape[1])
+    return (*reference_scores(logits, token_ids, masks, top_k), out.hidden_states[-1][0].numpy())
+
+
+def test_hf_teacher_scores_equal_direct_computation_per_sequence(
+    teacher_dir, boundary_class, sequences
+) -> None:
+    # a small budget forces several batches, padding, and reordering by length
+    teacher = HFTeacher(
+        str(teacher_dir),
+        boundary_class,
+        device="cpu",
+        top_k=4,
+        hidden_states=True,
+        token_budget=64,
+        row_chunk=7,
+    )
+    assert isinstance(teacher, TeacherBackend)
+    assert teacher.use_head_path
+    results = teacher.score(sequences)
+    assert len(results) == len(sequences)
+    for ids, got in zip(sequences, results, strict=True):
+        logp, blm, topk_id, topk_logp, hidden = direct(teacher_dir, ids, boundary_class, top_k=4)
+        assert got.num_tokens == len(ids)
+        assert np.isnan(got.logp[0])
+        np.testing.assert_allclose(got.logp[1:], logp[1:], rtol=0, atol=TOL)
+        assert_close_with_inf(got.boundary_logmass, blm)
+        np.testing.assert_allclose(got.topk_logp, topk_logp, rtol=0, atol=TOL)
+        np.testing.assert_array_equal(got.topk_id[:, 0], topk_id[:, 0])
+        # hidden = output_hidden_states[-1] = the final-norm state the LM head reads
+        np.testing.assert_allclose(got.hidden, hidden, rtol=0, atol=TOL)
+
+
+def test_padding_and_batch_composition_do_not_change_scores(
+    teacher_dir, boundary_class, sequences
+) -> None:
+    one_batch = HFTeacher(
+        str(teacher_dir), boundary_class, device="cpu", token_budget=100_000
+    ).score(sequences)
+    singles = HFTeacher(str(teacher_dir), boundary_class, device="cpu", token_budget=1).score(
+        sequences
+    )
+    for a, b in zip(one_batch, singles, strict=True):
+        np.testing.assert_allclose(a.logp, b.logp, rtol=0, atol=TOL, equal_nan=True)
+        assert_close_with_inf(a.boundary_logmass, b.boundary_logmass)
+
+
+def test_final_norm_hidden_state_is_the_last_hidden_states_entry(teacher_dir) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    ids = torch.arange(3, 20)[None, :]
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+        last = model.get_decoder()(ids).last_hidden_state
+        torch.testing.assert_close(out.hidden_states[-1], last, rtol=0, atol=0)
+        torch.testing.assert_close(model.lm_head(last), out.logits, rtol=0, atol=0)
+
+
+def test_model_with_scaled_logits_is_scored_from_full_logits(
+    tmp_path, boundary_class, sequences
+) -> None:
+    """A model whose logits are not lm_head(decoder(x)) (soft-capping) must not take the LM-head shortcut."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    tokenizer = bpe_tokenizer()
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=5.0,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).eval().save_pretrained(tmp_path)
+    teacher = HFTeacher(
+        str(tmp_path), boundary_class, device="cpu", hidden_states=True, token_budget=80
+    )
+    assert not teacher.use_head_path
+    for ids, got in zip(sequences[:3], teacher.score(sequences[:3]), strict=True):
+        logp, blm, _, _, hidden = direct(tmp_path, ids, boundary_class)
+        np.testing.assert_allclose(got.logp[1:], logp[1:], rtol=0, atol=TOL)
+        assert_close_with_inf(got.boundary_logmass, blm)
+        np.testing.assert_allclose(got.hidden, hidden, rtol=0, atol=TOL)
+
+
+def test_teacher_records_identity(teacher_dir, boundary_class) -> None:
+    teacher = HFTeacher(str(teacher_dir), boundary_class, device="cpu", model_id="my-teacher")
+    assert teacher.name == "hf" and teacher.boundary_method == "exact"
+    assert teacher.model_id == "my-teacher"
+    assert teacher.model_revision.startswith("local-") and len(teacher.model_config_hash) == 16
+    assert teacher.vocab_size == 512 and teacher.hidden_size == 32
+    assert "transformers" in teacher.version
+
+
+def test_auto_device_and_dtype_on_cpu() -> None:
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
