@@ -1,0 +1,143 @@
+"""Write -> read round trips of the teacher store are the identity (local folders and fsspec URLs)."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from store_helpers import TOPK_FIELDS, make_plan, random_sequence, random_store, write_store
+
+import alm
+from alm.errors import StoreError
+from alm.store.reader import open_store
+from alm.store.writer import ShardWriter, bfloat16_bits_to_float32, float32_to_bfloat16_bits, prepare_store
+
+FIELD_SETS = [
+    ("token_id", "logp", "boundary_logmass"),
+    TOPK_FIELDS,
+    ("token_id", "logp", "boundary_logmass", "hidden"),
+]
+
+
+def assert_sequence_equal(stored, expected) -> None:
+    assert stored.seq_id == expected["seq_id"]
+    assert stored.text == expected["text"]
+    assert stored.doc_id == expected["doc_id"] and stored.source == expected["source"]
+    assert stored.row == expected["row"] and stored.truncated == expected["truncated"]
+    assert [tuple(s.values()) for s in stored.segments] == [tuple(s) for s in expected["segments"]]
+    np.testing.assert_array_equal(stored.loss_spans, np.array(expected["loss_spans"], dtype=np.int64).reshape(-1, 2))
+    np.testing.assert_array_equal(stored.token_id, expected["token_id"])
+    assert stored.token_id.dtype == np.int32 and stored.logp.dtype == np.float32
+    np.testing.assert_array_equal(stored.logp, expected["logp"])  # NaN at q=0 compares equal here
+    assert np.isnan(stored.logp[0])
+    assert stored.boundary_logmass.dtype == np.float32
+    np.testing.assert_array_equal(stored.boundary_logmass, expected["boundary_logmass"].astype(np.float32))
+    for name in ("topk_id", "topk_logp", "hidden"):
+        if name in expected:
+            np.testing.assert_array_equal(getattr(stored, name), expected[name])
+        else:
+            assert getattr(stored, name) is None
+
+
+@settings(deadline=None, max_examples=12)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    field_set=st.sampled_from(FIELD_SETS),
+    counts=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    chunk_tokens=st.sampled_from([7, 64, 4096]),
+)
+def test_write_read_round_trip_is_identity(tmp_path_factory, seed, field_set, counts, chunk_tokens):
+    rng = np.random.default_rng(seed)
+    plan = make_plan(num_shards=len(counts), fields=field_set, hidden_size=6 if "hidden" in field_set else 0)
+    shards = [[random_sequence(rng, j * 100 + i, plan) for i in range(c)] for j, c in enumerate(counts)]
+    # float16 boundary values at the edges of the format: -inf (zero mass), 0, tiny and large magnitudes
+    if shards[0]:
+        bm = shards[0][0]["boundary_logmass"]
+        bm.flat[: min(bm.size, 4)] = np.array([-np.inf, 0.0, -1e-4, -60000.0], dtype=np.float16)[: min(bm.size, 4)]
+    path = tmp_path_factory.mktemp("store")
+    write_store(path, plan, shards, chunk_tokens=chunk_tokens)
+    store = alm.open_store(path)
+    expected = [s for shard in shards for s in shard]
+    stored = list(store)
+    assert len(stored) == len(expected) == store.num_sequences
+    for got, want in zip(stored, expected):
+        assert_sequence_equal(got, want)
+    assert store.fields == field_set
+    assert store.manifest["totals"]["num_tokens"] == sum(len(s["token_id"]) for s in expected)
+
+
+def test_iter_shards_gives_flat_arrays_and_index_ranges(tmp_path):
+    plan = make_plan(num_shards=2)
+    shards = random_store(tmp_path, plan, num_per_shard=3)
+    store = open_store(tmp_path)
+    for data, seqs in zip(store.iter_shards(), shards):
+        assert data.index.num_rows == len(seqs)
+        assert data.arrays["boundary_logmass"].dtype == np.float16  # stored dtype in the columnar view
+        starts = data.index.column("token_start").to_numpy()
+        ends = data.index.column("token_end").to_numpy()
+        for s, e, seq in zip(starts, ends, seqs):
+            np.testing.assert_array_equal(data.arrays["token_id"][s:e], seq["token_id"])
+            np.testing.assert_array_equal(data.arrays["topk_logp"][s:e], seq["topk_logp"])
+    assert store.read_shard(1, ["logp"]).arrays.keys() == {"token_id", "logp"}
+
+
+def test_memory_url_round_trip():
+    url = f"memory://alm-test-{uuid.uuid4().hex[:8]}/store"
+    plan = make_plan(num_shards=2)
+    shards = random_store(url, plan, num_per_shard=3)
+    store = alm.open_store(url)
+    for got, want in zip(store, [s for shard in shards for s in shard]):
+        assert_sequence_equal(got, want)
+    assert store.manifest["totals"]["num_sequences"] == 6
+
+
+def test_file_url_is_the_local_folder(tmp_path):
+    plan = make_plan(num_shards=1)
+    random_store(tmp_path, plan, num_per_shard=2)
+    assert open_store(f"file://{tmp_path}").num_sequences == 2
+
+
+def test_bfloat16_bits_round_trip_and_rounding():
+    values = np.array([1.0, -2.5, 3.14159, 1e-30, np.inf, -np.inf, 65504.0], dtype=np.float32)
+    bits = float32_to_bfloat16_bits(values)
+    back = bfloat16_bits_to_float32(bits)
+    np.testing.assert_allclose(back[np.isfinite(values)], values[np.isfinite(values)], rtol=2**-8)
+    assert np.isposinf(back[4]) and np.isneginf(back[5])
+    assert np.isnan(bfloat16_bits_to_float32(float32_to_bfloat16_bits(np.array([np.nan], np.float32))))[0]
+
+
+def test_hidden_float32_input_is_stored_as_bfloat16(tmp_path):
+    plan = make_plan(num_shards=1, fields=("token_id", "logp", "boundary_logmass", "hidden"), hidden_size=3)
+    seq = random_sequence(np.random.default_rng(1), 0, plan, n=5)
+    hidden = np.random.default_rng(2).normal(size=(5, 3)).astype(np.float32)
+    seq["hidden"] = hidden
+    write_store(tmp_path, plan, [[seq]])
+    got = next(iter(open_store(tmp_path)))
+    assert got.hidden.dtype == np.uint16
+    np.testing.assert_allclose(got.hidden_float32(), hidden, rtol=2**-8)
+
+
+def test_writer_refuses_bad_sequences(tmp_path):
+    plan = make_plan(num_shards=1)
+    layout = prepare_store(tmp_path, plan)
+    seq = random_sequence(np.random.default_rng(0), 0, plan, n=6)
+    with ShardWriter(layout, 0) as writer:
+        bad = dict(seq, logp=np.zeros(6, np.float32))
+        with pytest.raises(StoreError, match="must be NaN"):
+            writer.add(**bad)
+        with pytest.raises(StoreError, match="missing"):
+            writer.add(**{k: v for k, v in seq.items() if k != "topk_id"})
+        with pytest.raises(StoreError, match="shape"):
+            writer.add(**dict(seq, boundary_logmass=seq["boundary_logmass"][:, :4]))
+        with pytest.raises(StoreError, match="outside the text"):
+            writer.add(**dict(seq, loss_spans=[(0, len(seq["text"]) + 1)]))
+        writer.add(**seq)
+        with pytest.raises(StoreError, match="already added"):
+            writer.add(**seq)
+    with pytest.raises(StoreError, match="outside 0..0"):
+        ShardWriter(layout, 1)
+    with pytest.raises(StoreError, match="top_k"):
+        ShardWriter(layout, 0, top_k=9)
