@@ -218,11 +218,9 @@ def transfer_model(
 
 def resolve_model_path(name: str) -> str:
     """A teacher model name from a store manifest as something `from_pretrained` loads (`builtin:` ids resolved)."""
-    if name.startswith("builtin:"):
-        from alm.teacher.default import resolve_builtin_teacher
+    from alm.teacher.default import resolve_teacher_path
 
-        return str(resolve_builtin_teacher(name))
-    return name
+    return resolve_teacher_path(name)
 
 
 def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) -> Student:
@@ -300,11 +298,19 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     return peft.get_peft_model(model, lora_config)
 
 
-def save_student(model: nn.Module, tokenizer: Any, path: Path) -> None:
-    """Save the final student (LoRA merged) and its tokenizer so `from_pretrained` loads the folder."""
+def save_student(
+    model: nn.Module, tokenizer: Any, path: Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Save the final student (LoRA merged) and its tokenizer so `from_pretrained` loads the folder.
+
+    `state_dict` (full, unsharded) is used for FSDP2-sharded models; otherwise the model's own weights are saved.
+    """
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+        state_dict = None
+    elif state_dict is not None and not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        state_dict = None
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
 

@@ -1,0 +1,108 @@
+"""Held-out evaluation: student bits per byte, chunk agreement with the teacher, the teacher's own BPB.
+
+DESIGN.md "Measuring quality": bits per byte (BPB) is comparable across tokenizers,
+
+    BPB = sum of token NLL over positions >= 1 / (content bytes x ln 2),
+
+computed for the student on its own tokenization of the stored texts and for the teacher from the stored
+`logp` (no teacher model needed). Chunk agreement is the mean over greedy in-loss chunks of
+|log p_T(chunk) - log p_S(chunk)| (no debiasing, no merging: the plain chunk likelihoods of §1).
+
+Evaluation sequences are split across ranks (sequence i goes to rank i mod world size) and the sums are
+all-reduced, so every process gets the same figures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from alm.data.student import StudentExampleBuilder, collate_examples
+from alm.losses.alm import token_stats
+from alm.store.reader import open_store
+
+
+def eval_batches(
+    store_path: str, builder: StudentExampleBuilder, batch_size: int, rank: int, world_size: int,
+    max_sequences: int | None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of the held-out store, in stored order, collated in batches."""
+    pending: list[dict[str, Any]] = []
+    for i, seq in enumerate(open_store(store_path).iter_sequences(["token_id", "logp", "boundary_logmass"])):
+        if max_sequences is not None and i >= max_sequences:
+            break
+        if i % world_size != rank:
+            continue
+        pending.append(builder(seq))
+        if len(pending) == batch_size:
+            yield collate_examples(pending)
+            pending = []
+    if pending:
+        yield collate_examples(pending)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterator[dict[str, torch.Tensor]],
+    device: torch.device,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    vocab_size: int | None = None,
+) -> dict[str, float]:
+    """Student BPB, teacher BPB and chunk agreement over `batches` (built with `with_eval=True`).
+
+    Args:
+        model: the `TrainModule` (wrapped or not); called as `model(input_ids, attention_mask)`.
+        batches: collated held-out batches.
+        device: where the model lives.
+        all_reduce_sum: sums a tensor over processes (`alm.train.parallel.all_reduce_sum`).
+        autocast: context for the forward pass.
+        vocab_size: real student vocabulary size.
+
+    Returns:
+        `eval/student_bpb`, `eval/teacher_bpb`, `eval/chunk_abs_logp_diff`, `eval/num_sequences`.
+    """
+    was_training = model.training
+    model.eval()
+    # student NLL, teacher NLL, teacher bytes, |diff| sum, chunks, sequences, student bytes
+    totals = torch.zeros(7, dtype=torch.float64)
+    for batch in batches:
+        input_ids = batch["input_ids"].to(device)
+        attention_mask = batch["attention_mask"].to(device)
+        with autocast():
+            logits, _ = model(input_ids, attention_mask)
+        next_ids = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -1)], dim=1)
+        next_ids = torch.where(torch.cat([attention_mask[:, 1:], attention_mask[:, :1] & False], dim=1), next_ids, -1)
+        next_logp, _ = token_stats(logits, next_ids, None, vocab_size=vocab_size)  # [B, Ts], 0 where no target
+        token_logp = torch.cat([next_logp.new_zeros(input_ids.shape[0], 1), next_logp[:, :-1]], dim=1).double()
+        prefix = torch.cat([token_logp.new_zeros(input_ids.shape[0], 1), token_logp.cumsum(dim=1)], dim=1)
+        chunk_mask = batch["eval_chunk_mask"].to(device)
+        student_chunk = prefix.gather(1, batch["chunk_student_end"].to(device)) - prefix.gather(
+            1, batch["chunk_student_start"].to(device)
+        )
+        diff = (batch["chunk_teacher_logp"].to(device).double() - student_chunk).abs()
+        totals += torch.stack([
+            -token_logp.sum().cpu(),
+            -batch["teacher_logp_sum"].double().sum(),
+            batch["num_bytes"].double().sum(),
+            torch.where(chunk_mask, diff, 0.0).sum().cpu(),
+            chunk_mask.sum().double().cpu(),
+            torch.tensor(float(input_ids.shape[0]), dtype=torch.float64),
+            batch["student_num_bytes"].double().sum(),
+        ])
+    totals = all_reduce_sum(totals.to(device)).cpu()
+    model.train(was_training)
+    student_nll, teacher_nll, num_bytes, diff_sum, num_chunks, num_sequences, student_bytes = totals.tolist()
+    return {
+        # Each side over the bytes its own tokens cover (the student may be truncated earlier).
+        "eval/student_bpb": student_nll / (max(student_bytes, 1.0) * math.log(2)),
+        "eval/teacher_bpb": teacher_nll / (max(num_bytes, 1.0) * math.log(2)),
+        "eval/chunk_abs_logp_diff": diff_sum / max(num_chunks, 1.0),
+        "eval/num_sequences": num_sequences,
+    }

@@ -1,0 +1,124 @@
+"""One micro-batch on the model side: forward, the chosen losses, their combination (ALM_SPEC §6-§7).
+
+Owns `TrainModule` (the HF student plus, for the hidden-state loss, a learnt projection when widths differ;
+one module so DDP/FSDP2 wrap both) and `micro_batch_loss`. Loss maths lives in `alm.losses`; this file only
+routes tensors: student logits -> `alm_loss` / `sft_loss`, final-norm hidden states -> `hidden_loss`, several
+losses -> GradMag over the last transformer block (`alm.losses.gradmag`).
+
+Normalisers are global over the optimizer step (all micro-batches and ranks, §6.3), passed in as `counts`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from alm.losses.alm import alm_loss
+from alm.losses.gradmag import gradmag_combine, last_block_parameters
+from alm.losses.hidden import hidden_state_loss, make_hidden_projection
+from alm.losses.sft import sft_loss
+
+
+class TrainModule(nn.Module):
+    """The student and, when the hidden-state loss is on, its projection into the teacher's hidden width."""
+
+    def __init__(self, student: nn.Module, projector: nn.Module | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.projector = projector
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_hidden: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden)
+        if not with_hidden:
+            return out.logits, None
+        hidden = out.hidden_states[-1]  # [B, Ts, d_S], after the final norm (the LM-head input, §7.1)
+        if self.projector is not None:
+            hidden = self.projector(hidden)
+        return out.logits, hidden
+
+
+def make_projector(student_width: int, teacher_width: int) -> nn.Module | None:
+    """A linear map student -> teacher hidden width (None when the widths agree, §7.1)."""
+    return make_hidden_projection(student_width, teacher_width)
+
+
+def last_block_params(module: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters of the last transformer block (GradMag's reference set, ALM_SPEC §7.3)."""
+    return last_block_parameters(module)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """What `micro_batch_loss` computes (from the recipe's `loss` section)."""
+
+    names: tuple[str, ...]  # subset of ("alm", "sft", "hidden"), in this order
+    temperature: float
+    divergence: str
+    hidden_weight: float
+    combine: str  # "gradmag" or "sum"
+    teacher_second_moment: torch.Tensor | None = None  # fp32 [d_T], the hidden loss's per-channel normaliser
+
+
+def micro_batch_loss(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    settings: LossSettings,
+    boundary_mask: torch.Tensor,
+    counts: dict[str, torch.Tensor],
+    gradmag_params: list[nn.Parameter],
+    vocab_size: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to backpropagate for one micro-batch, and its parts for logging.
+
+    Args:
+        model: the (wrapped) `TrainModule`.
+        batch: collated tensors on the model's device (`alm.data.student.collate_examples`).
+        settings: which losses and their options.
+        boundary_mask: bool [V] the student's boundary token set.
+        counts: global counts over the optimizer step: `num_groups`, `num_sft_tokens`, `num_hidden`.
+        gradmag_params: the last block's trainable parameters (used when several losses are combined).
+        vocab_size: the student tokenizer's size (logit columns beyond it are padding).
+
+    Returns:
+        the combined loss (scalar) and the detached per-loss values.
+    """
+    with_hidden = "hidden" in settings.names
+    logits, hidden = model(batch["input_ids"], batch["attention_mask"], with_hidden)
+    losses: dict[str, torch.Tensor] = {}
+    metrics: dict[str, float] = {}
+    if "alm" in settings.names:
+        out = alm_loss(
+            logits, batch["input_ids"], boundary_mask, batch,
+            temperature=settings.temperature, divergence=settings.divergence,
+            num_valid_groups_global=counts["num_groups"].clamp(min=1), vocab_size=vocab_size,
+        )
+        losses["alm"] = out.loss
+        metrics["alm_abs_logp_diff"] = float(out.mean_abs_logp_diff)
+    if "sft" in settings.names:
+        losses["sft"] = sft_loss(
+            logits, batch["input_ids"], batch["sft_mask"], num_tokens_global=counts["num_sft_tokens"].clamp(min=1),
+            vocab_size=vocab_size,
+        )
+    if with_hidden:
+        assert hidden is not None
+        teacher_hidden = batch["hidden_teacher"]  # [B, C, d_T], already gathered at the chunk ends
+        teacher_pos = torch.arange(teacher_hidden.shape[1], device=teacher_hidden.device).expand(
+            teacher_hidden.shape[0], -1)  # [B, C]
+        second_moment = settings.teacher_second_moment
+        losses["hidden"] = settings.hidden_weight * hidden_state_loss(
+            hidden, teacher_hidden, batch["student_chunk_last_pos"], teacher_pos, batch["chunk_mask"],
+            teacher_second_moment=None if second_moment is None else second_moment.to(hidden.device),
+            num_valid_chunks_global=counts["num_hidden"].clamp(min=1),
+        )
+    for name, value in losses.items():
+        metrics[name] = float(value.detach())
+    if len(losses) == 1 or settings.combine == "sum":
+        return sum(losses.values()), metrics  # type: ignore[return-value]
+    total, weights = gradmag_combine(losses, gradmag_params)
+    for name, weight in weights.items():
+        metrics[f"gradmag_weight_{name}"] = weight
+    return total, metrics
