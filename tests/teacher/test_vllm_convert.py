@@ -10,6 +10,7 @@ Llama's logits, so they can be compared with the HF backend's own scoring of the
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -514,3 +515,49 @@ def test_teacher_scores_keep_only_the_stored_topk(model, boundary_class):
     )
     assert scores.topk_id.shape == (len(ids), 3) and scores.topk_logp.shape == (len(ids), 3)
     assert scores.boundary_logmass.shape == (len(ids), 5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the adapter, as far as it runs without vLLM
+# --------------------------------------------------------------------------------------------------------------
+
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(VLLM_INSTALLED, reason="checks the message shown where vLLM is missing")
+def test_vllm_backend_without_vllm_names_the_install_command(boundary_class):
+    from alm.teacher.vllm import VLLMTeacher
+
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'alm\[vllm\]'"):
+        VLLMTeacher("unused", boundary_class, boundary_method="topk_lower")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"boundary_method": "exactish"}, "boundary_method"),
+        ({"top_k": 30, "num_logprobs": 20}, "num_logprobs >= 30"),
+        ({"boundary_method": "topk_upper", "num_logprobs": 0}, "num_logprobs >= 1"),
+        ({"hidden_states": True}, "teacher.backend: hf"),
+    ],
+)
+def test_vllm_backend_refuses_contradictory_settings_before_loading(
+    boundary_class, kwargs, message
+):
+    from alm.errors import ConfigError
+    from alm.teacher.vllm import VLLMTeacher
+
+    with pytest.raises(ConfigError, match=message):
+        VLLMTeacher("unused", boundary_class, **kwargs)
+
+
+def test_norm_and_head_read_from_safetensors_reproduce_the_model(model, boundary_class, tmp_path):
+    from alm.teacher.vllm import _LlamaHead
+
+    model.save_pretrained(tmp_path)
+    head = _LlamaHead(str(tmp_path), model.config.to_dict(), device="cpu")
+    prenorm = torch.randn(5, model.config.hidden_size)
+    with torch.no_grad():
+        expected = model.lm_head(model.model.norm(prenorm))
+        got = head.head(head.norm(prenorm))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
