@@ -38,9 +38,11 @@ class VllmOptions(StrictModel):
         description="k of vLLM's prompt/sample log-probs (`max_logprobs`); top-k fallback bounds use it.",
     )
     boundary_method: Literal["token_ids", "hidden", "topk_lower", "topk_upper"] = Field(
-        "hidden",
-        description="How `boundary_logmass` is obtained with vLLM: `hidden` (final-norm hidden states + LM head "
-        "in alm, exact), `token_ids` (fixed token-id scoring), or a top-k bound (approximate, recorded).",
+        "token_ids",
+        description="How `boundary_logmass` is obtained with vLLM: `token_ids` (fixed token-id scoring of every "
+        "boundary-class token, V2 model runner; exact), `hidden` (vLLM's experimental hidden-state extraction, "
+        "final norm + LM head applied in alm; exact), or a top-k bound `topk_lower`/`topk_upper` from "
+        "`num_logprobs` (approximate; error in docs/vllm-fidelity.md). Recorded in the store.",
     )
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (debugging).")
     seed: int = Field(
