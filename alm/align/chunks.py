@@ -123,7 +123,9 @@ def _side(tokens: Any, name: str) -> _Side:
     block_end_pos = np.zeros(len(block_start_pos), _INT)
     block_pos = np.flatnonzero(is_block)
     np.maximum.at(block_end_pos, block_id[block_pos], block_pos + 1)
-    return _Side(start_byte, end_byte, is_block, block_start_pos, block_end_pos, list(role[block_start_pos]))
+    return _Side(
+        start_byte, end_byte, is_block, block_start_pos, block_end_pos, list(role[block_start_pos])
+    )
 
 
 def _match_blocks(teacher: _Side, student: _Side) -> tuple[np.ndarray, np.ndarray]:
@@ -189,7 +191,9 @@ def _ranges(index: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray,
     return first, last + 1, count
 
 
-def _in_loss(start_byte: np.ndarray, end_byte: np.ndarray, is_block: np.ndarray, loss_spans: Any) -> np.ndarray:
+def _in_loss(
+    start_byte: np.ndarray, end_byte: np.ndarray, is_block: np.ndarray, loss_spans: Any
+) -> np.ndarray:
     spans = np.asarray(loss_spans, dtype=_INT).reshape(-1, 2)
     if len(spans) == 0:
         return np.zeros(len(start_byte), bool)
@@ -234,7 +238,9 @@ def align_sequences(
         keep = ~side.is_block & (side.end_byte > side.start_byte)
         return side.end_byte[keep]
 
-    common_end_byte = np.intersect1d(text_ends(teacher_side), text_ends(student_side))  # sorted, unique
+    common_end_byte = np.intersect1d(
+        text_ends(teacher_side), text_ends(student_side)
+    )  # sorted, unique
     num_text = len(common_end_byte)
     teacher_blocks, student_blocks = _match_blocks(teacher_side, student_side)
     num_chunks = num_text + len(teacher_blocks)
@@ -245,21 +251,31 @@ def align_sequences(
     student_start, student_end, student_count = _ranges(student_index, num_chunks)
 
     block_byte = teacher_side.start_byte[teacher_side.block_start_pos[teacher_blocks]]
-    start_byte = np.concatenate([np.concatenate([[0], common_end_byte[:-1]]).astype(_INT)[:num_text], block_byte])
+    start_byte = np.concatenate(
+        [np.concatenate([[0], common_end_byte[:-1]]).astype(_INT)[:num_text], block_byte]
+    )
     end_byte = np.concatenate([common_end_byte, block_byte]).astype(_INT)
     is_block = np.concatenate([np.zeros(num_text, bool), np.ones(len(teacher_blocks), bool)])
     # Byte order; at one offset the text chunk ending there comes first, then the blocks in token order.
-    secondary = np.concatenate([np.zeros(num_text, _INT), 1 + np.arange(len(teacher_blocks), dtype=_INT)])
+    secondary = np.concatenate(
+        [np.zeros(num_text, _INT), 1 + np.arange(len(teacher_blocks), dtype=_INT)]
+    )
 
     valid = (
         (teacher_count > 0)
         & (student_count > 0)
-        & (teacher_count == teacher_end - teacher_start)  # contiguous: no foreign or dropped token inside
+        & (
+            teacher_count == teacher_end - teacher_start
+        )  # contiguous: no foreign or dropped token inside
         & (student_count == student_end - student_start)
         & (teacher_start > 0)
         & (student_start > 0)
     )
-    in_loss = np.ones(num_chunks, bool) if loss_spans is None else _in_loss(start_byte, end_byte, is_block, loss_spans)
+    in_loss = (
+        np.ones(num_chunks, bool)
+        if loss_spans is None
+        else _in_loss(start_byte, end_byte, is_block, loss_spans)
+    )
     if not keep_outside_loss:
         valid &= in_loss
     order = np.lexsort((secondary, end_byte))
@@ -283,7 +299,9 @@ def align_sequences(
         )
         if ok.all():
             break
-        logger.warning("dropping %d chunks whose token order differs between teacher and student", (~ok).sum())
+        logger.warning(
+            "dropping %d chunks whose token order differs between teacher and student", (~ok).sum()
+        )
         chunks = chunks.select(ok)
     return chunks
 
@@ -295,14 +313,18 @@ class _TokenOffsets:
     role: list[Any] | None
 
 
-def _offsets(tokens: Sequence[bytes], roles: Sequence[Any] | None, name: str) -> tuple[_TokenOffsets, bytes]:
+def _offsets(
+    tokens: Sequence[bytes], roles: Sequence[Any] | None, name: str
+) -> tuple[_TokenOffsets, bytes]:
     if roles is not None and len(roles) != len(tokens):
         raise AlignmentError(
             f"{name}_roles has {len(roles)} entries for {len(tokens)} {name} tokens; give one role (or None) per token."
         )
     is_block = [False] * len(tokens) if roles is None else [role is not None for role in roles]
     lengths = np.fromiter(
-        (0 if block else len(token) for token, block in zip(tokens, is_block)), dtype=_INT, count=len(tokens)
+        (0 if block else len(token) for token, block in zip(tokens, is_block)),
+        dtype=_INT,
+        count=len(tokens),
     )
     end_byte = np.cumsum(lengths, dtype=_INT)
     text = b"".join(token for token, block in zip(tokens, is_block) if not block)

@@ -114,7 +114,9 @@ def build_alm_targets(
     loss_chunks = chunks.select(chunks.in_loss)
     teacher_start, teacher_end = loss_chunks.teacher_start, loss_chunks.teacher_end
     student_start, student_end = loss_chunks.student_start, loss_chunks.student_end
-    chunk_logp = np.minimum(prefix[teacher_end] - prefix[teacher_start], 0.0)  # [C'] clipped per chunk (§5.1)
+    chunk_logp = np.minimum(
+        prefix[teacher_end] - prefix[teacher_start], 0.0
+    )  # [C'] clipped per chunk (§5.1)
     if np.isnan(chunk_logp).any():
         bad = int(np.flatnonzero(np.isnan(chunk_logp))[0])
         raise AlignmentError(
@@ -152,7 +154,9 @@ def build_alm_targets(
     )
 
 
-def combine_boundary_classes(boundary_logmass: np.ndarray, classes: tuple[int, ...] = (0, 1, 2, 3, 4)) -> np.ndarray:
+def combine_boundary_classes(
+    boundary_logmass: np.ndarray, classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+) -> np.ndarray:
     """Log-mass of a union of the stored first-byte classes: logsumexp over `classes` of [n, 5] → float64 [n].
 
     The default is tokenkit's `space+tab+newline+special` plus other whitespace (§5.2).
@@ -161,4 +165,6 @@ def combine_boundary_classes(boundary_logmass: np.ndarray, classes: tuple[int, .
     top = np.max(stored, axis=1, keepdims=True)
     top = np.where(np.isfinite(top), top, 0.0)
     with np.errstate(divide="ignore"):
-        return np.minimum((top + np.log(np.exp(stored - top).sum(axis=1, keepdims=True)))[:, 0], 0.0)
+        return np.minimum(
+            (top + np.log(np.exp(stored - top).sum(axis=1, keepdims=True)))[:, 0], 0.0
+        )

@@ -27,7 +27,13 @@ from alm.errors import AlmError
 from alm.losses.batch import pad_targets
 
 Divergence = Literal["binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit"]
-DIVERGENCES: tuple[str, ...] = ("binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit")
+DIVERGENCES: tuple[str, ...] = (
+    "binary_ce",
+    "reverse_binary_kl",
+    "abs_exp",
+    "abs",
+    "binary_kl_temp_limit",
+)
 
 _BLOCK_BYTES = 1 << 26  # fp32 working set per row block (64 MiB)
 
@@ -46,8 +52,14 @@ class _TokenStats(torch.autograd.Function):
     """(logits [N, V], target [N]) → (log p(target) [N], log boundary mass [N]), row block by row block."""
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, boundary_mask: torch.Tensor | None,
-                vocab_size: int, rows_per_block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        boundary_mask: torch.Tensor | None,
+        vocab_size: int,
+        rows_per_block: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         num_rows = logits.shape[0]
         lse = logits.new_empty(num_rows, dtype=torch.float32)
         boundary_lse = logits.new_zeros(num_rows, dtype=torch.float32)
@@ -60,30 +72,55 @@ class _TokenStats(torch.autograd.Function):
             lse[rows] = torch.logsumexp(block, dim=-1)
             target_logit[rows] = block.gather(1, safe_target[rows, None])[:, 0]
             if boundary_mask is not None:
-                boundary_lse[rows] = torch.logsumexp(block.masked_fill(~boundary_mask, float("-inf")), dim=-1)
+                boundary_lse[rows] = torch.logsumexp(
+                    block.masked_fill(~boundary_mask, float("-inf")), dim=-1
+                )
         raw_logp = torch.where(has_target, target_logit - lse, 0.0)
         raw_boundary = boundary_lse - lse if boundary_mask is not None else torch.zeros_like(lse)
-        ctx.save_for_backward(logits, safe_target, has_target & (raw_logp <= 0), raw_boundary <= 0, lse, boundary_lse,
-                              boundary_mask if boundary_mask is not None else torch.empty(0, dtype=torch.bool))
-        ctx.vocab_size, ctx.rows_per_block, ctx.has_mask = vocab_size, rows_per_block, boundary_mask is not None
+        ctx.save_for_backward(
+            logits,
+            safe_target,
+            has_target & (raw_logp <= 0),
+            raw_boundary <= 0,
+            lse,
+            boundary_lse,
+            boundary_mask if boundary_mask is not None else torch.empty(0, dtype=torch.bool),
+        )
+        ctx.vocab_size, ctx.rows_per_block, ctx.has_mask = (
+            vocab_size,
+            rows_per_block,
+            boundary_mask is not None,
+        )
         return raw_logp.clamp(max=0.0), raw_boundary.clamp(max=0.0)
 
     @staticmethod
-    def backward(ctx: Any, grad_logp: torch.Tensor, grad_boundary: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        logits, safe_target, logp_live, boundary_live, lse, boundary_lse, boundary_mask = ctx.saved_tensors
+    def backward(
+        ctx: Any, grad_logp: torch.Tensor, grad_boundary: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        logits, safe_target, logp_live, boundary_live, lse, boundary_lse, boundary_mask = (
+            ctx.saved_tensors
+        )
         vocab_size, rows_per_block = ctx.vocab_size, ctx.rows_per_block
         grad_logp = torch.where(logp_live, grad_logp.float(), 0.0)  # [N]
-        grad_boundary = (torch.where(boundary_live, grad_boundary.float(), 0.0) if ctx.has_mask
-                         else torch.zeros_like(grad_logp))
+        grad_boundary = (
+            torch.where(boundary_live, grad_boundary.float(), 0.0)
+            if ctx.has_mask
+            else torch.zeros_like(grad_logp)
+        )
         grad_logits = torch.zeros_like(logits)
         for row in range(0, logits.shape[0], rows_per_block):
             rows = slice(row, row + rows_per_block)
             block = logits[rows, :vocab_size].float()  # [R, V']
             # d lse = softmax; d boundary_lse = softmax restricted to the boundary set (renormalised).
-            grad = torch.exp(block - lse[rows, None]) * (-(grad_logp[rows] + grad_boundary[rows]))[:, None]
+            grad = (
+                torch.exp(block - lse[rows, None])
+                * (-(grad_logp[rows] + grad_boundary[rows]))[:, None]
+            )
             if ctx.has_mask:
-                grad += torch.exp(block - boundary_lse[rows, None]).masked_fill(~boundary_mask, 0.0) * grad_boundary[
-                    rows, None]
+                grad += (
+                    torch.exp(block - boundary_lse[rows, None]).masked_fill(~boundary_mask, 0.0)
+                    * grad_boundary[rows, None]
+                )
             grad.scatter_add_(1, safe_target[rows, None], grad_logp[rows, None])
             grad_logits[rows, :vocab_size] = grad.to(logits.dtype)
         return grad_logits, None, None, None, None
@@ -125,17 +162,22 @@ def token_stats(
             )
         boundary_mask = boundary_mask[:vocab_size]
         if not bool(boundary_mask.any()):
-            raise AlmError("the boundary mask selects no token; it must contain at least the special tokens.")
+            raise AlmError(
+                "the boundary mask selects no token; it must contain at least the special tokens."
+            )
     flat_logits = logits.reshape(-1, num_columns)
     rows_per_block = max(1, block_bytes // (4 * max(vocab_size, 1)))
-    logp, boundary_logmass = _TokenStats.apply(flat_logits, target_ids.reshape(-1).long(), boundary_mask, vocab_size,
-                                               rows_per_block)
+    logp, boundary_logmass = _TokenStats.apply(
+        flat_logits, target_ids.reshape(-1).long(), boundary_mask, vocab_size, rows_per_block
+    )
     return logp.reshape(shape), boundary_logmass.reshape(shape)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 − eˣ) for x < 0, stable on both sides of −log 2 (§6.1); both branches finite for x ≤ −ε."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+    return torch.where(
+        x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x))
+    )
 
 
 def binarised_divergence(
@@ -186,7 +228,9 @@ def binarised_divergence(
             lt, ls = teacher_logp - eps, student_logp - eps
             return (lt - ls) + lt * torch.log(-ls) - lt * torch.log(-lt)
         case _:
-            raise AlmError(f"unknown ALM divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}.")
+            raise AlmError(
+                f"unknown ALM divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}."
+            )
 
 
 def student_group_logp(
@@ -206,15 +250,25 @@ def student_group_logp(
     """
     batch, length = student_token_logp.shape
     group_mask = targets["group_mask"]  # [B, G]
-    start = torch.where(group_mask, targets["student_group_start"], torch.iinfo(torch.int64).max)  # [B, G]
-    position = torch.arange(length, device=student_token_logp.device).expand(batch, length)  # [B, Ts]
+    start = torch.where(
+        group_mask, targets["student_group_start"], torch.iinfo(torch.int64).max
+    )  # [B, G]
+    position = torch.arange(length, device=student_token_logp.device).expand(
+        batch, length
+    )  # [B, Ts]
     group = torch.searchsorted(start, position.contiguous(), right=True) - 1  # [B, Ts]
     safe_group = group.clamp(min=0)
-    in_group = (group >= 0) & (position < targets["student_group_end"].gather(1, safe_group)) & group_mask.gather(
-        1, safe_group)
-    sums = torch.zeros(group_mask.shape, dtype=torch.float32, device=student_token_logp.device).scatter_add(
-        1, safe_group, torch.where(in_group, student_token_logp, 0.0))  # [B, G]
-    boundary = student_boundary_logmass.gather(1, targets["student_group_last_pos"].clamp(min=0))  # [B, G]
+    in_group = (
+        (group >= 0)
+        & (position < targets["student_group_end"].gather(1, safe_group))
+        & group_mask.gather(1, safe_group)
+    )
+    sums = torch.zeros(
+        group_mask.shape, dtype=torch.float32, device=student_token_logp.device
+    ).scatter_add(1, safe_group, torch.where(in_group, student_token_logp, 0.0))  # [B, G]
+    boundary = student_boundary_logmass.gather(
+        1, targets["student_group_last_pos"].clamp(min=0)
+    )  # [B, G]
     return torch.where(group_mask, sums.clamp(max=0.0) + boundary, 0.0)
 
 
@@ -248,20 +302,35 @@ def alm_loss(
     Returns:
         `AlmLossOutput(loss, num_groups, mean_abs_logp_diff)`.
     """
-    batch, length, _ = student_logits.shape
-    next_ids = torch.cat([student_input_ids[:, 1:], student_input_ids.new_full((batch, 1), -1)], dim=1)  # [B, Ts]
-    next_logp, boundary_logmass = token_stats(student_logits, next_ids, student_boundary_mask, vocab_size=vocab_size)
-    token_logp = torch.cat([next_logp.new_zeros(batch, 1), next_logp[:, :-1]], dim=1)  # [B, Ts], logp[q] of token q
+    batch = student_logits.shape[0]
+    next_ids = torch.cat(
+        [student_input_ids[:, 1:], student_input_ids.new_full((batch, 1), -1)], dim=1
+    )  # [B, Ts]
+    next_logp, boundary_logmass = token_stats(
+        student_logits, next_ids, student_boundary_mask, vocab_size=vocab_size
+    )
+    token_logp = torch.cat(
+        [next_logp.new_zeros(batch, 1), next_logp[:, :-1]], dim=1
+    )  # [B, Ts], logp[q] of token q
     group_mask = targets["group_mask"]
     student_logp = student_group_logp(token_logp, boundary_logmass, targets)  # [B, G]
     teacher_logp = torch.where(group_mask, targets["teacher_group_logp"].float(), -1.0)  # [B, G]
-    per_group = binarised_divergence(teacher_logp, torch.where(group_mask, student_logp, -1.0),
-                                     temperature=temperature, divergence=divergence, eps=eps)
+    per_group = binarised_divergence(
+        teacher_logp,
+        torch.where(group_mask, student_logp, -1.0),
+        temperature=temperature,
+        divergence=divergence,
+        eps=eps,
+    )
     num_groups = group_mask.sum()
-    normaliser = num_groups.clamp(min=1) if num_valid_groups_global is None else num_valid_groups_global
+    normaliser = (
+        num_groups.clamp(min=1) if num_valid_groups_global is None else num_valid_groups_global
+    )
     loss = torch.where(group_mask, per_group, 0.0).sum() / normaliser
     with torch.no_grad():
-        diff = torch.where(group_mask, (teacher_logp - student_logp).abs(), 0.0).sum() / num_groups.clamp(min=1)
+        diff = torch.where(
+            group_mask, (teacher_logp - student_logp).abs(), 0.0
+        ).sum() / num_groups.clamp(min=1)
     return AlmLossOutput(loss, num_groups, diff)
 
 
@@ -305,13 +374,30 @@ def alm_batch_loss(
         return np.asarray(values, dtype=np.float64)
 
     per_example = [
-        build_alm_targets(example_chunks, to_numpy(logp), to_numpy(boundary), gamma=gamma,
-                          drop_unterminated_groups=drop_unterminated_groups)
-        for example_chunks, logp, boundary in zip(chunks, teacher_logp, teacher_boundary_logmass, strict=True)
+        build_alm_targets(
+            example_chunks,
+            to_numpy(logp),
+            to_numpy(boundary),
+            gamma=gamma,
+            drop_unterminated_groups=drop_unterminated_groups,
+        )
+        for example_chunks, logp, boundary in zip(
+            chunks, teacher_logp, teacher_boundary_logmass, strict=True
+        )
     ]
-    targets = {key: value.to(student_logits.device) for key, value in pad_targets(per_example).items()}
-    return alm_loss(student_logits, student_input_ids, student_boundary_mask, targets, temperature=temperature,
-                    divergence=divergence, num_valid_groups_global=num_valid_groups_global, vocab_size=vocab_size)
+    targets = {
+        key: value.to(student_logits.device) for key, value in pad_targets(per_example).items()
+    }
+    return alm_loss(
+        student_logits,
+        student_input_ids,
+        student_boundary_mask,
+        targets,
+        temperature=temperature,
+        divergence=divergence,
+        num_valid_groups_global=num_valid_groups_global,
+        vocab_size=vocab_size,
+    )
 
 
 def sequence_logp_and_boundary_logmass(
@@ -335,6 +421,8 @@ def sequence_logp_and_boundary_logmass(
     """
     batch = logits.shape[0]
     next_ids = torch.cat([input_ids[:, 1:], input_ids.new_full((batch, 1), -1)], dim=1)
-    next_logp, boundary_logmass = token_stats(logits, next_ids, boundary_mask, vocab_size=vocab_size)
+    next_logp, boundary_logmass = token_stats(
+        logits, next_ids, boundary_mask, vocab_size=vocab_size
+    )
     logp = torch.cat([next_logp.new_full((batch, 1), float("nan")), next_logp[:, :-1]], dim=1)
     return logp, boundary_logmass

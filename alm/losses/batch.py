@@ -52,14 +52,20 @@ def pad_targets(examples: Sequence[AlmTargets]) -> dict[str, torch.Tensor]:
     group_width = max([1, *num_groups])
     chunk_width = max([1, *num_chunks])
     batch: dict[str, torch.Tensor] = {
-        "teacher_group_logp": _pad([e.teacher_group_logp for e in examples], group_width, 0.0, np.float32),
+        "teacher_group_logp": _pad(
+            [e.teacher_group_logp for e in examples], group_width, 0.0, np.float32
+        ),
     }
     for field in _GROUP_FIELDS:
         batch[field] = _pad([getattr(e, field) for e in examples], group_width, -1, np.int64)
-    batch["group_mask"] = torch.arange(group_width)[None, :] < torch.tensor(num_groups, dtype=torch.int64)[:, None]
+    batch["group_mask"] = (
+        torch.arange(group_width)[None, :] < torch.tensor(num_groups, dtype=torch.int64)[:, None]
+    )
     for field in _CHUNK_FIELDS:
         batch[field] = _pad([getattr(e, field) for e in examples], chunk_width, -1, np.int64)
-    batch["chunk_mask"] = torch.arange(chunk_width)[None, :] < torch.tensor(num_chunks, dtype=torch.int64)[:, None]
+    batch["chunk_mask"] = (
+        torch.arange(chunk_width)[None, :] < torch.tensor(num_chunks, dtype=torch.int64)[:, None]
+    )
     batch["num_groups"] = torch.tensor(sum(num_groups), dtype=torch.int64)
     batch["num_chunks"] = torch.tensor(sum(num_chunks), dtype=torch.int64)
     return batch
