@@ -111,6 +111,7 @@ def build_manifest(location: Location, plan: StorePlan, shard_docs: list[dict[st
             "name": plan.backend,
             "versions": dict(plan.backend_versions),
             "boundary_method": plan.boundary_method,
+            "boundary_top_k": plan.boundary_top_k,
         },
         "fields": {name: spec.to_json() for name, spec in specs.items()},
         "boundary_classes": schema.boundary_classes_json(),
