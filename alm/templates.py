@@ -1,0 +1,623 @@
+"""Documents as abstract segments, rendered per model family into exact-bytes token sequences (ALM_SPEC.md §3).
+
+Owns: `Segment` / `Document` (what the data layer produces), the model families (`chatml` for SmolLM2/Qwen2,
+`llama3`, `gemma`, `plain`) and their template blocks, `render` (document -> `TokenizedSequence` with per-token
+byte offsets and roles, the segment table, loss spans and truncation), and the stage-two inverses
+`sequence_from_ids` (stored teacher ids -> per-token offsets/roles) and `document_from_stored` (stored text +
+segment table -> the abstract document a student re-renders with its own family).
+
+Like tokenkit (§3) we never call `apply_chat_template`: each text segment is tokenized separately
+(`alm.vocab.encode_text`, literal marker strings stay text) and each template block is the family's own string
+(special tokens plus literal pieces such as `"user\\n"`), so no system prompt is ever injected. Block roles:
+`bos`, `eos`, `header:user`, `header:assistant`, `header:system`, `eot`. A family may render a block as nothing
+(chatml has no bos); such blocks still appear in the segment table with zero tokens, so a student whose family
+does have them can render them.
+
+Offsets are in the document's *content text*, the concatenation of its text segments; block tokens have zero
+width at the block's offset. Loss region (team rule): a text token is in the loss iff its byte span lies inside
+one loss span; a block at offset o iff some span has `start < o <= end`.
+
+Imports `alm.vocab` and `alm.errors` only (numpy; never torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from alm.errors import ConfigError, DataError, TokenizerRefusedError
+from alm.vocab import TokenizedText, Vocab, encode_text, token_offsets
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["chatml", "llama3", "gemma", "plain"]
+FAMILIES: tuple[str, ...] = ("chatml", "llama3", "gemma", "plain")
+LossRegion = Literal["all", "assistant", "last_assistant"]
+BLOCK_ROLES = ("bos", "eos", "header:user", "header:assistant", "header:system", "eot")
+CHAT_ROLES = ("system", "user", "assistant")
+
+# Placeholders resolved from the tokenizer's own bos/eos tokens.
+_BOS = "{bos}"
+_EOS = "{eos}"
+
+# Each block is one string tokenized with special tokens recognised; None renders nothing (tokenkit's
+# `model_kinds.py` replacements, ALM_SPEC §3).
+FAMILY_BLOCKS: dict[str, dict[str, str | None]] = {
+    "chatml": {
+        "bos": None,
+        "eos": "<|endoftext|>",
+        "header:user": "<|im_start|>user\n",
+        "header:assistant": "<|im_start|>assistant\n",
+        "header:system": "<|im_start|>system\n",
+        "eot": "<|im_end|>\n",
+    },
+    "llama3": {
+        "bos": "<|begin_of_text|>",
+        "eos": "<|end_of_text|>",
+        "header:user": "<|start_header_id|>user<|end_header_id|>\n\n",
+        "header:assistant": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "header:system": "<|start_header_id|>system<|end_header_id|>\n\n",
+        "eot": "<|eot_id|>",
+    },
+    "gemma": {
+        "bos": _BOS,
+        "eos": _EOS,
+        "header:user": "<start_of_turn>user\n",
+        "header:assistant": "<start_of_turn>model\n",
+        "header:system": "<start_of_turn>user\n",  # Gemma has no system role (§3)
+        "eot": "<end_of_turn>\n",
+    },
+    "plain": {"bos": _BOS, "eos": _EOS},
+}
+
+# A family is detected from the first of these markers that the tokenizer has as a special token.
+_FAMILY_MARKERS = (
+    ("<|im_start|>", "chatml"),
+    ("<|start_header_id|>", "llama3"),
+    ("<start_of_turn>", "gemma"),
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Abstract documents
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One abstract segment: content text (`role == "text"`) or a template block (any other role).
+
+    Attributes:
+        role: `text` or a block role (`bos`, `eos`, `header:user`, `header:assistant`, `header:system`, `eot`).
+        text: UTF-8 bytes of a text segment; `b""` for blocks.
+        in_loss: whether a text segment is trained on (ignored for blocks: their loss status follows from offsets).
+    """
+
+    role: str
+    text: bytes = b""
+    in_loss: bool = False
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document as abstract segments, with where it came from.
+
+    Attributes:
+        doc_id: stable identifier (e.g. `path:line` or `source#row`).
+        source: data source name.
+        row: row/line/file index inside the source.
+        segments: the segments in order.
+    """
+
+    doc_id: str
+    source: str
+    row: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def content_text(self) -> bytes:
+        """Concatenation of the text segments."""
+        return b"".join(s.text for s in self.segments if s.role == "text")
+
+    def loss_spans(self) -> np.ndarray:
+        """int64 [k, 2]: merged byte ranges of the in-loss text segments in the content text."""
+        spans = []
+        offset = 0
+        for seg in self.segments:
+            if seg.role != "text":
+                continue
+            if seg.in_loss and seg.text:
+                spans.append((offset, offset + len(seg.text)))
+            offset += len(seg.text)
+        return merge_spans(spans)
+
+
+def merge_spans(spans: Iterable[tuple[int, int]]) -> np.ndarray:
+    """int64 [k, 2]: non-empty byte ranges sorted and merged where they touch or overlap."""
+    out: list[list[int]] = []
+    for start, end in sorted((int(s), int(e)) for s, e in spans if e > s):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def plain_document(doc_id: str, source: str, row: int, text: bytes) -> Document:
+    """`[bos, text, eos]` with the text in the loss."""
+    return Document(
+        doc_id, source, row, (Segment("bos"), Segment("text", text, True), Segment("eos"))
+    )
+
+
+def chat_document(
+    doc_id: str,
+    source: str,
+    row: int,
+    messages: Sequence[tuple[str, bytes]],
+    loss: LossRegion = "assistant",
+) -> Document:
+    """`[bos, header:<role>, text, eot, ..., eos]` from `(role, content)` messages.
+
+    Args:
+        doc_id, source, row: provenance.
+        messages: `(role, content bytes)` pairs; role is `system`, `user` or `assistant`.
+        loss: `all` (every text segment), `assistant` (assistant turns) or `last_assistant` (only the last one).
+
+    Raises:
+        DataError: an unknown message role, or `last_assistant`/`assistant` with no assistant message.
+    """
+    segments: list[Segment] = [Segment("bos")]
+    assistant_turns = [i for i, (role, _) in enumerate(messages) if role == "assistant"]
+    for i, (role, content) in enumerate(messages):
+        if role not in CHAT_ROLES:
+            raise DataError(
+                f"document {doc_id!r}: message {i} has role {role!r}; expected one of {list(CHAT_ROLES)}"
+            )
+        match loss:
+            case "all":
+                in_loss = True
+            case "assistant":
+                in_loss = role == "assistant"
+            case "last_assistant":
+                in_loss = bool(assistant_turns) and i == assistant_turns[-1]
+        segments += [Segment(f"header:{role}"), Segment("text", content, in_loss), Segment("eot")]
+    segments.append(Segment("eos"))
+    return Document(doc_id, source, row, tuple(segments))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Families
+
+
+def _special_texts(tokenizer_or_vocab: Any) -> set[str]:
+    if isinstance(tokenizer_or_vocab, Vocab):
+        return set(tokenizer_or_vocab.special_text.values())
+    decoder = getattr(tokenizer_or_vocab, "added_tokens_decoder", None) or {}
+    out = {t.content for t in decoder.values() if getattr(t, "special", False)}
+    out.update(getattr(tokenizer_or_vocab, "all_special_tokens", None) or [])
+    return out
+
+
+def family_for_tokenizer(tokenizer_or_vocab: Any) -> str:
+    """The template family a tokenizer's special tokens imply: `chatml` (`<|im_start|>`), `llama3`
+    (`<|start_header_id|>`), `gemma` (`<start_of_turn>`), else `plain`."""
+    specials = _special_texts(tokenizer_or_vocab)
+    for marker, family in _FAMILY_MARKERS:
+        if marker in specials:
+            return family
+    return "plain"
+
+
+def resolve_family(family: str | None, tokenizer_or_vocab: Any) -> str:
+    """`family` if given (validated), else the detected one.
+
+    Raises:
+        ConfigError: an unknown family name.
+    """
+    if family is None or family == "auto":
+        return family_for_tokenizer(tokenizer_or_vocab)
+    if family not in FAMILIES:
+        raise ConfigError(
+            f"template family {family!r} is unknown; use one of {[*FAMILIES, 'auto']}"
+        )
+    return family
+
+
+def _block_string(family: str, role: str, tokenizer: Any, vocab: Vocab) -> str | None:
+    blocks = FAMILY_BLOCKS[family]
+    if role not in BLOCK_ROLES:
+        raise DataError(
+            f"segment role {role!r} is not a template block; use one of {list(BLOCK_ROLES)}"
+        )
+    if role not in blocks:
+        raise ConfigError(
+            f"template family {family!r} has no {role!r} block: it renders plain text only. Set the data spec's "
+            f"or recipe's family to one of chatml, llama3, gemma (tokenizer {vocab.name!r})"
+        )
+    template = blocks[role]
+    if template in (_BOS, _EOS):
+        token = getattr(tokenizer, "bos_token" if template == _BOS else "eos_token", None)
+        return str(token) if token else None
+    if family == "chatml" and role == "eos" and template not in set(vocab.special_text.values()):
+        token = getattr(tokenizer, "eos_token", None)
+        return str(token) if token else None
+    return template
+
+
+def _render_block(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.ndarray:
+    block = _block_string(family, role, tokenizer, vocab)
+    if not block:
+        return np.zeros(0, dtype=np.int32)
+    ids = np.asarray(
+        tokenizer(block, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+        dtype=np.int32,
+    )
+    specials = set(vocab.special_text.values())
+    needed = [s for s in _marker_strings(block) if s not in specials]
+    if needed or not vocab.is_special[ids].any():
+        raise TokenizerRefusedError(
+            f"tokenizer {vocab.name!r} lacks the special token(s) {needed or [block]!r} that family {family!r} "
+            f"uses for its {role!r} block; pick the family that matches the tokenizer (detected: "
+            f"{family_for_tokenizer(vocab)!r}) or add the tokens"
+        )
+    return ids
+
+
+def _marker_strings(block: str) -> list[str]:
+    out = []
+    rest = block
+    while True:
+        start = rest.find("<")
+        if start < 0:
+            return out
+        end = rest.find(">", start)
+        if end < 0:
+            return out
+        out.append(rest[start : end + 1])
+        rest = rest[end + 1 :]
+
+
+_BLOCK_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[int, str, str], np.ndarray]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def block_token_ids(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.ndarray:
+    """int32 ids of one template block for `tokenizer` in `family` (cached per tokenizer object).
+
+    Raises:
+        TokenizerRefusedError: the tokenizer lacks a special token the block needs.
+        ConfigError: the family has no such block (e.g. a chat header in `plain`).
+    """
+    try:
+        cache = _BLOCK_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable
+        cache = {}
+    key = (id(vocab), family, role)
+    if key not in cache:
+        cache[key] = _render_block(family, role, tokenizer, vocab)
+    return cache[key]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass
+class TokenizedSequence:
+    """A rendered (or stored) token sequence with exact byte offsets.
+
+    Attributes:
+        token_id: int32 [n].
+        start_byte, end_byte: int64 [n] offsets in `text`; block tokens have zero width at the block's offset.
+        role: object [n]: None for text tokens, the block role for block tokens.
+        segments: the segment table, dicts `{role, start_byte, end_byte, start_pos, end_pos}` (blocks have
+            `start_byte == end_byte`; a block the family renders as nothing has `start_pos == end_pos`).
+        loss_spans: int64 [k, 2] merged byte ranges of in-loss text, clipped to `text`.
+        truncated: whether tokens were cut at `max_length`.
+        text: the content bytes actually covered (cut exactly where the tokens stop).
+        doc_id, source, row: provenance (empty for sequences rebuilt from ids).
+    """
+
+    token_id: np.ndarray
+    start_byte: np.ndarray
+    end_byte: np.ndarray
+    role: np.ndarray
+    segments: list[dict[str, Any]]
+    loss_spans: np.ndarray
+    truncated: bool
+    text: bytes
+    doc_id: str = ""
+    source: str = ""
+    row: int = -1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.token_id)
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of tokens n."""
+        return len(self.token_id)
+
+    @property
+    def num_bytes(self) -> int:
+        """Number of content bytes covered."""
+        return len(self.text)
+
+    @property
+    def is_block(self) -> np.ndarray:
+        """bool [n]: template-block tokens."""
+        return np.fromiter((r is not None for r in self.role), dtype=bool, count=len(self.role))
+
+
+# Text longer than this many bytes per remaining token is tokenized in growing prefixes (§3 pre-truncation,
+# made exact: a prefix is accepted only if `margin` bytes beyond the last kept token were also seen).
+_PREFIX_BYTES_PER_TOKEN = 8
+_PREFIX_MARGIN_BYTES = 256
+
+
+def _encode_prefix(tokenizer: Any, vocab: Vocab, text: bytes, max_tokens: int) -> TokenizedText:
+    """`encode_text` of `text`, but for very long text only of a prefix long enough for `max_tokens` tokens."""
+    cap = max(_PREFIX_BYTES_PER_TOKEN * (max_tokens + 1), 4 * _PREFIX_MARGIN_BYTES)
+    while cap < len(text):
+        enc = encode_text(tokenizer, vocab, text[:cap])
+        # The tokens near the cut may differ from the full text's; accept only if the kept ones end well before.
+        if len(enc) > max_tokens and enc.end_byte[max_tokens - 1] <= cap - _PREFIX_MARGIN_BYTES:
+            return enc
+        cap *= 2
+    return encode_text(tokenizer, vocab, text)
+
+
+def render(
+    document: Document,
+    tokenizer: Any,
+    vocab: Vocab,
+    family: str | None = None,
+    max_length: int | None = None,
+) -> TokenizedSequence:
+    """Render `document` for `tokenizer` in `family` and truncate to `max_length` tokens.
+
+    Args:
+        document: abstract segments.
+        tokenizer: HF tokenizer; `vocab` must be its `Vocab`.
+        vocab: from `alm.vocab.vocab_from_tokenizer(tokenizer)`.
+        family: `chatml`, `llama3`, `gemma`, `plain`, or None/`auto` to detect it from the tokenizer.
+        max_length: keep at most this many tokens (None: no limit).
+
+    Returns:
+        The `TokenizedSequence` (offsets in the content text, segment table, loss spans, truncation, covered text).
+
+    Raises:
+        TokenizerRefusedError: a text segment's bytes cannot be reproduced, or a block's special token is missing.
+        ConfigError: an unknown family, or a chat block in the `plain` family.
+        DataError: a text segment is not valid UTF-8.
+    """
+    family = resolve_family(family, tokenizer)
+    if max_length is not None and max_length < 1:
+        raise ConfigError(f"max_length must be >= 1, got {max_length}")
+    budget = max_length if max_length is not None else None
+    id_parts: list[np.ndarray] = []
+    start_parts: list[np.ndarray] = []
+    end_parts: list[np.ndarray] = []
+    roles: list[Any] = []
+    segments: list[dict[str, Any]] = []
+    content_byte = 0
+    pos = 0
+    for seg in document.segments:
+        if budget is not None and pos > budget:
+            break
+        if seg.role == "text":
+            if budget is None:
+                enc = encode_text(tokenizer, vocab, seg.text)
+            else:
+                enc = _encode_prefix(tokenizer, vocab, seg.text, budget - pos + 1)
+            ids, start, end = (
+                enc.token_id,
+                enc.start_byte + content_byte,
+                enc.end_byte + content_byte,
+            )
+            roles.extend([None] * len(ids))
+            seg_end_byte = content_byte + len(seg.text)
+        else:
+            ids = block_token_ids(family, seg.role, tokenizer, vocab)
+            start = np.full(len(ids), content_byte, dtype=np.int64)
+            end = start.copy()
+            roles.extend([seg.role] * len(ids))
+            seg_end_byte = content_byte
+        segments.append(
+            {
+                "role": seg.role,
+                "start_byte": content_byte,
+                "end_byte": seg_end_byte,
+                "start_pos": pos,
+                "end_pos": pos + len(ids),
+            }
+        )
+        id_parts.append(ids)
+        start_parts.append(start)
+        end_parts.append(end)
+        content_byte = seg_end_byte
+        pos += len(ids)
+
+    token_id = np.concatenate(id_parts).astype(np.int32) if id_parts else np.zeros(0, np.int32)
+    start_byte = (
+        np.concatenate(start_parts).astype(np.int64) if start_parts else np.zeros(0, np.int64)
+    )
+    end_byte = np.concatenate(end_parts).astype(np.int64) if end_parts else np.zeros(0, np.int64)
+    role = np.empty(len(roles), dtype=object)
+    role[:] = roles
+    content = document.content_text
+    truncated = budget is not None and len(token_id) > budget
+    if truncated:
+        covered = int(start_byte[budget])
+        token_id, start_byte, end_byte, role = (
+            token_id[:budget],
+            start_byte[:budget],
+            end_byte[:budget],
+            role[:budget],
+        )
+        kept = []
+        for s in segments:
+            if s["start_pos"] >= budget:
+                break
+            kept.append(
+                {
+                    **s,
+                    "end_byte": min(s["end_byte"], covered),
+                    "end_pos": min(s["end_pos"], budget),
+                }
+            )
+        segments = kept
+    else:
+        covered = len(content)
+    spans = document.loss_spans()
+    spans = merge_spans((s, min(e, covered)) for s, e in spans)
+    return TokenizedSequence(
+        token_id=token_id,
+        start_byte=start_byte,
+        end_byte=end_byte,
+        role=role,
+        segments=segments,
+        loss_spans=spans,
+        truncated=bool(truncated),
+        text=content[:covered],
+        doc_id=document.doc_id,
+        source=document.source,
+        row=document.row,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage two: back from stored sequences
+
+
+def _segment_dicts(segments: Iterable[Any]) -> list[dict[str, Any]]:
+    keys = ("role", "start_byte", "end_byte", "start_pos", "end_pos")
+    out = []
+    for seg in segments:
+        if isinstance(seg, Mapping):
+            values = [seg[k] for k in keys]
+        elif isinstance(seg, Sequence) and not isinstance(seg, str | bytes):
+            values = list(seg)
+        else:
+            values = [getattr(seg, k) for k in keys]
+        out.append({"role": str(values[0]), **{k: int(v) for k, v in zip(keys[1:], values[1:])}})
+    return out
+
+
+def sequence_from_ids(
+    vocab_or_stored: Any,
+    token_id: Any = None,
+    text: bytes | None = None,
+    segments: Iterable[Any] | None = None,
+    loss_spans: Any = None,
+) -> TokenizedSequence:
+    """Per-token offsets and roles of a *stored* teacher sequence (stage two).
+
+    Call as `sequence_from_ids(vocab, token_id, text, segments)` or `sequence_from_ids(stored_sequence, vocab)`
+    (anything with `token_id`, `text`, `segments` and optionally `loss_spans`, `truncated` attributes).
+
+    Args:
+        vocab_or_stored: the teacher `Vocab` (or a stored sequence, then `token_id` is the Vocab).
+        token_id: int [n] stored teacher ids.
+        text: the stored content bytes.
+        segments: the stored segment table (dicts, 5-tuples or objects with `role, start_byte, end_byte,
+            start_pos, end_pos`).
+        loss_spans: optional [k, 2] byte ranges to carry along.
+
+    Raises:
+        TokenizerRefusedError: a text segment's ids do not reproduce its bytes.
+        DataError: the segment table does not tile the tokens.
+    """
+    truncated = False
+    if isinstance(vocab_or_stored, Vocab):
+        vocab = vocab_or_stored
+    else:
+        stored, vocab = vocab_or_stored, token_id
+        token_id, text, segments = stored.token_id, stored.text, stored.segments
+        loss_spans = getattr(stored, "loss_spans", None)
+        truncated = bool(getattr(stored, "truncated", False))
+    assert text is not None and segments is not None
+    ids = np.asarray(token_id, dtype=np.int32)
+    table = _segment_dicts(segments)
+    start_byte = np.zeros(len(ids), dtype=np.int64)
+    end_byte = np.zeros(len(ids), dtype=np.int64)
+    role = np.empty(len(ids), dtype=object)
+    pos = 0
+    for seg in table:
+        sp, ep, sb, eb = seg["start_pos"], seg["end_pos"], seg["start_byte"], seg["end_byte"]
+        if sp != pos or ep < sp or ep > len(ids) or eb < sb or eb > len(text):
+            raise DataError(
+                f"stored segment {seg} does not continue at token {pos} within {len(ids)} tokens and "
+                f"{len(text)} bytes: the store's segment table is corrupt"
+            )
+        if seg["role"] == "text":
+            enc = token_offsets(vocab, ids[sp:ep], text[sb:eb])
+            start_byte[sp:ep] = enc.start_byte + sb
+            end_byte[sp:ep] = enc.end_byte + sb
+            role[sp:ep] = None
+        else:
+            start_byte[sp:ep] = sb
+            end_byte[sp:ep] = sb
+            role[sp:ep] = seg["role"]
+        pos = ep
+    if pos != len(ids):
+        raise DataError(
+            f"stored segments cover {pos} of {len(ids)} tokens: the segment table is corrupt"
+        )
+    spans = (
+        np.zeros((0, 2), np.int64)
+        if loss_spans is None
+        else np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2)
+    )
+    return TokenizedSequence(ids, start_byte, end_byte, role, table, spans, truncated, bytes(text))
+
+
+def document_from_stored(
+    text_or_stored: Any,
+    segments: Iterable[Any] | None = None,
+    loss_spans: Any = None,
+    *,
+    doc_id: str = "",
+    source: str = "",
+    row: int = -1,
+) -> Document:
+    """The abstract document behind a stored sequence, for a student to re-render with its own family.
+
+    Call as `document_from_stored(text, segments, loss_spans)` or `document_from_stored(stored_sequence)`.
+    Text segments take their bytes from `text` and are in the loss iff their (non-empty) span lies inside one
+    loss span; blocks keep their role (including blocks the teacher's family rendered as nothing).
+
+    Raises:
+        DataError: a segment lies outside `text`.
+    """
+    if isinstance(text_or_stored, bytes | bytearray | memoryview):
+        text = bytes(text_or_stored)
+    else:
+        stored = text_or_stored
+        text, segments, loss_spans = bytes(stored.text), stored.segments, stored.loss_spans
+        doc_id = str(getattr(stored, "doc_id", doc_id) or doc_id)
+        source = str(getattr(stored, "source", source) or source)
+        row = int(getattr(stored, "row", row))
+    spans = (
+        np.zeros((0, 2), np.int64)
+        if loss_spans is None
+        else np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2)
+    )
+    out: list[Segment] = []
+    for seg in _segment_dicts(segments or []):
+        sb, eb = seg["start_byte"], seg["end_byte"]
+        if not 0 <= sb <= eb <= len(text):
+            raise DataError(f"stored segment {seg} lies outside the text ({len(text)} bytes)")
+        if seg["role"] == "text":
+            in_loss = bool(eb > sb and ((spans[:, 0] <= sb) & (eb <= spans[:, 1])).any())
+            out.append(Segment("text", text[sb:eb], in_loss))
+        else:
+            out.append(Segment(seg["role"]))
+    return Document(doc_id, source, row, tuple(out))
