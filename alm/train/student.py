@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from alm.config.train import LoraConfig, StudentConfig
-from alm.errors import BackendUnavailableError, ConfigError, TokenizerRefusedError
+from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
 from alm.vocab import Vocab, build_byte_tokenizer, encode_text, vocab_from_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def transfer_embeddings(
             counts["copied"] += 1
             continue
         elif sb:
-            ids = _decompose(teacher_tokenizer, teacher_vocab, sb, num_old)
+            ids = _decompose(teacher_tokenizer, teacher_vocab, sb, num_old, teacher_id_by_bytes)
             if ids:
                 new[sid] = old[ids].mean(dim=0)
                 counts["averaged"] += 1
@@ -152,12 +152,39 @@ def transfer_embeddings(
     return new.to(old_embeddings.dtype), report
 
 
-def _decompose(teacher_tokenizer: Any, teacher_vocab: Vocab, token_bytes: bytes, num_old: int) -> list[int]:
-    try:
-        ids = encode_text(teacher_tokenizer, teacher_vocab, token_bytes).token_id.tolist()
-    except TokenizerRefusedError:
-        return []
-    return [i for i in ids if i < num_old]
+def _decompose(
+    teacher_tokenizer: Any, teacher_vocab: Vocab, token_bytes: bytes, num_old: int, teacher_id_by_bytes: dict[bytes, int]
+) -> list[int]:
+    """Teacher ids whose bytes concatenate to `token_bytes` ([] if there is no such decomposition).
+
+    Valid UTF-8 stretches go through the teacher tokenizer; a byte outside them (a token holding part of a
+    multi-byte character) must be a teacher token on its own (byte-level BPE alphabet, SentencePiece byte
+    fallback).
+    """
+    ids: list[int] = []
+    start = 0
+    while start < len(token_bytes):
+        stop = len(token_bytes)
+        while stop > start:
+            try:
+                token_bytes[start:stop].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                stop -= 1
+        if stop > start:
+            try:
+                encoded = encode_text(teacher_tokenizer, teacher_vocab, token_bytes[start:stop])
+            except (TokenizerRefusedError, DataError):
+                return []
+            ids.extend(encoded.token_id.tolist())
+            start = stop
+        else:
+            single = teacher_id_by_bytes.get(token_bytes[start : start + 1])
+            if single is None:
+                return []
+            ids.append(single)
+            start += 1
+    return ids if ids and all(i < num_old for i in ids) else []
 
 
 def transfer_model(
