@@ -361,21 +361,24 @@ class ShardWriter:
         else:
             self._dir = final
             loc.remove(final)  # partial leftovers of a killed writer (no shard.json, so never trusted)
-        group = zarr.open_group(
+        self._group = zarr.open_group(
             loc.zarr_store(self._dir, schema.ARRAYS_DIR, read_only=False), mode="w", zarr_format=3
         )
+        self._open = True
+
+    def _create_arrays(self, first_flush_tokens: int) -> None:
+        # A shard smaller than one chunk gets exactly one chunk of its own length (Zarr pads edge chunks).
+        chunk = max(1, min(self.chunk_tokens, first_flush_tokens))
         for name, spec in self.specs.items():
-            self._arrays[name] = group.create_array(
+            self._arrays[name] = self._group.create_array(
                 name,
                 shape=(0, *spec.trailing_shape),
                 dtype=spec.dtype,
-                chunks=(self.chunk_tokens, *spec.trailing_shape),
+                chunks=(chunk, *spec.trailing_shape),
                 compressors=_compressor(),
                 fill_value=0,
                 attributes={"encoding": spec.encoding} if spec.encoding else {},
             )
-        self._group = group
-        self._open = True
 
     def add(
         self,
@@ -452,6 +455,8 @@ class ShardWriter:
     def _flush(self, *, final: bool) -> None:
         """Write buffered rows to the arrays: whole chunks only, unless `final`."""
         num_write = self._buffered_tokens if final else (self._buffered_tokens // self.chunk_tokens) * self.chunk_tokens
+        if not self._arrays:
+            self._create_arrays(num_write)
         if num_write == 0:
             return
         start, stop = self._written_tokens, self._written_tokens + num_write

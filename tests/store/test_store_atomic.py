@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from store_helpers import make_plan, random_sequence, random_store, write_store
 
 from alm.errors import StoreError
@@ -128,6 +129,14 @@ def test_finalize_refuses_corrupt_array(tmp_path):
     data = bytearray(chunk.read_bytes())
     data[5] ^= 0xFF
     chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"shard-00001.*(checksum differs|cannot read its arrays)"):
+        finalize_store(tmp_path)
+
+
+def test_finalize_refuses_modified_array(tmp_path):
+    _three_shard_store(tmp_path)
+    arr = zarr.open_array(tmp_path / "shards" / "shard-00001" / "arrays" / "logp", mode="r+")
+    arr[1] = arr[1] + 1.0
     with pytest.raises(StoreError, match=r"shard-00001/logp: checksum differs"):
         finalize_store(tmp_path)
 
