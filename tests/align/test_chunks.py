@@ -53,7 +53,15 @@ def as_tuples(chunks) -> list[tuple]:
 
 def ref_tuples(chunks) -> list[tuple]:
     return [
-        (c.teacher_start, c.teacher_end, c.student_start, c.student_end, c.start_byte, c.end_byte, c.is_block)
+        (
+            c.teacher_start,
+            c.teacher_end,
+            c.student_start,
+            c.student_end,
+            c.start_byte,
+            c.end_byte,
+            c.is_block,
+        )
         for c in chunks
     ]
 
@@ -112,7 +120,11 @@ def test_identical_tokenizations_give_one_token_chunks(case):
     _, teacher, _ = case
     chunks = align_chunks(teacher, list(teacher))
     assert len(chunks) == len(teacher) - 1
-    assert chunks.teacher_start.tolist() == chunks.student_start.tolist() == list(range(1, len(teacher)))
+    assert (
+        chunks.teacher_start.tolist()
+        == chunks.student_start.tolist()
+        == list(range(1, len(teacher)))
+    )
     assert (chunks.teacher_end - chunks.teacher_start == 1).all()
 
 
@@ -145,7 +157,11 @@ def documents(draw):
         segments.insert(0, ("block", "bos"))
     sides = []
     for _ in range(2):
-        missing = set(draw(st.lists(st.sampled_from(ROLES), max_size=1))) if draw(st.booleans()) else set()
+        missing = (
+            set(draw(st.lists(st.sampled_from(ROLES), max_size=1)))
+            if draw(st.booleans())
+            else set()
+        )
         dummy_prefix = draw(st.booleans())
         tokens, roles = [], []
         for kind, value in segments:
@@ -153,7 +169,10 @@ def documents(draw):
                 if dummy_prefix and draw(st.booleans()):
                     tokens.append(b"")  # a lone dummy-prefix token: zero width
                     roles.append(None)
-                pieces = split(value, draw(st.lists(st.integers(1, max(1, len(value) - 1)), max_size=len(value))))
+                pieces = split(
+                    value,
+                    draw(st.lists(st.integers(1, max(1, len(value) - 1)), max_size=len(value))),
+                )
                 tokens += pieces
                 roles += [None] * len(pieces)
             elif value not in missing:
@@ -173,8 +192,13 @@ def documents(draw):
 @given(documents())
 def test_vectorised_alignment_matches_the_reference_walk(doc):
     (teacher, teacher_roles), (student, student_roles), loss_spans = doc
-    chunks = align_chunks(teacher, student, teacher_roles=teacher_roles, student_roles=student_roles,
-                          loss_spans=loss_spans)
+    chunks = align_chunks(
+        teacher,
+        student,
+        teacher_roles=teacher_roles,
+        student_roles=student_roles,
+        loss_spans=loss_spans,
+    )
     expected = reference_align(teacher, student, teacher_roles, student_roles, loss_spans)
     assert as_tuples(chunks) == ref_tuples(expected)
 
@@ -183,7 +207,9 @@ def test_vectorised_alignment_matches_the_reference_walk(doc):
 @given(documents())
 def test_special_blocks_align_by_role_and_one_sided_roles_are_dropped(doc):
     (teacher, teacher_roles), (student, student_roles), _ = doc
-    chunks = align_chunks(teacher, student, teacher_roles=teacher_roles, student_roles=student_roles)
+    chunks = align_chunks(
+        teacher, student, teacher_roles=teacher_roles, student_roles=student_roles
+    )
     teacher_role_set = {r for r in teacher_roles if r is not None}
     student_role_set = {r for r in student_roles if r is not None}
     for ts, te, ss, se, _, _, is_block in as_tuples(chunks):
@@ -191,7 +217,9 @@ def test_special_blocks_align_by_role_and_one_sided_roles_are_dropped(doc):
         if is_block:
             assert len(t_roles) == 1 and t_roles == s_roles and None not in t_roles
         else:
-            assert t_roles == s_roles == {None}  # a text chunk contains no block token, dropped or not
+            assert (
+                t_roles == s_roles == {None}
+            )  # a text chunk contains no block token, dropped or not
         # No chunk contains a token whose role is absent on the other side.
         assert not (t_roles - {None}) - student_role_set
         assert not (s_roles - {None}) - teacher_role_set
@@ -204,7 +232,9 @@ def test_blocks_of_different_lengths_align_as_whole_blocks():
     teacher_roles = ["bos", "header:user", None, None, "eot", "eot", None]
     student = [b"", b"H", b"i", b" there", b"", b"Y", b"o"]
     student_roles = ["header:user", None, None, None, "eot", None, None]
-    chunks = align_chunks(teacher, student, teacher_roles=teacher_roles, student_roles=student_roles)
+    chunks = align_chunks(
+        teacher, student, teacher_roles=teacher_roles, student_roles=student_roles
+    )
     # header:user is at position 0 of the student: excluded; bos is teacher-only: dropped.
     assert as_tuples(chunks) == [
         (2, 3, 1, 3, 0, 2, False),
@@ -218,7 +248,9 @@ def test_loss_region_trains_the_closing_block_but_not_the_header():
     teacher = [b"", b"", b"q", b"", b"", b"an", b"swer", b""]
     roles = ["bos", "header:user", None, "eot", "header:assistant", None, None, "eot"]
     student = [b"", b"", b"q", b"", b"", b"a", b"nswer", b""]
-    chunks = align_chunks(teacher, student, teacher_roles=roles, student_roles=roles, loss_spans=[(1, 7)])
+    chunks = align_chunks(
+        teacher, student, teacher_roles=roles, student_roles=roles, loss_spans=[(1, 7)]
+    )
     assert as_tuples(chunks) == [(5, 7, 5, 7, 1, 7, False), (7, 8, 7, 8, 7, 7, True)]
 
 
@@ -227,7 +259,9 @@ def test_zero_width_dummy_prefix_token_joins_the_following_chunk():
     teacher_roles = ["bos", None, None, None]
     student = [b"", b"Hel", b"lo", b" world"]
     student_roles = ["bos", None, None, None]
-    chunks = align_chunks(teacher, student, teacher_roles=teacher_roles, student_roles=student_roles)
+    chunks = align_chunks(
+        teacher, student, teacher_roles=teacher_roles, student_roles=student_roles
+    )
     assert as_tuples(chunks) == [(1, 3, 1, 3, 0, 5, False), (3, 4, 3, 4, 5, 11, False)]
 
 

@@ -59,8 +59,12 @@ def reference_align(
     loss_spans: list[tuple[int, int]] | None = None,
     keep_outside_loss: bool = False,
 ) -> list[RefChunk]:
-    teacher_roles = list(teacher_roles) if teacher_roles is not None else [None] * len(teacher_tokens)
-    student_roles = list(student_roles) if student_roles is not None else [None] * len(student_tokens)
+    teacher_roles = (
+        list(teacher_roles) if teacher_roles is not None else [None] * len(teacher_tokens)
+    )
+    student_roles = (
+        list(student_roles) if student_roles is not None else [None] * len(student_tokens)
+    )
     teacher_offsets = _byte_offsets(teacher_tokens, teacher_roles)
     student_offsets = _byte_offsets(student_tokens, student_roles)
 
@@ -116,7 +120,17 @@ def reference_align(
     while True:
         if width_t > 0 and width_s > 0 and cum_t == cum_s:
             if not tainted:
-                chunks.append(RefChunk(pend_t[0], pend_t[-1] + 1, pend_s[0], pend_s[-1] + 1, start_byte, cum_t, False))
+                chunks.append(
+                    RefChunk(
+                        pend_t[0],
+                        pend_t[-1] + 1,
+                        pend_s[0],
+                        pend_s[-1] + 1,
+                        start_byte,
+                        cum_t,
+                        False,
+                    )
+                )
             reset()
             continue
         kind_t = kind(i, teacher_tokens, teacher_roles, matched_teacher, pair_of_teacher)
@@ -164,7 +178,9 @@ def reference_align(
             if chunk.is_block:
                 chunk.in_loss = any(s < chunk.start_byte <= e for s, e in loss_spans)
             else:
-                chunk.in_loss = any(s <= chunk.start_byte and chunk.end_byte <= e for s, e in loss_spans)
+                chunk.in_loss = any(
+                    s <= chunk.start_byte and chunk.end_byte <= e for s, e in loss_spans
+                )
         if chunk.in_loss or keep_outside_loss:
             out.append(chunk)
     return out
@@ -191,13 +207,16 @@ def reference_groups(
     groups: list[RefGroup] = []
     current: list[tuple[RefChunk, float]] = []
     for index, chunk in enumerate(chunks):
-        chunk_logp = min(0.0, math.fsum(teacher_logp[q] for q in range(chunk.teacher_start, chunk.teacher_end)))
+        chunk_logp = min(
+            0.0, math.fsum(teacher_logp[q] for q in range(chunk.teacher_start, chunk.teacher_end))
+        )
         current.append((chunk, chunk_logp))
         boundary = min(0.0, teacher_boundary_logmass[chunk.teacher_end - 1])
         terminated = math.exp(boundary) > gamma
         last = index == len(chunks) - 1
         gap = not last and (
-            chunks[index + 1].teacher_start != chunk.teacher_end or chunks[index + 1].student_start != chunk.student_end
+            chunks[index + 1].teacher_start != chunk.teacher_end
+            or chunks[index + 1].student_start != chunk.student_end
         )
         if terminated or last or gap:
             if terminated or chunk.is_block or not drop_unterminated:
@@ -214,8 +233,13 @@ def reference_groups(
     return groups
 
 
-def reference_divergence(teacher_logp: torch.Tensor, student_logp: torch.Tensor, temperature: float,
-                         divergence: str, eps: float = 1e-6) -> torch.Tensor:
+def reference_divergence(
+    teacher_logp: torch.Tensor,
+    student_logp: torch.Tensor,
+    temperature: float,
+    divergence: str,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """The Bernoulli definitions of §6.1, element by element in float64 (p = teacher, q = student)."""
     values = []
     for lt, ls in zip(teacher_logp.double().reshape(-1), student_logp.double().reshape(-1)):
@@ -256,12 +280,21 @@ def reference_loss(
         size = vocab_size or logits.shape[-1]
         logsm = torch.log_softmax(logits[:, :size].double(), dim=-1)  # [Ts, V]
         for group in example_groups:
-            token_sum = sum(logsm[q - 1, ids[q]] for q in range(group.student_start, group.student_end))
+            token_sum = sum(
+                logsm[q - 1, ids[q]] for q in range(group.student_start, group.student_end)
+            )
             token_sum = torch.clamp(token_sum, max=0.0)
             last = group.student_end - 1
-            boundary = torch.clamp(torch.logsumexp(logsm[last][student_boundary_mask[:size]], dim=0), max=0.0)
+            boundary = torch.clamp(
+                torch.logsumexp(logsm[last][student_boundary_mask[:size]], dim=0), max=0.0
+            )
             student_logp = token_sum + boundary
             teacher_logp = torch.tensor(group.teacher_logp, dtype=torch.float64)
-            total = total + reference_divergence(teacher_logp[None], student_logp[None], temperature, divergence)[0]
+            total = (
+                total
+                + reference_divergence(
+                    teacher_logp[None], student_logp[None], temperature, divergence
+                )[0]
+            )
             count += 1
     return total / (normaliser if normaliser is not None else max(count, 1))
