@@ -158,7 +158,9 @@ class VLLMTeacher:
             "max_model_len": max_model_len,
             # raw: log-softmax of the model's logits, before temperature, penalties or processors (§10.3)
             "logprobs_mode": "raw_logprobs",
-            "max_logprobs": max(self.num_logprobs, len(self.candidate_ids or ())),
+            "max_logprobs": max(
+                self.num_logprobs, 0 if self.candidate_ids is None else len(self.candidate_ids)
+            ),
             # a prefix-cache hit skips prompt rows, which then have no logprobs
             "enable_prefix_caching": False,
             "enforce_eager": enforce_eager,
