@@ -180,7 +180,11 @@ class Vocab:
         return np.isin(self.boundary_class, np.asarray(list(classes), dtype=np.int8))
 
     def fingerprint(self) -> str:
-        """sha256 hex of the canonical table: for every id its bytes, special flag and role (not the name)."""
+        """sha256 hex of the canonical table (not the name or kind).
+
+        Canonical form: `"alm-vocab/1\\0{V}\\0"`, then for every id in order: its byte length (u32 little
+        endian), its bytes, `\\1` if special else `\\0`, its role in UTF-8 (empty if none), `\\0`.
+        """
         h = hashlib.sha256()
         h.update(f"{VOCAB_ARROW_FORMAT}\0{self.size}\0".encode())
         for token_id, token_bytes in enumerate(self.token_bytes):
@@ -592,7 +596,7 @@ def _check_tokens(vocab: Vocab, ids: np.ndarray, text: bytes, what: str) -> bool
     raise TokenizerRefusedError(
         f"tokenizer {vocab.name!r} does not reproduce the bytes of {what} {_excerpt(text)}: they differ "
         f"at byte {common} (tokens give {joined[max(0, common - 8) : common + 8]!r}, text has "
-        f"{text[max(0, common - 8) : common + 8]!r}). The tokenizer rewrites text (a normalizer or <unk>); "
+        f"{text[max(0, common - 8) : common + 8]!r}). The tokenizer drops or rewrites characters (no token for a byte, a normalizer, <unk>); "
         "it cannot be used for ALM (ALM_SPEC §2)."
     )
 
