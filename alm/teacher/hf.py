@@ -92,6 +92,38 @@ def local_revision(model_path: str) -> str:
     return "local-" + digest.hexdigest()[:16]
 
 
+def describe_model(model_path: str, revision: str | None = None) -> dict[str, object]:
+    """What the store plan records about a model, read from its config only (no weights are loaded).
+
+    Returns:
+        dict with `revision` (hub commit / given revision, or a local content fingerprint), `config_hash`,
+        `hidden_size`, `vocab_size`.
+
+    Raises:
+        ConfigError: the model's config cannot be found.
+    """
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"teacher.model {model_path!r}: cannot read its config ({exc}). Give a local model folder or a "
+            "Hugging Face id (with network access or a filled HF cache)"
+        ) from None
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if Path(model_path).is_dir():
+        resolved = revision or local_revision(model_path)
+    else:
+        resolved = getattr(config, "_commit_hash", None) or revision or ""
+    return {
+        "revision": resolved,
+        "config_hash": model_config_hash(config.to_dict()),
+        "hidden_size": int(getattr(text_config, "hidden_size", 0) or 0),
+        "vocab_size": int(getattr(text_config, "vocab_size", 0) or 0),
+    }
+
+
 class HFTeacher:
     """A transformers causal LM scoring token sequences (implements `TeacherBackend`).
 
@@ -149,12 +181,9 @@ class HFTeacher:
                 "or a Hugging Face id"
             ) from None
         self.model = model.to(self.device).eval()
-        config_dict = self.model.config.to_dict()
-        self.model_config_hash = model_config_hash(config_dict)
-        if Path(model_path).is_dir():
-            self.model_revision = revision or local_revision(model_path)
-        else:
-            self.model_revision = getattr(self.model.config, "_commit_hash", None) or revision or ""
+        described = describe_model(model_path, revision)
+        self.model_config_hash = str(described["config_hash"])
+        self.model_revision = str(described["revision"])
         head = self.model.get_output_embeddings()
         self.vocab_size = (
             int(head.weight.shape[0]) if head is not None else int(self.model.config.vocab_size)

@@ -1,0 +1,433 @@
+"""Stage one: `alm precompute RECIPE` — documents -> teacher backend -> teacher store (DESIGN.md "Stage one").
+
+    alm precompute stages/demo_precompute.yaml                      # CPU (or one GPU when present)
+    alm precompute stages/x.yaml --shard 2/8                         # worker 2 of 8 (Slurm array, one per GPU)
+    alm precompute stages/x.yaml --set teacher.backend=vllm          # vLLM on GPU machines
+
+Everything is loaded and checked before the teacher model: the recipe, the data spec and its documents, the teacher
+tokenizer (refused if it cannot reproduce exact bytes), the output folder (a foreign or different store is refused
+without `--overwrite`). Then:
+
+- documents are enumerated deterministically (empty ones skipped, `data.limit` applied) and cut into fixed-size
+  shards: global shard j holds documents [j*S, (j+1)*S) with `seq_id` = document index;
+- worker i of N writes the shards j with j % N == i, so the store is the same whatever N is;
+- finished shards are skipped (resume after a kill: the store's shard writer commits a shard by renaming it, so a
+  killed worker leaves only a temp folder that the next run discards); batches are formed inside one shard
+  (`plan_batches`), so a resumed shard sees exactly the same batches as an uninterrupted one;
+- the worker that sees every shard committed writes the manifest (atomic), otherwise `alm store finalize` does.
+
+Implements ALM_SPEC.md §10.1-§10.3 (what the teacher must store). Imports `alm.teacher`, `alm.data`, `alm.store`,
+`alm.templates`, `alm.vocab`, `alm.config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alm.config.precompute import PrecomputeRecipe, load_precompute_recipe
+from alm.errors import ConfigError, DataError
+from alm.store.finalize import try_finalize
+from alm.store.writer import ShardWriter, StoreLayout, StorePlan, prepare_store
+from alm.teacher.base import TeacherBackend, TeacherScores, plan_batches
+from alm.templates import Document, TokenizedSequence, render, resolve_family
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """`--shard i/N`: this worker's index and the number of workers."""
+
+    worker: int
+    num_workers: int
+
+    def owns(self, shard_index: int) -> bool:
+        return shard_index % self.num_workers == self.worker
+
+
+def parse_shard(shard: str) -> ShardSpec:
+    """Parse `i/N` (0-based worker i of N workers).
+
+    Raises:
+        ConfigError: not of the form i/N with 0 <= i < N.
+    """
+    head, sep, tail = str(shard).partition("/")
+    try:
+        worker, num_workers = int(head), int(tail)
+    except ValueError:
+        worker, num_workers = -1, 0
+    if not sep or num_workers < 1 or not 0 <= worker < num_workers:
+        raise ConfigError(
+            f"--shard {shard!r}: expected i/N with 0 <= i < N, e.g. --shard 0/4 for the first of 4"
+        )
+    return ShardSpec(worker, num_workers)
+
+
+def is_empty_document(document: Document) -> bool:
+    """A document with no content bytes (only template blocks, or empty text) is skipped."""
+    return not any(seg.text for seg in document.segments if seg.role == "text")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _resolve_spec_path(spec: str, recipe_path: Path) -> Path:
+    candidates = [Path(spec)]
+    if not Path(spec).is_absolute():
+        candidates += [recipe_path.parent / spec, recipe_path.parent.parent / spec]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(
+        f"{recipe_path}: data.spec {spec!r} not found (looked in the working directory, {recipe_path.parent} and "
+        f"{recipe_path.parent.parent}); give the path of a data spec YAML, e.g. data_specs/stdlib_docs.yaml"
+    )
+
+
+def load_documents(recipe: PrecomputeRecipe, recipe_path: Path) -> tuple[list[Document], str, str]:
+    """Every document the recipe selects, in order: empty ones skipped, then `data.limit` applied.
+
+    Returns:
+        (documents, data spec name, data fingerprint). The fingerprint covers the spec, the split and the limit.
+
+    Raises:
+        ConfigError: the data spec is missing or invalid.
+        DataError: a data file is missing or unreadable, or no non-empty document is left.
+    """
+    from alm.data.specs import data_fingerprint, iter_documents, load_data_spec
+
+    if isinstance(recipe.data.spec, str):
+        spec = load_data_spec(_resolve_spec_path(recipe.data.spec, recipe_path))
+    else:
+        spec = load_data_spec(dict(recipe.data.spec), source=f"{recipe_path}: data.spec")
+    documents: list[Document] = []
+    num_empty = 0
+    for document in iter_documents(spec, split=recipe.data.split):
+        if is_empty_document(document):
+            num_empty += 1
+            continue
+        documents.append(document)
+        if recipe.data.limit is not None and len(documents) >= recipe.data.limit:
+            break
+    if num_empty:
+        logger.warning("skipped %d empty document(s) (no text bytes)", num_empty)
+    if not documents:
+        raise DataError(
+            f"data spec {spec.name!r} (split {recipe.data.split or 'default'}) gives no non-empty document"
+            f"{f' ({num_empty} empty ones skipped)' if num_empty else ''}; check its sources and split"
+        )
+    fingerprint = data_fingerprint(spec, split=recipe.data.split, limit=recipe.data.limit)
+    return documents, spec.name, fingerprint
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher
+
+
+def load_teacher(
+    recipe: PrecomputeRecipe, model_path: str, boundary_class: np.ndarray
+) -> TeacherBackend:
+    """The recipe's backend, with its model loaded (the expensive step, done last)."""
+    teacher = recipe.teacher
+    if teacher.backend == "vllm":
+        from alm.teacher.vllm import VLLMTeacher
+
+        options = teacher.vllm
+        return VLLMTeacher(
+            model_path,
+            boundary_class,
+            model_id=teacher.model,
+            revision=teacher.revision,
+            dtype=teacher.dtype,
+            top_k=recipe.top_k,
+            hidden_states=recipe.hidden_states,
+            max_model_len=recipe.max_length + 2,
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            max_num_batched_tokens=options.max_num_batched_tokens,
+            max_num_seqs=options.max_num_seqs,
+            num_logprobs=options.num_logprobs,
+            boundary_method=options.boundary_method,
+            enforce_eager=options.enforce_eager,
+            seed=options.seed,
+        )
+    from alm.teacher.hf import HFTeacher
+
+    return HFTeacher(
+        model_path,
+        boundary_class,
+        model_id=teacher.model,
+        revision=teacher.revision,
+        dtype=teacher.dtype,
+        device=teacher.device,
+        top_k=recipe.top_k,
+        hidden_states=recipe.hidden_states,
+        token_budget=recipe.token_budget,
+        row_chunk=recipe.row_chunk,
+    )
+
+
+def _backend_settings(recipe: PrecomputeRecipe) -> tuple[str, str]:
+    """(weights dtype as resolved on this machine, boundary method) without loading the model."""
+    teacher = recipe.teacher
+    if teacher.backend == "vllm":
+        dtype = "bfloat16" if teacher.dtype == "auto" else teacher.dtype
+        method = teacher.vllm.boundary_method
+        return dtype, method
+    from alm.teacher.hf import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(teacher.dtype, resolve_device(teacher.device))
+    return str(dtype).removeprefix("torch."), "exact"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _shard_documents(
+    documents: list[Document], shard_size: int, shard_index: int
+) -> list[Document]:
+    return documents[shard_index * shard_size : (shard_index + 1) * shard_size]
+
+
+def _render_shard(
+    documents: list[Document], tokenizer: Any, vocab: Any, family: str, max_length: int
+) -> list[TokenizedSequence]:
+    sequences = []
+    for document in documents:
+        seq = render(document, tokenizer, vocab, family, max_length=max_length)
+        if seq.num_tokens == 0:
+            raise DataError(
+                f"document {document.doc_id!r} renders to no teacher tokens; this should not happen for a non-empty "
+                "document, please report it"
+            )
+        sequences.append(seq)
+    return sequences
+
+
+def _score_shard(
+    teacher: TeacherBackend, sequences: list[TokenizedSequence], token_budget: int, on_batch: Any
+) -> Iterator[tuple[int, TeacherScores]]:
+    """Score a shard's sequences in token-budget batches (longest first); yields (index in shard, scores)."""
+    lengths = [seq.num_tokens for seq in sequences]
+    for batch in plan_batches(lengths, token_budget):
+        scores = teacher.score([sequences[i].token_id for i in batch])
+        on_batch(sum(lengths[i] for i in batch))
+        yield from zip(batch, scores, strict=True)
+
+
+def _write_shard(
+    layout: StoreLayout,
+    shard_index: int,
+    first_seq_id: int,
+    sequences: list[TokenizedSequence],
+    scores: list[TeacherScores],
+    top_k: int,
+    hidden: bool,
+) -> None:
+    with ShardWriter(layout, shard_index) as writer:
+        for k, (seq, score) in enumerate(zip(sequences, scores, strict=True)):
+            writer.add(
+                seq_id=first_seq_id + k,
+                text=seq.text,
+                token_id=seq.token_id.astype(np.int32),
+                logp=score.logp,
+                boundary_logmass=score.boundary_logmass,
+                segments=seq.segments,
+                loss_spans=seq.loss_spans,
+                truncated=seq.truncated,
+                doc_id=seq.doc_id,
+                source=seq.source,
+                row=seq.row,
+                topk_id=score.topk_id[:, :top_k] if top_k else None,
+                topk_logp=score.topk_logp[:, :top_k] if top_k else None,
+                hidden=score.hidden if hidden else None,
+            )
+
+
+class _Progress:
+    """tqdm bar over this worker's share, in teacher tokens (total estimated until every shard is rendered)."""
+
+    def __init__(self, num_documents: int, label: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.remaining_documents = num_documents
+        self.rendered_tokens = 0
+        self.rendered_documents = 0
+        self.bar = tqdm(
+            total=0, unit="tok", unit_scale=True, desc=label, dynamic_ncols=True, smoothing=0.1
+        )
+
+    def add_shard(self, sequences: list[TokenizedSequence]) -> None:
+        self.rendered_documents += len(sequences)
+        self.remaining_documents -= len(sequences)
+        self.rendered_tokens += sum(seq.num_tokens for seq in sequences)
+        mean = self.rendered_tokens / max(1, self.rendered_documents)
+        self.bar.total = self.rendered_tokens + round(mean * self.remaining_documents)
+        self.bar.refresh()
+
+    def update(self, num_tokens: int) -> None:
+        self.bar.update(num_tokens)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_precompute(
+    recipe_path: str | Path,
+    overrides: list[str] | None = None,
+    shard: str = "0/1",
+    overwrite: bool = False,
+) -> str:
+    """Run the teacher over the recipe's data and write (this worker's part of) the teacher store.
+
+    Args:
+        recipe_path: precompute recipe YAML (`stages/*precompute*.yaml`).
+        overrides: `key.sub=value` strings (`--set`).
+        shard: `i/N`: this worker is i of N; it writes shards j with j % N == i.
+        overwrite: replace an alm store in the output folder that was made with other settings.
+
+    Returns:
+        A one-paragraph summary: where the store is, what this worker wrote, totals when finished.
+
+    Raises:
+        ConfigError, DataError, TokenizerRefusedError, StoreError, BackendUnavailableError: user mistakes, each
+            with the value at fault and the fix; nothing that looks like a finished store is left behind.
+    """
+    from alm.teacher.default import resolve_teacher_path
+    from alm.teacher.hf import describe_model, load_tokenizer
+    from alm.vocab import vocab_from_tokenizer
+
+    recipe_path = Path(recipe_path)
+    recipe = load_precompute_recipe(recipe_path, overrides)
+    worker = parse_shard(shard)
+    documents, spec_name, data_fingerprint = load_documents(recipe, recipe_path)
+    model_path = resolve_teacher_path(recipe.teacher.model)
+    tokenizer = load_tokenizer(model_path, recipe.teacher.revision)
+    vocab = vocab_from_tokenizer(tokenizer, name=recipe.teacher.model)
+    family = resolve_family(recipe.teacher.family, tokenizer)
+    model_info = describe_model(model_path, recipe.teacher.revision)
+    dtype_name, boundary_method = _backend_settings(recipe)
+
+    shard_size = recipe.shard_size
+    num_shards = math.ceil(len(documents) / shard_size)
+    fields = ["token_id", "logp", "boundary_logmass"]
+    if recipe.top_k:
+        fields += ["topk_id", "topk_logp"]
+    if recipe.hidden_states:
+        fields.append("hidden")
+    plan = StorePlan(
+        teacher_model=recipe.teacher.model,
+        tokenizer_fingerprint=vocab.fingerprint(),
+        data_spec_name=spec_name,
+        data_spec_fingerprint=data_fingerprint,
+        num_shards=num_shards,
+        max_length=recipe.max_length,
+        fields=tuple(fields),
+        top_k=recipe.top_k,
+        hidden_size=int(model_info["hidden_size"]) if recipe.hidden_states else 0,
+        hidden_encoding=recipe.hidden_dtype,
+        teacher_revision=str(model_info["revision"]) or None,
+        teacher_config_hash=str(model_info["config_hash"]),
+        backend=recipe.teacher.backend,
+        boundary_method=boundary_method,
+        settings={
+            "family": family,
+            "shard_size": shard_size,
+            "token_budget": recipe.token_budget,
+            "teacher_dtype": dtype_name,
+            "split": recipe.data.split,
+            "limit": recipe.data.limit,
+            "num_documents": len(documents),
+        },
+        backend_versions=_versions(),
+    )
+    layout = prepare_store(recipe.output, plan, overwrite=overwrite)
+    layout.write_vocab(vocab)
+    with layout.tokenizer_dir() as folder:
+        tokenizer.save_pretrained(folder)
+
+    mine = [j for j in range(num_shards) if worker.owns(j)]
+    todo = [j for j in mine if not layout.shard_done(j)]
+    if len(todo) < len(mine):
+        logger.info(
+            "resuming: %d of this worker's %d shard(s) already written",
+            len(mine) - len(todo),
+            len(mine),
+        )
+    num_tokens_written = 0
+    started = time.perf_counter()
+    if todo:
+        teacher = load_teacher(recipe, model_path, vocab.boundary_class)
+        num_docs_todo = sum(len(_shard_documents(documents, shard_size, j)) for j in todo)
+        progress = _Progress(num_docs_todo, f"precompute {worker.worker}/{worker.num_workers}")
+        try:
+            for j in todo:
+                sequences = _render_shard(
+                    _shard_documents(documents, shard_size, j),
+                    tokenizer,
+                    vocab,
+                    family,
+                    recipe.max_length,
+                )
+                progress.add_shard(sequences)
+                scores: list[TeacherScores | None] = [None] * len(sequences)
+                for k, score in _score_shard(
+                    teacher, sequences, recipe.token_budget, progress.update
+                ):
+                    scores[k] = score
+                _write_shard(
+                    layout, j, j * shard_size, sequences, scores, recipe.top_k, recipe.hidden_states
+                )
+                num_tokens_written += sum(seq.num_tokens for seq in sequences)
+        finally:
+            progress.close()
+    elapsed = time.perf_counter() - started
+    manifest_path = try_finalize(layout)
+    wrote = (
+        f"worker {worker.worker}/{worker.num_workers} wrote {len(todo)} shard(s), {num_tokens_written} teacher tokens "
+        f"in {elapsed:.1f} s ({num_tokens_written / max(elapsed, 1e-9):.0f} tokens/s)"
+        if todo
+        else f"worker {worker.worker}/{worker.num_workers}: all of its {len(mine)} shard(s) were already written"
+    )
+    if manifest_path is None:
+        missing = [j for j in range(num_shards) if not layout.shard_done(j)]
+        return (
+            f"{wrote}. Teacher store {layout.url} is not finished yet: shard(s) {missing[:10]}"
+            f"{'...' if len(missing) > 10 else ''} of {num_shards} are still to be written by other workers; the "
+            "last worker writes the manifest (or run `alm store finalize` when all are done)."
+        )
+    from alm.store.reader import read_manifest
+
+    manifest = read_manifest(layout.location) or {}
+    totals = manifest.get("totals", {})
+    num_sequences = totals.get("num_sequences", 0)
+    num_tokens = totals.get("num_tokens", 0)
+    disk = totals.get("num_disk_bytes", 0)
+    return (
+        f"{wrote}.\nTeacher store {layout.url} is finished: {num_sequences} sequences, {num_tokens} teacher tokens, "
+        f"{totals.get('num_text_bytes', 0)} text bytes in {num_shards} shard(s), "
+        f"{disk / max(num_tokens, 1):.1f} bytes/token on disk.\nManifest: {manifest_path}\n"
+        f"Inspect it with: alm inspect {layout.url}"
+    )
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    out = {}
+    for package in ("alm", "torch", "transformers", "tokenizers", "zarr", "pyarrow", "vllm"):
+        try:
+            out[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
