@@ -218,11 +218,13 @@ class VLLMTeacher:
         if self.candidate_ids is not None:
             extra["prompt_logprob_token_ids"] = self.candidate_ids.tolist()
             extra["prompt_logprob_start"] = 0
+        # with `hidden`, everything is recomputed from the hidden states: no log-probs needed from vLLM
+        num = None if self.boundary_method == "hidden" else self.num_logprobs
         return vllm.SamplingParams(
             max_tokens=1,
             temperature=0.0,
-            prompt_logprobs=self.num_logprobs,
-            logprobs=self.num_logprobs,
+            prompt_logprobs=num,
+            logprobs=num,
             flat_logprobs=True,
             detokenize=False,
             **extra,
