@@ -91,7 +91,7 @@ def test_gradmag_weights_each_loss_by_its_inverse_last_block_gradient_norm():
     assert total.item() == pytest.approx(expected, rel=1e-5)
     # After weighting, both losses pull the last block equally hard (unit gradient norm each).
     for name in losses:
-        assert weights[name] * norms[name] == pytest.approx(1.0, rel=1e-5)
+        assert weights[name] * norms[name] == pytest.approx(1.0, rel=1e-4)
 
 
 def test_gradmag_with_one_loss_is_that_loss_and_a_gradient_free_loss_gets_weight_zero():
