@@ -9,7 +9,6 @@ more than reading the shard. Trusts only shards listed in the manifest; refuses 
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -108,15 +107,24 @@ class ShardData:
         if "topk_logp" in arrays:
             arrays["topk_logp"] = arrays["topk_logp"].astype(np.float32)
         cols = {name: self.index.column(name).to_pylist() for name in ("seq_id", "doc_id", "source", "row")}
-        starts = self.index.column("token_start").to_numpy()
-        ends = self.index.column("token_end").to_numpy()
+        starts = self.index.column("token_start").to_numpy().tolist()
+        ends = self.index.column("token_end").to_numpy().tolist()
         texts = self.index.column("text").to_pylist()
         segments = self.index.column("segments").to_pylist()
-        spans = self.index.column("loss_spans").to_pylist()
         truncated = self.index.column("truncated").to_pylist()
+        # loss spans as one flat [total, 2] array plus per-row offsets: each sequence gets a slice
+        spans_col = self.index.column("loss_spans").combine_chunks()
+        span_offsets = spans_col.offsets.to_numpy().tolist() if self.index.num_rows else [0]
+        span_values = spans_col.values
+        all_spans = np.stack(
+            [
+                span_values.field("start_byte").to_numpy(zero_copy_only=False),
+                span_values.field("end_byte").to_numpy(zero_copy_only=False),
+            ],
+            axis=1,
+        ).astype(np.int64, copy=False)  # [total spans, 2]
         for i in range(self.index.num_rows):
-            s, e = int(starts[i]), int(ends[i])
-            span_arr = np.array([[sp["start_byte"], sp["end_byte"]] for sp in spans[i]], dtype=np.int64).reshape(-1, 2)
+            s, e = starts[i], ends[i]
             yield StoredSequence(
                 seq_id=cols["seq_id"][i],
                 doc_id=cols["doc_id"][i],
@@ -125,7 +133,7 @@ class ShardData:
                 shard=self.shard_index,
                 text=texts[i],
                 segments=segments[i],
-                loss_spans=span_arr,
+                loss_spans=all_spans[span_offsets[i] : span_offsets[i + 1]],
                 truncated=truncated[i],
                 token_id=arrays["token_id"][s:e],
                 logp=arrays["logp"][s:e],
@@ -137,16 +145,92 @@ class ShardData:
             )
 
 
+def _read_raw_chunks(location: Location, array_path: str, meta: dict[str, Any]) -> np.ndarray | None:
+    """Read an uncompressed, token-chunked Zarr v3 array straight from its chunk files into one buffer.
+
+    The fast path for alm's own layout (codecs = little-endian `bytes` only, regular chunks over the token axis,
+    default "/" chunk keys): one file read per chunk, into the output, like a memmap copy. Returns None for any
+    other layout, which then goes through zarr.
+    """
+    try:
+        shape = tuple(meta["shape"])
+        chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        plain = (
+            meta["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+            and meta["chunk_grid"]["name"] == "regular"
+            and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+            and chunk_shape[1:] == shape[1:]
+            and not meta.get("storage_transformers")
+        )
+        dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+    except (KeyError, TypeError):
+        return None
+    if not plain:
+        return None
+    out = np.empty(shape, dtype=dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    suffix = "/0" * (len(shape) - 1)
+    for c, offset in enumerate(range(0, flat.nbytes, chunk_bytes)):
+        view = flat[offset : offset + chunk_bytes]
+        key = f"{array_path}/c/{c}{suffix}"
+        try:
+            if location.is_local:
+                with open(location.path(key), "rb", buffering=0) as fh:
+                    got = fh.readinto(memoryview(view))
+                    while got < len(view):  # readinto may return short reads
+                        more = fh.readinto(memoryview(view[got:]))
+                        if not more:
+                            break
+                        got += more
+            else:
+                data = location.fs.cat_file(location.path(key))
+                got = min(len(data), len(view))
+                view[:got] = np.frombuffer(data, dtype=np.uint8, count=got)
+        except FileNotFoundError:
+            view[:] = 0  # a chunk never written holds the fill value (0)
+            continue
+        if got < len(view):
+            raise StoreError(f"{location.url}/{key}: chunk file is shorter than its chunk ({got} < {len(view)} bytes)")
+    return out
+
+
 def read_shard_arrays(location: Location, shard_path: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """Read the named per-token arrays of one shard folder, each in one go."""
-    group = zarr.open_group(location.zarr_store(shard_path, schema.ARRAYS_DIR, read_only=True), mode="r")
-    names = names if names is not None else sorted(k for k, _ in group.arrays())
-    return {name: np.asarray(group[name][...]) for name in names}
+    """Read the named per-token arrays of one shard folder, each in one go (see `_read_raw_chunks`)."""
+    arrays_path = f"{shard_path}/{schema.ARRAYS_DIR}"
+    if names is None:
+        group = zarr.open_group(location.zarr_store(arrays_path, read_only=True), mode="r")
+        names = sorted(k for k, _ in group.arrays())
+    out = {}
+    group = None
+    for name in names:
+        try:
+            meta = json.loads(location.read_bytes(arrays_path, name, "zarr.json"))
+        except StoreError as err:
+            raise StoreError(f"{location.url}/{arrays_path}: no array `{name}` ({err})") from err
+        arr = _read_raw_chunks(location, f"{arrays_path}/{name}", meta)
+        if arr is None:
+            if group is None:
+                group = zarr.open_group(location.zarr_store(arrays_path, read_only=True), mode="r")
+            arr = np.asarray(group[name][...])
+        out[name] = arr
+    return out
 
 
 def read_shard_index(location: Location, shard_path: str, columns: list[str] | None = None) -> pa.Table:
-    data = location.read_bytes(shard_path, schema.INDEX_FILE)
-    return pq.read_table(io.BytesIO(data), columns=columns)
+    """A shard's per-sequence index (Arrow IPC file), optionally only some columns.
+
+    Local files are memory-mapped (zero copy; committed shard files are never modified in place, only replaced
+    by rename), remote ones read in one request.
+    """
+    if location.is_local:
+        path = location.path(shard_path, schema.INDEX_FILE)
+        try:
+            table = pa.ipc.open_file(pa.memory_map(path)).read_all()
+        except FileNotFoundError as err:
+            raise StoreError(f"{location.url}: missing file {path}") from err
+        return table.select(columns) if columns is not None else table
+    return schema.index_from_ipc_bytes(location.read_bytes(shard_path, schema.INDEX_FILE), columns)
 
 
 class TeacherStore:
@@ -214,7 +298,7 @@ class TeacherStore:
         """The teacher's id->bytes table (`vocab/teacher_vocab.parquet`)."""
         if not self.location.exists(schema.VOCAB_TABLE_FILE):
             raise StoreError(f"store {self.url} has no {schema.VOCAB_TABLE_FILE}; the precompute did not write it")
-        return pq.read_table(io.BytesIO(self.location.read_bytes(schema.VOCAB_TABLE_FILE)))
+        return pq.read_table(pa.py_buffer(self.location.read_bytes(schema.VOCAB_TABLE_FILE)))
 
     @cached_property
     def vocab(self) -> Any:

@@ -2,7 +2,7 @@
 
 Owns every constant of the on-disk format (`docs/store.md` is its prose description): the format name and
 version, the per-token field names with their dtypes and shapes, the boundary-class definition
-(`ALM_SPEC.md §5.2`, §10.2 option 2: disjoint first-byte classes), the Arrow schema of `index.parquet`, and the
+(`ALM_SPEC.md §5.2`, §10.2 option 2: disjoint first-byte classes), the Arrow schema of the per-shard index (`index.arrow`), and the
 checks that a sequence handed to the writer is well formed. Pure: imports numpy and pyarrow only; never torch,
 never `alm.config`. The boundary classes are the store's own definition (the format is versioned apart from the
 code); `tests/store/test_schema.py` checks that `alm.vocab` classifies tokens the same way.
@@ -26,7 +26,7 @@ MANIFEST_FILE = "alm-store.json"
 PLAN_FILE = "alm-store.plan.json"
 SHARDS_DIR = "shards"
 SHARD_FILE = "shard.json"
-INDEX_FILE = "index.parquet"
+INDEX_FILE = "index.arrow"  # Arrow IPC file (uncompressed): reads at memory speed
 ARRAYS_DIR = "arrays"  # the shard's Zarr v3 group, inside the shard folder
 VOCAB_DIR = "vocab"
 VOCAB_TABLE_FILE = "vocab/teacher_vocab.parquet"
@@ -47,7 +47,7 @@ ALL_FIELDS: tuple[str, ...] = DEFAULT_FIELDS + OPTIONAL_FIELDS
 HIDDEN_ENCODINGS: tuple[str, ...] = ("bfloat16", "float16")
 
 # Default Zarr chunk length along the token axis. Large chunks keep whole-shard reads close to memmap speed
-# (per-chunk overhead dominates below ~100k tokens); the writer compresses with Blosc lz4 (fast to decode).
+# (per-chunk overhead dominates below ~100k tokens). Arrays are stored uncompressed for the same reason.
 CHUNK_TOKENS = 262_144
 
 SEGMENT_TYPE = pa.struct(
@@ -259,3 +259,17 @@ def check_format(manifest_or_plan: Mapping[str, Any], where: str) -> None:
             f"{where} has format version {version}, this alm reads version {FORMAT_VERSION}; "
             "use the alm version that wrote it or recompute the store"
         )
+
+
+def index_to_ipc_bytes(table: pa.Table) -> bytes:
+    """A shard index as the bytes of an uncompressed Arrow IPC file (`pyarrow.ipc.open_file` reads it)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def index_from_ipc_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
+    """Read a shard index written by `index_to_ipc_bytes` (optionally only some columns)."""
+    table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+    return table.select(columns) if columns is not None else table
