@@ -30,7 +30,9 @@ from alm.store.reader import read_shard_arrays as read_arrays
 from alm.store.writer import ShardWriter, StorePlan, prepare_store
 
 
-def build_store(path: Path, num_tokens: int, num_shards: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def build_store(
+    path: Path, num_tokens: int, num_shards: int, seed: int = 0
+) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     plan = StorePlan(
         teacher_model="bench",
@@ -115,14 +117,18 @@ def main() -> None:
         def read_shard_arrays() -> int:
             store = alm.open_store(store_path)
             return sum(
-                read_arrays(store.location, f"shards/shard-{j:05d}", ["token_id", "logp", "boundary_logmass"])[
-                    "token_id"
-                ].nbytes
+                read_arrays(
+                    store.location,
+                    f"shards/shard-{j:05d}",
+                    ["token_id", "logp", "boundary_logmass"],
+                )["token_id"].nbytes
                 for j in store.shard_indices
             )
 
         def read_shards() -> int:
-            return sum(s.arrays["token_id"].nbytes for s in alm.open_store(store_path).iter_shards())
+            return sum(
+                s.arrays["token_id"].nbytes for s in alm.open_store(store_path).iter_shards()
+            )
 
         def read_sequences() -> int:
             return sum(seq.num_tokens for seq in alm.open_store(store_path).iter_sequences())
@@ -135,14 +141,22 @@ def main() -> None:
         n = stats["num_tokens"]
         print(f"store: {n:,} tokens, {stats['num_sequences']:,} sequences, {args.shards} shards")
         print(f"memmap baseline: {n / t_memmap / 1e6:.1f} M tokens/s")
-        print(f"shard arrays only (no index) vs memmap: {t_memmap / t_arrays:.2f}x ({n / t_arrays / 1e6:.1f} M tokens/s)")
-        print(f"iter_shards (arrays + index) vs memmap: {t_memmap / t_shards:.2f}x ({n / t_shards / 1e6:.1f} M tokens/s; target >= 0.5x)")
+        print(
+            f"shard arrays only (no index) vs memmap: {t_memmap / t_arrays:.2f}x ({n / t_arrays / 1e6:.1f} M tokens/s)"
+        )
+        print(
+            f"iter_shards (arrays + index) vs memmap: {t_memmap / t_shards:.2f}x ({n / t_shards / 1e6:.1f} M tokens/s; target >= 0.5x)"
+        )
         print(
             f"iter_sequences vs memmap: {t_memmap / t_sequences:.2f}x "
             f"({n / t_sequences / 1e6:.1f} M tokens/s, {stats['num_sequences'] / t_sequences:,.0f} sequences/s)"
         )
-        print(f"bytes/token on disk, default fields: {stats['bytes_per_token_default_fields']:.2f} (target <= 20)")
-        print(f"bytes/token on disk, whole store (with index and text): {stats['bytes_per_token_total']:.2f}")
+        print(
+            f"bytes/token on disk, default fields: {stats['bytes_per_token_default_fields']:.2f} (target <= 20)"
+        )
+        print(
+            f"bytes/token on disk, whole store (with index and text): {stats['bytes_per_token_total']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -103,7 +103,9 @@ class Location:
         if self.is_local:
             if os.path.isfile(p):
                 return os.path.getsize(p)
-            return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(p) for f in files)
+            return sum(
+                os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(p) for f in files
+            )
         return int(self.fs.du(p, total=True)) if self.fs.exists(p) else 0
 
     def zarr_store(self, *parts: str, read_only: bool) -> Any:

@@ -24,7 +24,9 @@ from alm.store.writer import StoreLayout, StorePlan, read_plan, shard_dirname, u
 logger = logging.getLogger(__name__)
 
 
-def _check_shard(location: Location, name: str, doc: dict[str, Any], plan: StorePlan, verify_arrays: bool) -> list[str]:
+def _check_shard(
+    location: Location, name: str, doc: dict[str, Any], plan: StorePlan, verify_arrays: bool
+) -> list[str]:
     """Problems of one committed shard folder (empty list when it is sound)."""
     where = f"{schema.SHARDS_DIR}/{name}"
     problems = []
@@ -45,21 +47,31 @@ def _check_shard(location: Location, name: str, doc: dict[str, Any], plan: Store
     if bytes_fingerprint(index_bytes) != doc["index"]["sha256"]:
         problems.append(f"{where}/{schema.INDEX_FILE}: checksum differs from {schema.SHARD_FILE}")
         return problems
-    index = read_shard_index(location, where, ["token_start", "token_end", "num_tokens", "num_bytes"])
+    index = read_shard_index(
+        location, where, ["token_start", "token_end", "num_tokens", "num_bytes"]
+    )
     num_tokens = int(doc["num_tokens"])
     if index.num_rows != doc["num_sequences"]:
-        problems.append(f"{where}: index has {index.num_rows} rows, {schema.SHARD_FILE} says {doc['num_sequences']}")
+        problems.append(
+            f"{where}: index has {index.num_rows} rows, {schema.SHARD_FILE} says {doc['num_sequences']}"
+        )
     starts = index.column("token_start").to_numpy()
     ends = index.column("token_end").to_numpy()
     lengths = index.column("num_tokens").to_numpy()
     contiguous = np.array_equal(starts, np.concatenate([[0], ends[:-1]])) if len(starts) else True
-    if not contiguous or not np.array_equal(ends - starts, lengths) or int(lengths.sum()) != num_tokens:
+    if (
+        not contiguous
+        or not np.array_equal(ends - starts, lengths)
+        or int(lengths.sum()) != num_tokens
+    ):
         problems.append(f"{where}: index token ranges do not tile the {num_tokens} stored tokens")
     if int(index.column("num_bytes").to_numpy().sum()) != doc["num_text_bytes"]:
         problems.append(f"{where}: index text bytes differ from {schema.SHARD_FILE}")
     specs = plan.field_specs()
     if set(doc["arrays"]) != set(specs):
-        problems.append(f"{where}: arrays {sorted(doc['arrays'])} differ from the plan's fields {sorted(specs)}")
+        problems.append(
+            f"{where}: arrays {sorted(doc['arrays'])} differ from the plan's fields {sorted(specs)}"
+        )
         return problems
     try:
         arrays = read_shard_arrays(location, where, list(specs)) if verify_arrays else {}
@@ -69,17 +81,25 @@ def _check_shard(location: Location, name: str, doc: dict[str, Any], plan: Store
     for name, spec in specs.items():
         want_shape = [num_tokens, *spec.trailing_shape]
         if doc["arrays"][name]["shape"] != want_shape or doc["arrays"][name]["dtype"] != spec.dtype:
-            problems.append(f"{where}/{name}: {schema.SHARD_FILE} records {doc['arrays'][name]}, expected {want_shape}")
+            problems.append(
+                f"{where}/{name}: {schema.SHARD_FILE} records {doc['arrays'][name]}, expected {want_shape}"
+            )
         elif verify_arrays:
             arr = arrays[name]
             if list(arr.shape) != want_shape or str(arr.dtype) != spec.dtype:
-                problems.append(f"{where}/{name}: stored shape {arr.shape} {arr.dtype}, expected {want_shape} {spec.dtype}")
+                problems.append(
+                    f"{where}/{name}: stored shape {arr.shape} {arr.dtype}, expected {want_shape} {spec.dtype}"
+                )
             elif array_checksum(arr) != doc["arrays"][name]["sha256"]:
-                problems.append(f"{where}/{name}: checksum differs from {schema.SHARD_FILE} (corrupt or modified)")
+                problems.append(
+                    f"{where}/{name}: checksum differs from {schema.SHARD_FILE} (corrupt or modified)"
+                )
     return problems
 
 
-def build_manifest(location: Location, plan: StorePlan, shard_docs: list[dict[str, Any]]) -> dict[str, Any]:
+def build_manifest(
+    location: Location, plan: StorePlan, shard_docs: list[dict[str, Any]]
+) -> dict[str, Any]:
     """The manifest document from the plan and the committed shards' `shard.json` documents."""
     specs = plan.field_specs()
     shards = [
@@ -137,7 +157,9 @@ def build_manifest(location: Location, plan: StorePlan, shard_docs: list[dict[st
     }
 
 
-def finalize_store(path_or_url: str | os.PathLike[str] | StoreLayout, *, verify_arrays: bool = True) -> str:
+def finalize_store(
+    path_or_url: str | os.PathLike[str] | StoreLayout, *, verify_arrays: bool = True
+) -> str:
     """Check every shard of a store and write its manifest; return the manifest's path or URL.
 
     Args:
@@ -165,7 +187,9 @@ def finalize_store(path_or_url: str | os.PathLike[str] | StoreLayout, *, verify_
         claims.setdefault(j, []).append(name)
         docs[name] = doc
         if name != shard_dirname(j):
-            problems.append(f"{schema.SHARDS_DIR}/{name} holds shard {j} but is not named {shard_dirname(j)}")
+            problems.append(
+                f"{schema.SHARDS_DIR}/{name} holds shard {j} but is not named {shard_dirname(j)}"
+            )
     missing = [j for j in range(plan.num_shards) if j not in claims]
     if missing:
         problems.append(
@@ -174,23 +198,34 @@ def finalize_store(path_or_url: str | os.PathLike[str] | StoreLayout, *, verify_
         )
     for j, names in sorted(claims.items()):
         if len(names) > 1:
-            problems.append(f"shard {j} is present more than once: {names}; keep one and remove the others")
+            problems.append(
+                f"shard {j} is present more than once: {names}; keep one and remove the others"
+            )
         if not 0 <= j < plan.num_shards:
-            problems.append(f"{names} hold shard {j}, outside 0..{plan.num_shards - 1} of this store's plan")
+            problems.append(
+                f"{names} hold shard {j}, outside 0..{plan.num_shards - 1} of this store's plan"
+            )
     for name, doc in docs.items():
         problems.extend(_check_shard(location, name, doc, plan, verify_arrays))
     if not problems:
         seen: dict[int, str] = {}
         for name in sorted(docs):
-            ids = read_shard_index(location, f"{schema.SHARDS_DIR}/{name}", ["seq_id"]).column("seq_id").to_pylist()
+            ids = (
+                read_shard_index(location, f"{schema.SHARDS_DIR}/{name}", ["seq_id"])
+                .column("seq_id")
+                .to_pylist()
+            )
             dup = [i for i in ids if i in seen]
             if dup:
-                problems.append(f"sequence id(s) {dup[:5]} stored in both {seen[dup[0]]} and {name}")
+                problems.append(
+                    f"sequence id(s) {dup[:5]} stored in both {seen[dup[0]]} and {name}"
+                )
                 break
             seen.update(dict.fromkeys(ids, name))
     if problems:
         raise StoreError(
-            f"cannot finalize teacher store {location.url}: " + "; ".join(problems)
+            f"cannot finalize teacher store {location.url}: "
+            + "; ".join(problems)
             + ". The manifest was not written; fix the shards (delete a bad shard folder and rerun its precompute) "
             "and run `alm store finalize` again"
         )
@@ -203,7 +238,11 @@ def finalize_store(path_or_url: str | os.PathLike[str] | StoreLayout, *, verify_
         manifest["totals"]["num_sequences"],
         manifest["totals"]["num_tokens"],
     )
-    return location.path(schema.MANIFEST_FILE) if location.is_local else f"{location.url}/{schema.MANIFEST_FILE}"
+    return (
+        location.path(schema.MANIFEST_FILE)
+        if location.is_local
+        else f"{location.url}/{schema.MANIFEST_FILE}"
+    )
 
 
 def try_finalize(layout: StoreLayout, *, verify_arrays: bool = True) -> str | None:
@@ -220,5 +259,9 @@ def try_finalize(layout: StoreLayout, *, verify_arrays: bool = True) -> str | No
     if location.exists(schema.MANIFEST_FILE):
         manifest = json.loads(location.read_bytes(schema.MANIFEST_FILE))
         if manifest.get("plan_fingerprint") == layout.plan.fingerprint():
-            return location.path(schema.MANIFEST_FILE) if location.is_local else f"{location.url}/{schema.MANIFEST_FILE}"
+            return (
+                location.path(schema.MANIFEST_FILE)
+                if location.is_local
+                else f"{location.url}/{schema.MANIFEST_FILE}"
+            )
     return finalize_store(layout, verify_arrays=verify_arrays)

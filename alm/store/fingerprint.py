@@ -17,7 +17,9 @@ import numpy as np
 
 def canonical_json(value: Any) -> bytes:
     """The canonical JSON bytes of a value: sorted keys, compact separators, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8"
+    )
 
 
 def json_fingerprint(value: Any) -> str:

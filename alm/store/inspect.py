@@ -37,7 +37,11 @@ def _logsumexp_classes(boundary_logmass: np.ndarray, classes: tuple[int, ...]) -
 
 
 def _store_of(store: str | os.PathLike[str] | TeacherStore, allow_unfinished: bool) -> TeacherStore:
-    return store if isinstance(store, TeacherStore) else open_store(store, allow_unfinished=allow_unfinished)
+    return (
+        store
+        if isinstance(store, TeacherStore)
+        else open_store(store, allow_unfinished=allow_unfinished)
+    )
 
 
 def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any]:
@@ -72,7 +76,9 @@ def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any
         total_above_gamma += int((total > GAMMA).sum())
         if has_topk and boundary_class is not None:
             p_topk = np.exp(shard.arrays["topk_logp"].astype(np.float64))  # [N, k]
-            in_set = np.isin(boundary_class[shard.arrays["topk_id"]], schema.DEFAULT_BOUNDARY_CLASSES)  # [N, k]
+            in_set = np.isin(
+                boundary_class[shard.arrays["topk_id"]], schema.DEFAULT_BOUNDARY_CLASSES
+            )  # [N, k]
             lower = (p_topk * in_set).sum(axis=1)
             upper = lower + np.clip(1.0 - p_topk.sum(axis=1), 0.0, 1.0)
             lower_err.append(total - lower)
@@ -82,15 +88,20 @@ def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any
         "url": st.url,
         "finished": st.is_finished,
         "num_shards_done": len(st.shard_indices),
-        "num_shards_planned": int(st.plan_doc.get("plan", {}).get("num_shards", len(st.shard_indices))),
+        "num_shards_planned": int(
+            st.plan_doc.get("plan", {}).get("num_shards", len(st.shard_indices))
+        ),
         "num_sequences": num_sequences,
         "num_tokens": num_tokens,
         "num_text_bytes": num_text_bytes,
-        "fields": {name: spec for name, spec in st.field_specs.items()},
+        "fields": dict(st.field_specs),
         "teacher_bits_per_byte": nll_nat / (max(num_text_bytes, 1) * math.log(2)),
-        "boundary_mean_prob": {name: float(class_mass_sum[i] / n) for i, name in enumerate(schema.BOUNDARY_CLASS_NAMES)},
+        "boundary_mean_prob": {
+            name: float(class_mass_sum[i] / n) for i, name in enumerate(schema.BOUNDARY_CLASS_NAMES)
+        },
         "boundary_frac_above_gamma": {
-            name: float(class_above_gamma[i] / n) for i, name in enumerate(schema.BOUNDARY_CLASS_NAMES)
+            name: float(class_above_gamma[i] / n)
+            for i, name in enumerate(schema.BOUNDARY_CLASS_NAMES)
         },
         "boundary_total_mean_prob": total_mass_sum / n,
         "boundary_total_frac_above_gamma": total_above_gamma / n,
@@ -98,11 +109,13 @@ def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any
     field_bytes = {}
     for name in st.field_specs:
         field_bytes[name] = sum(
-            loc.size_bytes(f"{schema.SHARDS_DIR}/shard-{j:05d}", schema.ARRAYS_DIR, name) for j in st.shard_indices
+            loc.size_bytes(f"{schema.SHARDS_DIR}/shard-{j:05d}", schema.ARRAYS_DIR, name)
+            for j in st.shard_indices
         )
     stats["disk_bytes_per_field"] = field_bytes
     stats["disk_bytes_index"] = sum(
-        loc.size_bytes(f"{schema.SHARDS_DIR}/shard-{j:05d}", schema.INDEX_FILE) for j in st.shard_indices
+        loc.size_bytes(f"{schema.SHARDS_DIR}/shard-{j:05d}", schema.INDEX_FILE)
+        for j in st.shard_indices
     )
     stats["disk_bytes_total"] = loc.size_bytes()
     stats["bytes_per_token_default_fields"] = sum(field_bytes[f] for f in schema.DEFAULT_FIELDS) / n
@@ -134,7 +147,11 @@ def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any
 def inspect_store(store: str | os.PathLike[str] | TeacherStore) -> str:
     """A readable multi-line report of a store (finished or not); see `inspect_stats` for the figures."""
     s = inspect_stats(store)
-    status = "finished" if s["finished"] else f"UNFINISHED ({s['num_shards_done']}/{s['num_shards_planned']} shards)"
+    status = (
+        "finished"
+        if s["finished"]
+        else f"UNFINISHED ({s['num_shards_done']}/{s['num_shards_planned']} shards)"
+    )
     lines = [
         f"teacher store {s['url']}: {status}",
         f"  sequences {s['num_sequences']:,}  tokens {s['num_tokens']:,}  text bytes {s['num_text_bytes']:,}",
@@ -145,11 +162,15 @@ def inspect_store(store: str | os.PathLike[str] | TeacherStore) -> str:
     n = max(s["num_tokens"], 1)
     for name, spec in s["fields"].items():
         shape = "x".join(str(d) for d in spec["shape"])
-        lines.append(f"    {name:18s} {spec['dtype']:8s} [{shape}]  {s['disk_bytes_per_field'][name] / n:.2f} B/token")
+        lines.append(
+            f"    {name:18s} {spec['dtype']:8s} [{shape}]  {s['disk_bytes_per_field'][name] / n:.2f} B/token"
+        )
     lines.append("  fingerprints:")
     lines += [f"    {k:20s} {v}" for k, v in s["fingerprints"].items()]
     lines.append(f"  teacher bits per byte on the stored text: {s['teacher_bits_per_byte']:.4f}")
-    lines.append(f"  boundary mass per class (mean prob, fraction of positions with prob > {GAMMA}):")
+    lines.append(
+        f"  boundary mass per class (mean prob, fraction of positions with prob > {GAMMA}):"
+    )
     for name in schema.BOUNDARY_CLASS_NAMES:
         lines.append(
             f"    {name:18s} {s['boundary_mean_prob'][name]:.4f}  {s['boundary_frac_above_gamma'][name]:.4f}"
@@ -174,7 +195,11 @@ def _sequences_by_id(st: TeacherStore) -> dict[str, Any]:
         starts = shard.index.column("token_start").to_numpy()
         ends = shard.index.column("token_end").to_numpy()
         lengths.append(ends - starts)
-        order_tokens = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(starts) else np.zeros(0, int)
+        order_tokens = (
+            np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)])
+            if len(starts)
+            else np.zeros(0, int)
+        )
         token_id.append(shard.arrays["token_id"][order_tokens])
         logp.append(shard.arrays["logp"][order_tokens])
         bm.append(shard.arrays["boundary_logmass"][order_tokens].astype(np.float32))
@@ -182,14 +207,20 @@ def _sequences_by_id(st: TeacherStore) -> dict[str, Any]:
     lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(lens)])
     order = np.argsort(ids, kind="stable")
-    tok_order = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order]) if len(order) else np.zeros(0, int)
+    tok_order = (
+        np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
+        if len(order)
+        else np.zeros(0, int)
+    )
     cat = lambda parts: np.concatenate(parts)[tok_order] if parts else np.zeros(0)  # noqa: E731
     return {
         "seq_id": ids[order],
         "length": lens[order],
         "token_id": cat(token_id),
         "logp": cat(logp),
-        "boundary_logmass": np.concatenate(bm)[tok_order] if bm else np.zeros((0, schema.NUM_BOUNDARY_CLASSES)),
+        "boundary_logmass": np.concatenate(bm)[tok_order]
+        if bm
+        else np.zeros((0, schema.NUM_BOUNDARY_CLASSES)),
     }
 
 
@@ -228,7 +259,9 @@ def compare_stores_stats(
             f"stores {a.url} and {b.url} hold different sequences ({len(da['seq_id'])} vs {len(db['seq_id'])}; "
             f"only in the first: {only_a}, only in the second: {only_b}); compare stores made from the same data spec"
         )
-    if not np.array_equal(da["length"], db["length"]) or not np.array_equal(da["token_id"], db["token_id"]):
+    if not np.array_equal(da["length"], db["length"]) or not np.array_equal(
+        da["token_id"], db["token_id"]
+    ):
         lens_equal = np.array_equal(da["length"], db["length"])
         if lens_equal:
             offsets = np.concatenate([[0], np.cumsum(da["length"])])
@@ -244,8 +277,8 @@ def compare_stores_stats(
     scored = np.ones(len(da["logp"]), dtype=bool)
     scored[first] = False  # q = 0 has no log-prob
     out: dict[str, Any] = {
-        "num_sequences": int(len(da["seq_id"])),
-        "num_positions": int(len(da["logp"])),
+        "num_sequences": len(da["seq_id"]),
+        "num_positions": len(da["logp"]),
         "logp": _abs_diff_stats(da["logp"][scored], db["logp"][scored]),
         "boundary_logmass": {
             name: _abs_diff_stats(da["boundary_logmass"][:, i], db["boundary_logmass"][:, i])
@@ -279,11 +312,19 @@ def compare_stores(
         f"compare {a.url} ({method_a}) with {b.url} ({method_b})",
         f"  {s['num_sequences']:,} sequences, {s['num_positions']:,} positions",
         f"  |Δlogp| (q >= 1): max {s['logp']['max']:.4g}  mean {s['logp']['mean']:.4g}"
-        + (f"  ({s['logp']['num_finite_mismatch']} non-finite mismatches)" if s["logp"]["num_finite_mismatch"] else ""),
+        + (
+            f"  ({s['logp']['num_finite_mismatch']} non-finite mismatches)"
+            if s["logp"]["num_finite_mismatch"]
+            else ""
+        ),
         "  |Δboundary_logmass| (where both finite):",
     ]
     for name, d in s["boundary_logmass"].items():
-        extra = f"  ({d['num_finite_mismatch']} positions finite in one store only)" if d["num_finite_mismatch"] else ""
+        extra = (
+            f"  ({d['num_finite_mismatch']} positions finite in one store only)"
+            if d["num_finite_mismatch"]
+            else ""
+        )
         lines.append(f"    {name:18s} max {d['max']:.4g}  mean {d['mean']:.4g}{extra}")
     lines.append(
         f"  gamma={s['gamma']} merge decisions that differ: {s['merge_decisions_differ']:,} of {s['num_positions']:,}"

@@ -106,7 +106,10 @@ class ShardData:
         arrays["boundary_logmass"] = arrays["boundary_logmass"].astype(np.float32)
         if "topk_logp" in arrays:
             arrays["topk_logp"] = arrays["topk_logp"].astype(np.float32)
-        cols = {name: self.index.column(name).to_pylist() for name in ("seq_id", "doc_id", "source", "row")}
+        cols = {
+            name: self.index.column(name).to_pylist()
+            for name in ("seq_id", "doc_id", "source", "row")
+        }
         starts = self.index.column("token_start").to_numpy().tolist()
         ends = self.index.column("token_end").to_numpy().tolist()
         texts = self.index.column("text").to_pylist()
@@ -145,7 +148,9 @@ class ShardData:
             )
 
 
-def _read_raw_chunks(location: Location, array_path: str, meta: dict[str, Any]) -> np.ndarray | None:
+def _read_raw_chunks(
+    location: Location, array_path: str, meta: dict[str, Any]
+) -> np.ndarray | None:
     """Read an uncompressed, token-chunked Zarr v3 array straight from its chunk files into one buffer.
 
     The fast path for alm's own layout (codecs = little-endian `bytes` only, regular chunks over the token axis,
@@ -158,7 +163,8 @@ def _read_raw_chunks(location: Location, array_path: str, meta: dict[str, Any]) 
         plain = (
             meta["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
             and meta["chunk_grid"]["name"] == "regular"
-            and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+            and meta["chunk_key_encoding"]
+            == {"name": "default", "configuration": {"separator": "/"}}
             and chunk_shape[1:] == shape[1:]
             and not meta.get("storage_transformers")
         )
@@ -191,11 +197,15 @@ def _read_raw_chunks(location: Location, array_path: str, meta: dict[str, Any]) 
             view[:] = 0  # a chunk never written holds the fill value (0)
             continue
         if got < len(view):
-            raise StoreError(f"{location.url}/{key}: chunk file is shorter than its chunk ({got} < {len(view)} bytes)")
+            raise StoreError(
+                f"{location.url}/{key}: chunk file is shorter than its chunk ({got} < {len(view)} bytes)"
+            )
     return out
 
 
-def read_shard_arrays(location: Location, shard_path: str, names: list[str] | None = None) -> dict[str, np.ndarray]:
+def read_shard_arrays(
+    location: Location, shard_path: str, names: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """Read the named per-token arrays of one shard folder, each in one go (see `_read_raw_chunks`)."""
     arrays_path = f"{shard_path}/{schema.ARRAYS_DIR}"
     if names is None:
@@ -217,7 +227,9 @@ def read_shard_arrays(location: Location, shard_path: str, names: list[str] | No
     return out
 
 
-def read_shard_index(location: Location, shard_path: str, columns: list[str] | None = None) -> pa.Table:
+def read_shard_index(
+    location: Location, shard_path: str, columns: list[str] | None = None
+) -> pa.Table:
     """A shard's per-sequence index (Arrow IPC file), optionally only some columns.
 
     Local files are memory-mapped (zero copy; committed shard files are never modified in place, only replaced
@@ -236,7 +248,9 @@ def read_shard_index(location: Location, shard_path: str, columns: list[str] | N
 class TeacherStore:
     """A finished (or, for inspection, unfinished) teacher store. Create with `open_store`."""
 
-    def __init__(self, location: Location, manifest: dict[str, Any] | None, plan_doc: dict[str, Any]) -> None:
+    def __init__(
+        self, location: Location, manifest: dict[str, Any] | None, plan_doc: dict[str, Any]
+    ) -> None:
         self.location = location
         self.plan_doc = plan_doc
         self._manifest = manifest
@@ -280,7 +294,10 @@ class TeacherStore:
     def _shard_docs(self) -> dict[int, dict[str, Any]]:
         if self._manifest is not None:
             return {int(s["index"]): s for s in self._manifest["shards"]}
-        return {j: json.loads(self.location.read_bytes(self._shard_path(j), schema.SHARD_FILE)) for j in self.shard_indices}
+        return {
+            j: json.loads(self.location.read_bytes(self._shard_path(j), schema.SHARD_FILE))
+            for j in self.shard_indices
+        }
 
     @property
     def num_sequences(self) -> int:
@@ -297,7 +314,9 @@ class TeacherStore:
     def vocab_table(self) -> pa.Table:
         """The teacher's id->bytes table (`vocab/teacher_vocab.parquet`)."""
         if not self.location.exists(schema.VOCAB_TABLE_FILE):
-            raise StoreError(f"store {self.url} has no {schema.VOCAB_TABLE_FILE}; the precompute did not write it")
+            raise StoreError(
+                f"store {self.url} has no {schema.VOCAB_TABLE_FILE}; the precompute did not write it"
+            )
         return pq.read_table(pa.py_buffer(self.location.read_bytes(schema.VOCAB_TABLE_FILE)))
 
     @cached_property
@@ -310,7 +329,11 @@ class TeacherStore:
     @property
     def tokenizer_path(self) -> str:
         """Path or URL of the saved teacher tokenizer files (`vocab/tokenizer/`)."""
-        return self.location.path(schema.TOKENIZER_DIR) if self.location.is_local else f"{self.url}/{schema.TOKENIZER_DIR}"
+        return (
+            self.location.path(schema.TOKENIZER_DIR)
+            if self.location.is_local
+            else f"{self.url}/{schema.TOKENIZER_DIR}"
+        )
 
     def read_shard(self, shard_index: int, fields: list[str] | None = None) -> ShardData:
         """Read one whole shard (index + arrays). `fields` limits the arrays read (default: all stored).
@@ -319,12 +342,16 @@ class TeacherStore:
             StoreError: the shard is not part of this store.
         """
         if shard_index not in self.shard_indices:
-            raise StoreError(f"shard {shard_index} is not a finished shard of {self.url} (have {self.shard_indices})")
+            raise StoreError(
+                f"shard {shard_index} is not a finished shard of {self.url} (have {self.shard_indices})"
+            )
         path = self._shard_path(shard_index)
         names = list(fields) if fields is not None else list(self.field_specs)
         unknown = [n for n in names if n not in self.field_specs]
         if unknown:
-            raise StoreError(f"store {self.url} has no field(s) {unknown}; it stores {list(self.field_specs)}")
+            raise StoreError(
+                f"store {self.url} has no field(s) {unknown}; it stores {list(self.field_specs)}"
+            )
         if "token_id" not in names:
             names.insert(0, "token_id")
         return ShardData(
@@ -356,7 +383,9 @@ def read_manifest(location: Location) -> dict[str, Any] | None:
     return manifest
 
 
-def open_store(path_or_url: str | os.PathLike[str], *, allow_unfinished: bool = False) -> TeacherStore:
+def open_store(
+    path_or_url: str | os.PathLike[str], *, allow_unfinished: bool = False
+) -> TeacherStore:
     """Open a teacher store folder or URL (`file://`, `memory://`, `s3://`, ... through fsspec).
 
     Args:

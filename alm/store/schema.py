@@ -35,7 +35,13 @@ TOKENIZER_DIR = "vocab/tokenizer"
 # Boundary classes, in this order (ALM_SPEC.md §5.2; first byte of the token's bytes; a special token is only in
 # class 4; a token whose first byte is anything else is in no class).
 BOUNDARY_CLASS_NAMES: tuple[str, ...] = ("space", "newline", "tab", "other_whitespace", "special")
-BOUNDARY_CLASS_FIRST_BYTES: tuple[tuple[int, ...], ...] = ((0x20,), (0x0A,), (0x09,), (0x0B, 0x0C, 0x0D), ())
+BOUNDARY_CLASS_FIRST_BYTES: tuple[tuple[int, ...], ...] = (
+    (0x20,),
+    (0x0A,),
+    (0x09,),
+    (0x0B, 0x0C, 0x0D),
+    (),
+)
 NUM_BOUNDARY_CLASSES = len(BOUNDARY_CLASS_NAMES)
 SPECIAL_CLASS = 4
 # The boundary set used by default ALM debiasing and gamma-merging: every class, combined with logsumexp.
@@ -96,7 +102,11 @@ class FieldSpec:
 
 
 def field_specs(
-    fields: Iterable[str], *, top_k: int = 0, hidden_size: int = 0, hidden_encoding: str = "bfloat16"
+    fields: Iterable[str],
+    *,
+    top_k: int = 0,
+    hidden_size: int = 0,
+    hidden_encoding: str = "bfloat16",
 ) -> dict[str, FieldSpec]:
     """The dtype and shape of each stored field.
 
@@ -125,14 +135,20 @@ def field_specs(
     }
     if "topk_id" in names:
         if top_k <= 0:
-            raise StoreError(f"store fields include top-k but top_k={top_k}; set top_k to a positive k")
+            raise StoreError(
+                f"store fields include top-k but top_k={top_k}; set top_k to a positive k"
+            )
         specs["topk_id"] = FieldSpec("topk_id", "int32", (top_k,))
         specs["topk_logp"] = FieldSpec("topk_logp", "float16", (top_k,))
     if "hidden" in names:
         if hidden_size <= 0:
-            raise StoreError(f"store fields include `hidden` but hidden_size={hidden_size}; give the teacher's d")
+            raise StoreError(
+                f"store fields include `hidden` but hidden_size={hidden_size}; give the teacher's d"
+            )
         if hidden_encoding not in HIDDEN_ENCODINGS:
-            raise StoreError(f"hidden_encoding={hidden_encoding!r}; use one of {list(HIDDEN_ENCODINGS)}")
+            raise StoreError(
+                f"hidden_encoding={hidden_encoding!r}; use one of {list(HIDDEN_ENCODINGS)}"
+            )
         dtype = "uint16" if hidden_encoding == "bfloat16" else "float16"
         specs["hidden"] = FieldSpec("hidden", dtype, (hidden_size,), encoding=hidden_encoding)
     return specs
@@ -145,7 +161,9 @@ def boundary_classes_json() -> list[dict[str, Any]]:
             "index": i,
             "name": name,
             "first_bytes": list(first),
-            "rule": "special tokens only" if i == SPECIAL_CLASS else "non-special token whose first byte is listed",
+            "rule": "special tokens only"
+            if i == SPECIAL_CLASS
+            else "non-special token whose first byte is listed",
         }
         for i, (name, first) in enumerate(zip(BOUNDARY_CLASS_NAMES, BOUNDARY_CLASS_FIRST_BYTES))
     ]
@@ -186,7 +204,13 @@ def normalize_segments(segments: Iterable[Any]) -> list[dict[str, Any]]:
     for seg in segments:
         role, sb, eb, sp, ep = _segment_tuple(seg)
         out.append(
-            {"role": str(role), "start_byte": int(sb), "end_byte": int(eb), "start_pos": int(sp), "end_pos": int(ep)}
+            {
+                "role": str(role),
+                "start_byte": int(sb),
+                "end_byte": int(eb),
+                "start_pos": int(sp),
+                "end_pos": int(ep),
+            }
         )
     return out
 
@@ -227,9 +251,13 @@ def validate_sequence(
     for name, spec in specs.items():
         shape = np.shape(arrays[name])
         if shape != (num_tokens, *spec.trailing_shape):
-            raise StoreError(f"{where}: `{name}` has shape {shape}, expected {(num_tokens, *spec.trailing_shape)}")
+            raise StoreError(
+                f"{where}: `{name}` has shape {shape}, expected {(num_tokens, *spec.trailing_shape)}"
+            )
     if not np.isnan(np.float32(arrays["logp"][0])):
-        raise StoreError(f"{where}: logp[0] is {arrays['logp'][0]}, must be NaN (the first token has no context)")
+        raise StoreError(
+            f"{where}: logp[0] is {arrays['logp'][0]}, must be NaN (the first token has no context)"
+        )
     num_bytes = len(text)
     for seg in segments:
         if not (0 <= seg["start_byte"] <= seg["end_byte"] <= num_bytes) or not (
@@ -253,7 +281,9 @@ def check_format(manifest_or_plan: Mapping[str, Any], where: str) -> None:
     name = manifest_or_plan.get("format")
     version = manifest_or_plan.get("format_version")
     if name != FORMAT_NAME:
-        raise StoreError(f"{where} has format {name!r}, not {FORMAT_NAME!r}; this is not an alm teacher store")
+        raise StoreError(
+            f"{where} has format {name!r}, not {FORMAT_NAME!r}; this is not an alm teacher store"
+        )
     if version != FORMAT_VERSION:
         raise StoreError(
             f"{where} has format version {version}, this alm reads version {FORMAT_VERSION}; "

@@ -59,7 +59,13 @@ from alm.store.fingerprint import ArrayHasher, bytes_fingerprint, json_fingerpri
 logger = logging.getLogger(__name__)
 
 # Folders and files an alm store may contain; `--overwrite` removes these and nothing else.
-_STORE_ENTRIES = (schema.PLAN_FILE, schema.MANIFEST_FILE, schema.SHARDS_DIR, schema.VOCAB_DIR, "alignments")
+_STORE_ENTRIES = (
+    schema.PLAN_FILE,
+    schema.MANIFEST_FILE,
+    schema.SHARDS_DIR,
+    schema.VOCAB_DIR,
+    "alignments",
+)
 # Plan keys that describe the run, not the result; they may differ between workers or on resume.
 _INFORMATIONAL_PLAN_KEYS = ("backend_versions",)
 
@@ -119,7 +125,10 @@ class StorePlan:
 
     def field_specs(self) -> dict[str, schema.FieldSpec]:
         return schema.field_specs(
-            self.fields, top_k=self.top_k, hidden_size=self.hidden_size, hidden_encoding=self.hidden_encoding
+            self.fields,
+            top_k=self.top_k,
+            hidden_size=self.hidden_size,
+            hidden_encoding=self.hidden_encoding,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -220,7 +229,9 @@ def read_plan(location: Location) -> StorePlan:
         StoreError: no plan file, another format, or a newer version.
     """
     if not location.exists(schema.PLAN_FILE):
-        raise StoreError(f"{location.url} has no {schema.PLAN_FILE}; it is not an alm teacher store")
+        raise StoreError(
+            f"{location.url} has no {schema.PLAN_FILE}; it is not an alm teacher store"
+        )
     doc = json.loads(location.read_bytes(schema.PLAN_FILE))
     schema.check_format(doc, f"{location.url}/{schema.PLAN_FILE}")
     return StorePlan.from_json(doc["plan"])
@@ -228,10 +239,16 @@ def read_plan(location: Location) -> StorePlan:
 
 def _plan_differences(old: StorePlan, new: StorePlan) -> list[str]:
     a, b = old.identity(), new.identity()
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
-def prepare_store(path_or_url: str | os.PathLike[str], plan: StorePlan, *, overwrite: bool = False) -> StoreLayout:
+def prepare_store(
+    path_or_url: str | os.PathLike[str], plan: StorePlan, *, overwrite: bool = False
+) -> StoreLayout:
     """Create a store folder for a plan, or reopen one with the same plan (resume; idempotent across workers).
 
     A non-empty folder that is not an alm store is always refused. An alm store with a different plan is refused
@@ -243,7 +260,9 @@ def prepare_store(path_or_url: str | os.PathLike[str], plan: StorePlan, *, overw
     location = locate(path_or_url)
     entries = [e for e in location.listdir() if e] if location.isdir() else []
     if location.exists() and not location.isdir():
-        raise StoreError(f"store path {location.url} is a file; give a folder path for the teacher store")
+        raise StoreError(
+            f"store path {location.url} is a file; give a folder path for the teacher store"
+        )
     if entries:
         is_alm = schema.PLAN_FILE in entries or schema.MANIFEST_FILE in entries
         if not is_alm:
@@ -254,15 +273,21 @@ def prepare_store(path_or_url: str | os.PathLike[str], plan: StorePlan, *, overw
             )
         old_plan = read_plan(location) if schema.PLAN_FILE in entries else None
         if old_plan is not None and old_plan.identity() == plan.identity():
-            logger.info("reopening store %s (%d/%d shards done)", location.url, *_done_count(location, plan))
+            logger.info(
+                "reopening store %s (%d/%d shards done)", location.url, *_done_count(location, plan)
+            )
             return StoreLayout(location, plan)
-        diffs = _plan_differences(old_plan, plan) if old_plan else ["(no plan file, a manifest only)"]
+        diffs = (
+            _plan_differences(old_plan, plan) if old_plan else ["(no plan file, a manifest only)"]
+        )
         if not overwrite:
             raise StoreError(
                 f"output folder {location.url} holds an alm store made with different settings "
                 f"({'; '.join(diffs)}); pass --overwrite to replace it, or choose another folder"
             )
-        logger.warning("--overwrite: removing the alm store in %s (%s)", location.url, "; ".join(diffs))
+        logger.warning(
+            "--overwrite: removing the alm store in %s (%s)", location.url, "; ".join(diffs)
+        )
         for entry in _STORE_ENTRIES:
             location.remove(entry)
     location.write_bytes(json.dumps(plan_document(plan), indent=2).encode(), schema.PLAN_FILE)
@@ -309,21 +334,30 @@ class ShardWriter:
     ) -> None:
         plan = layout.plan
         if not 0 <= shard_index < plan.num_shards:
-            raise StoreError(f"shard index {shard_index} is outside 0..{plan.num_shards - 1} of this store")
+            raise StoreError(
+                f"shard index {shard_index} is outside 0..{plan.num_shards - 1} of this store"
+            )
         for name, given, planned in (
             ("fields", tuple(fields) if fields is not None else None, plan.fields),
             ("top_k", top_k, plan.top_k),
             ("hidden_size", hidden_size, plan.hidden_size),
         ):
             if given is not None and given != planned:
-                raise StoreError(f"ShardWriter {name}={given!r} differs from the store plan's {planned!r}")
+                raise StoreError(
+                    f"ShardWriter {name}={given!r} differs from the store plan's {planned!r}"
+                )
         self.layout = layout
         self.shard_index = shard_index
         self.chunk_tokens = int(chunk_tokens)
         self.specs = plan.field_specs()
-        row_bytes = sum(np.dtype(spec.dtype).itemsize * int(np.prod(spec.trailing_shape)) for spec in self.specs.values())
+        row_bytes = sum(
+            np.dtype(spec.dtype).itemsize * int(np.prod(spec.trailing_shape))
+            for spec in self.specs.values()
+        )
         # buffer up to ~buffer_bytes in memory, then flush whole chunks (bounded memory with `hidden`)
-        self._buffer_limit_tokens = max(1, buffer_bytes // (row_bytes * self.chunk_tokens)) * self.chunk_tokens
+        self._buffer_limit_tokens = (
+            max(1, buffer_bytes // (row_bytes * self.chunk_tokens)) * self.chunk_tokens
+        )
         self._rows: list[dict[str, Any]] = []
         self._buffers: dict[str, list[np.ndarray]] = {name: [] for name in self.specs}
         self._buffered_tokens = 0
@@ -350,7 +384,9 @@ class ShardWriter:
         loc = self.layout.location
         final = self.layout.shard_path(self.shard_index)
         if loc.is_local:
-            self._dir = f"{schema.SHARDS_DIR}/.tmp-{shard_dirname(self.shard_index)}-{uuid.uuid4().hex[:8]}"
+            self._dir = (
+                f"{schema.SHARDS_DIR}/.tmp-{shard_dirname(self.shard_index)}-{uuid.uuid4().hex[:8]}"
+            )
             prefix = f".tmp-{shard_dirname(self.shard_index)}-"
             for stale in loc.listdir(schema.SHARDS_DIR):
                 if stale.startswith(prefix):
@@ -358,7 +394,8 @@ class ShardWriter:
                     loc.remove(schema.SHARDS_DIR, stale)
         else:
             self._dir = final
-            loc.remove(final)  # partial leftovers of a killed writer (no shard.json, so never trusted)
+            # partial leftovers of a killed writer (no shard.json, so never trusted)
+            loc.remove(final)
         self._group = zarr.open_group(
             loc.zarr_store(self._dir, schema.ARRAYS_DIR, read_only=False), mode="w", zarr_format=3
         )
@@ -381,7 +418,9 @@ class ShardWriter:
                 chunks=(chunk, *spec.trailing_shape),
                 compressors=None,  # uncompressed: whole-shard reads run at memmap speed (docs/store.md)
                 fill_value=0,
-                config={"write_empty_chunks": True},  # every chunk file exists, so readers can read files
+                config={
+                    "write_empty_chunks": True
+                },  # every chunk file exists, so readers can read files
                 attributes={"encoding": spec.encoding} if spec.encoding else {},
             )
 
@@ -413,9 +452,13 @@ class ShardWriter:
             raise StoreError("ShardWriter.add called outside `with ShardWriter(...)`")
         seq_id = int(seq_id)
         if seq_id in self._seen_seq_ids:
-            raise StoreError(f"seq_id={seq_id} was already added to shard {self.shard_index}; seq_ids must be unique")
+            raise StoreError(
+                f"seq_id={seq_id} was already added to shard {self.shard_index}; seq_ids must be unique"
+            )
         if not isinstance(text, bytes | bytearray | memoryview):
-            raise StoreError(f"seq_id={seq_id}: text must be bytes (the exact content bytes), got {type(text)}")
+            raise StoreError(
+                f"seq_id={seq_id}: text must be bytes (the exact content bytes), got {type(text)}"
+            )
         text = bytes(text)
         if hidden is not None and "hidden" in self.specs:
             hidden = np.asarray(hidden)
@@ -459,14 +502,22 @@ class ShardWriter:
 
     def _flush(self, *, final: bool) -> None:
         """Write buffered rows to the arrays: whole chunks only, unless `final`."""
-        num_write = self._buffered_tokens if final else (self._buffered_tokens // self.chunk_tokens) * self.chunk_tokens
+        num_write = (
+            self._buffered_tokens
+            if final
+            else (self._buffered_tokens // self.chunk_tokens) * self.chunk_tokens
+        )
         if not self._arrays:
             self._create_arrays(num_write, final)
         if num_write == 0:
             return
         start, stop = self._written_tokens, self._written_tokens + num_write
         for name, arr in self._arrays.items():
-            block = np.concatenate(self._buffers[name]) if self._buffers[name] else np.zeros((0,), arr.dtype)
+            block = (
+                np.concatenate(self._buffers[name])
+                if self._buffers[name]
+                else np.zeros((0,), arr.dtype)
+            )
             head, tail = block[:num_write], block[num_write:]
             arr.resize((stop, *arr.shape[1:]))
             arr[start:stop] = head
@@ -493,7 +544,8 @@ class ShardWriter:
         loc = self.layout.location
         self._flush(final=True)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "consolidated metadata is not part of the v3 spec": readers fall back
+            # "consolidated metadata is not part of the v3 spec": readers without it fall back
+            warnings.simplefilter("ignore")
             zarr.consolidate_metadata(self._group.store)
         table = pa.Table.from_pylist(self._rows, schema=schema.INDEX_SCHEMA)
         index_bytes = schema.index_to_ipc_bytes(table)
@@ -521,7 +573,11 @@ class ShardWriter:
                 }
                 for name, spec in self.specs.items()
             },
-            "index": {"file": schema.INDEX_FILE, "sha256": bytes_fingerprint(index_bytes), "num_rows": len(self._rows)},
+            "index": {
+                "file": schema.INDEX_FILE,
+                "sha256": bytes_fingerprint(index_bytes),
+                "num_rows": len(self._rows),
+            },
             "num_disk_bytes": loc.size_bytes(self._dir),
             "backend_versions": dict(plan.backend_versions),
             "created_at": utc_now(),
@@ -531,7 +587,10 @@ class ShardWriter:
         if loc.is_local:
             final = self.layout.shard_path(self.shard_index)
             if not loc.rename_dir(self._dir, final):
-                logger.warning("shard %d was already committed by another writer; discarding this copy", self.shard_index)
+                logger.warning(
+                    "shard %d was already committed by another writer; discarding this copy",
+                    self.shard_index,
+                )
                 loc.remove(self._dir)
         logger.info(
             "shard %d/%d committed: %d sequences, %d tokens",

@@ -12,8 +12,13 @@ from alm.store.writer import ShardWriter, StorePlan, prepare_store
 TOPK_FIELDS = ("token_id", "logp", "boundary_logmass", "topk_id", "topk_logp")
 
 
-def make_plan(num_shards: int = 2, fields: tuple[str, ...] = TOPK_FIELDS, top_k: int = 4, hidden_size: int = 0,
-              **kw: Any) -> StorePlan:
+def make_plan(
+    num_shards: int = 2,
+    fields: tuple[str, ...] = TOPK_FIELDS,
+    top_k: int = 4,
+    hidden_size: int = 0,
+    **kw: Any,
+) -> StorePlan:
     return StorePlan(
         teacher_model="tiny-teacher",
         tokenizer_fingerprint=kw.pop("tokenizer_fingerprint", "tok-fp"),
@@ -28,8 +33,13 @@ def make_plan(num_shards: int = 2, fields: tuple[str, ...] = TOPK_FIELDS, top_k:
     )
 
 
-def random_sequence(rng: np.random.Generator, seq_id: int, plan: StorePlan, n: int | None = None,
-                    vocab_size: int = 300) -> dict[str, Any]:
+def random_sequence(
+    rng: np.random.Generator,
+    seq_id: int,
+    plan: StorePlan,
+    n: int | None = None,
+    vocab_size: int = 300,
+) -> dict[str, Any]:
     """One sequence as `ShardWriter.add` keyword arguments (log-probs are real log-softmax values)."""
     n = int(rng.integers(1, 40)) if n is None else n
     logits = rng.normal(size=(n + 1, vocab_size)) * 2.0
@@ -38,7 +48,9 @@ def random_sequence(rng: np.random.Generator, seq_id: int, plan: StorePlan, n: i
     logp = np.full(n, np.nan, dtype=np.float32)
     logp[1:] = logprobs[np.arange(n - 1), token_id[1:]]
     classes = rng.integers(0, 5, vocab_size)
-    bm = np.stack([np.log(np.exp(logprobs[1:, classes == c]).sum(axis=1)) for c in range(5)], axis=1)
+    bm = np.stack(
+        [np.log(np.exp(logprobs[1:, classes == c]).sum(axis=1)) for c in range(5)], axis=1
+    )
     text = rng.integers(0, 256, int(rng.integers(0, 3 * n + 1))).astype(np.uint8).tobytes()
     seq: dict[str, Any] = {
         "seq_id": seq_id,
@@ -46,7 +58,9 @@ def random_sequence(rng: np.random.Generator, seq_id: int, plan: StorePlan, n: i
         "token_id": token_id,
         "logp": logp,
         "boundary_logmass": bm.astype(np.float16),
-        "segments": [("bos", 0, 0, 0, 1), ("text", 0, len(text), 1, n)] if n > 1 else [("text", 0, len(text), 0, n)],
+        "segments": [("bos", 0, 0, 0, 1), ("text", 0, len(text), 1, n)]
+        if n > 1
+        else [("text", 0, len(text), 0, n)],
         "loss_spans": [(0, len(text))],
         "truncated": bool(rng.integers(0, 2)),
         "doc_id": f"doc-{seq_id}",
@@ -62,8 +76,14 @@ def random_sequence(rng: np.random.Generator, seq_id: int, plan: StorePlan, n: i
     return seq
 
 
-def write_store(path: Any, plan: StorePlan, sequences_per_shard: list[list[dict[str, Any]]],
-                finalize: bool = True, chunk_tokens: int = 64, overwrite: bool = False) -> None:
+def write_store(
+    path: Any,
+    plan: StorePlan,
+    sequences_per_shard: list[list[dict[str, Any]]],
+    finalize: bool = True,
+    chunk_tokens: int = 64,
+    overwrite: bool = False,
+) -> None:
     layout = prepare_store(path, plan, overwrite=overwrite)
     for j, seqs in enumerate(sequences_per_shard):
         with ShardWriter(layout, j, chunk_tokens=chunk_tokens) as writer:
@@ -73,10 +93,13 @@ def write_store(path: Any, plan: StorePlan, sequences_per_shard: list[list[dict[
         finalize_store(path)
 
 
-def random_store(path: Any, plan: StorePlan, num_per_shard: int = 4, seed: int = 0, **kw: Any) -> list[list[dict]]:
+def random_store(
+    path: Any, plan: StorePlan, num_per_shard: int = 4, seed: int = 0, **kw: Any
+) -> list[list[dict]]:
     rng = np.random.default_rng(seed)
     shards = [
-        [random_sequence(rng, j * 1000 + i, plan) for i in range(num_per_shard)] for j in range(plan.num_shards)
+        [random_sequence(rng, j * 1000 + i, plan) for i in range(num_per_shard)]
+        for j in range(plan.num_shards)
     ]
     write_store(path, plan, shards, **kw)
     return shards

@@ -27,7 +27,10 @@ def test_exception_inside_writer_leaves_no_shard(tmp_path):
     plan = make_plan(num_shards=2)
     layout = prepare_store(tmp_path, plan)
     rng = np.random.default_rng(0)
-    with pytest.raises(RuntimeError, match="teacher crashed"), ShardWriter(layout, 0, chunk_tokens=8) as writer:
+    with (
+        pytest.raises(RuntimeError, match="teacher crashed"),
+        ShardWriter(layout, 0, chunk_tokens=8) as writer,
+    ):
         for i in range(5):
             writer.add(**random_sequence(rng, i, plan))
         raise RuntimeError("teacher crashed")
@@ -61,7 +64,8 @@ def test_sigkill_mid_shard_leaves_no_shard_and_rerun_completes(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     leftovers = os.listdir(store / "shards")
-    assert leftovers and all(name.startswith(".tmp-") for name in leftovers)  # killed mid-shard: temp only
+    # killed mid-shard: only a temp folder is left
+    assert leftovers and all(name.startswith(".tmp-") for name in leftovers)
     assert not (store / "shards" / "shard-00000").exists()
     with pytest.raises(StoreError, match="missing shard"):
         finalize_store(store)
@@ -89,7 +93,8 @@ def test_try_finalize_waits_for_every_shard(tmp_path):
     first = try_finalize(layout)
     mtime = os.path.getmtime(first)
     time.sleep(0.01)
-    assert try_finalize(layout) == first and os.path.getmtime(first) == mtime  # finished: left alone
+    # a finished store is left alone
+    assert try_finalize(layout) == first and os.path.getmtime(first) == mtime
     assert open_store(tmp_path).num_sequences == 3
 
 
@@ -144,10 +149,14 @@ def test_finalize_refuses_modified_array(tmp_path):
 def test_finalize_refuses_shard_of_another_plan(tmp_path):
     _three_shard_store(tmp_path)
     other = tmp_path / "other"
-    random_store(other, make_plan(num_shards=3, tokenizer_fingerprint="another-tokenizer"), finalize=False)
+    random_store(
+        other, make_plan(num_shards=3, tokenizer_fingerprint="another-tokenizer"), finalize=False
+    )
     shutil.rmtree(tmp_path / "shards" / "shard-00000")
     shutil.copytree(other / "shards" / "shard-00000", tmp_path / "shards" / "shard-00000")
-    with pytest.raises(StoreError, match=r"shard-00000: plan_fingerprint.*tokenizer_fingerprint|plan_fingerprint"):
+    with pytest.raises(
+        StoreError, match=r"shard-00000: plan_fingerprint.*tokenizer_fingerprint|plan_fingerprint"
+    ):
         finalize_store(tmp_path)
 
 

@@ -10,10 +10,10 @@ from factories import byte_tokenizer
 from store_helpers import make_plan
 
 from alm.errors import StoreError
+from alm.store.finalize import finalize_store
 from alm.store.inspect import compare_stores, compare_stores_stats, inspect_stats, inspect_store
 from alm.store.schema import BOUNDARY_CLASS_NAMES
 from alm.store.writer import ShardWriter, prepare_store
-from alm.store.finalize import finalize_store
 from alm.vocab import vocab_from_tokenizer
 
 K = 8
@@ -29,7 +29,9 @@ def teacher_sequences(vocab, num_seqs=6, seed=0):
         n = int(rng.integers(3, 30))
         logits = rng.normal(size=(n, size)) * 3.0
         logits[:, 0x20] += rng.normal(size=n) * 4  # make the space class sometimes dominant
-        logprobs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))  # [n, V] predicts token q+1
+        logprobs = logits - np.log(
+            np.exp(logits).sum(axis=1, keepdims=True)
+        )  # [n, V] predicts token q+1
         token_id = rng.integers(0, 256, n).astype(np.int32)
         logp = np.full(n, np.nan, np.float32)
         logp[1:] = logprobs[np.arange(n - 1), token_id[1:]]
@@ -55,7 +57,9 @@ def teacher_sequences(vocab, num_seqs=6, seed=0):
 
 
 def build(path, vocab, seqs, num_shards=2, **plan_kw):
-    plan = make_plan(num_shards=num_shards, top_k=K, tokenizer_fingerprint=vocab.fingerprint(), **plan_kw)
+    plan = make_plan(
+        num_shards=num_shards, top_k=K, tokenizer_fingerprint=vocab.fingerprint(), **plan_kw
+    )
     layout = prepare_store(path, plan)
     layout.write_vocab(vocab)
     for j in range(num_shards):
@@ -75,9 +79,15 @@ def test_inspect_figures_match_direct_computation(tmp_path, vocab):
     build(tmp_path, vocab, seqs)
     s = inspect_stats(tmp_path)
     logp = np.concatenate([q["logp"] for q in seqs]).astype(np.float64)
-    bm = np.concatenate([q["boundary_logmass"] for q in seqs]).astype(np.float64)  # [N, 5] as stored (fp16)
+    bm = np.concatenate([q["boundary_logmass"] for q in seqs]).astype(
+        np.float64
+    )  # [N, 5] as stored (fp16)
     num_bytes = sum(len(q["text"]) for q in seqs)
-    assert s["num_sequences"] == len(seqs) and s["num_tokens"] == len(logp) and s["num_text_bytes"] == num_bytes
+    assert (
+        s["num_sequences"] == len(seqs)
+        and s["num_tokens"] == len(logp)
+        and s["num_text_bytes"] == num_bytes
+    )
     expected_bpb = -np.nansum(logp) / (num_bytes * math.log(2))
     assert s["teacher_bits_per_byte"] == pytest.approx(expected_bpb, rel=1e-12)
     prob = np.exp(bm)
@@ -99,12 +109,17 @@ def test_inspect_figures_match_direct_computation(tmp_path, vocab):
     assert t["lower_err_max"] == pytest.approx((total - lower).max(), rel=1e-9)
     assert t["upper_err_mean"] == pytest.approx((upper - total).mean(), rel=1e-9)
     assert t["upper_err_max"] == pytest.approx((upper - total).max(), rel=1e-9)
-    assert t["lower_err_max"] >= -1e-3 and t["upper_err_max"] >= -1e-3  # bounds hold up to fp16 rounding
+    assert (
+        t["lower_err_max"] >= -1e-3 and t["upper_err_max"] >= -1e-3
+    )  # bounds hold up to fp16 rounding
+
     def du(path):
         return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
     for name in ("token_id", "logp", "boundary_logmass", "topk_id"):
-        assert s["disk_bytes_per_field"][name] == sum(du(d / "arrays" / name) for d in (tmp_path / "shards").iterdir())
+        assert s["disk_bytes_per_field"][name] == sum(
+            du(d / "arrays" / name) for d in (tmp_path / "shards").iterdir()
+        )
     default = sum(s["disk_bytes_per_field"][f] for f in ("token_id", "logp", "boundary_logmass"))
     assert s["bytes_per_token_default_fields"] == pytest.approx(default / len(logp))
     assert s["disk_bytes_total"] == du(tmp_path)
@@ -125,7 +140,9 @@ def test_compare_figures_match_direct_computation(tmp_path, vocab):
         q2["boundary_logmass"] = bm.astype(np.float16)
         noisy.append(q2)
     build(tmp_path / "a", vocab, seqs, num_shards=2)
-    build(tmp_path / "b", vocab, noisy, num_shards=3, boundary_method="topk_lower")  # another shard layout
+    build(
+        tmp_path / "b", vocab, noisy, num_shards=3, boundary_method="topk_lower"
+    )  # another shard layout
     s = compare_stores_stats(tmp_path / "a", tmp_path / "b")
     la = np.concatenate([q["logp"][1:] for q in seqs]).astype(np.float64)
     lb = np.concatenate([q["logp"][1:] for q in noisy]).astype(np.float64)
@@ -139,7 +156,9 @@ def test_compare_figures_match_direct_computation(tmp_path, vocab):
     assert s["boundary_logmass"]["tab"]["num_finite_mismatch"] == len(seqs)
     assert s["boundary_logmass"]["newline"]["max"] == 0.0
     ta, tb = np.log(np.exp(ba).sum(axis=1)), np.log(np.exp(bb).sum(axis=1))
-    assert s["boundary_logmass"]["default_set"]["max"] == pytest.approx(np.abs(ta - tb).max(), rel=1e-5)
+    assert s["boundary_logmass"]["default_set"]["max"] == pytest.approx(
+        np.abs(ta - tb).max(), rel=1e-5
+    )
     expected_flips = int(((np.exp(ta) > 0.1) != (np.exp(tb) > 0.1)).sum())
     assert s["merge_decisions_differ"] == expected_flips
     assert s["num_positions"] == len(ba) and s["num_sequences"] == len(seqs)
@@ -151,7 +170,9 @@ def test_compare_same_store_is_zero(tmp_path, vocab):
     build(tmp_path, vocab, teacher_sequences(vocab))
     s = compare_stores_stats(tmp_path, tmp_path)
     assert s["logp"]["max"] == 0 and s["merge_decisions_differ"] == 0
-    assert all(d["max"] == 0 and d["num_finite_mismatch"] == 0 for d in s["boundary_logmass"].values())
+    assert all(
+        d["max"] == 0 and d["num_finite_mismatch"] == 0 for d in s["boundary_logmass"].values()
+    )
 
 
 def test_compare_refuses_different_token_sequences(tmp_path, vocab):
@@ -160,7 +181,9 @@ def test_compare_refuses_different_token_sequences(tmp_path, vocab):
     other[3] = dict(other[3], token_id=(other[3]["token_id"] + 1) % 256)
     build(tmp_path / "a", vocab, seqs)
     build(tmp_path / "b", vocab, other)
-    with pytest.raises(StoreError, match=r"different token sequences \(first difference in seq_id=3\)"):
+    with pytest.raises(
+        StoreError, match=r"different token sequences \(first difference in seq_id=3\)"
+    ):
         compare_stores(tmp_path / "a", tmp_path / "b")
     build(tmp_path / "c", vocab, seqs[:-1])
     with pytest.raises(StoreError, match=r"hold different sequences.*only in the first: \[5\]"):
@@ -180,5 +203,7 @@ def test_store_vocab_round_trips_through_the_store(tmp_path, vocab):
     from alm.store.reader import open_store
 
     store = open_store(tmp_path)
-    assert store.vocab.fingerprint() == vocab.fingerprint() == store.manifest["tokenizer_fingerprint"]
+    assert (
+        store.vocab.fingerprint() == vocab.fingerprint() == store.manifest["tokenizer_fingerprint"]
+    )
     assert store.manifest["vocab"]["table"] == "vocab/teacher_vocab.parquet"

@@ -13,7 +13,9 @@ from alm.store.writer import prepare_store
 def test_foreign_non_empty_folder_is_refused_even_with_overwrite(tmp_path):
     (tmp_path / "thesis.tex").write_text("precious")
     for overwrite in (False, True):
-        with pytest.raises(StoreError, match=r"not an alm teacher store.*--overwrite only replaces alm stores"):
+        with pytest.raises(
+            StoreError, match=r"not an alm teacher store.*--overwrite only replaces alm stores"
+        ):
             prepare_store(tmp_path, make_plan(), overwrite=overwrite)
     assert (tmp_path / "thesis.tex").read_text() == "precious"
 
@@ -34,7 +36,9 @@ def test_same_plan_reopens_and_keeps_finished_shards(tmp_path):
 
 def test_different_plan_refused_without_overwrite_and_names_the_difference(tmp_path):
     random_store(tmp_path, make_plan(num_shards=2))
-    with pytest.raises(StoreError, match=r"different settings \(num_shards: 2 -> 3\); pass --overwrite") as err:
+    with pytest.raises(
+        StoreError, match=r"different settings \(num_shards: 2 -> 3\); pass --overwrite"
+    ) as err:
         prepare_store(tmp_path, make_plan(num_shards=3))
     assert str(tmp_path) in str(err.value)
     assert open_store(tmp_path).num_sequences == 8

@@ -13,7 +13,12 @@ from store_helpers import TOPK_FIELDS, make_plan, random_sequence, random_store,
 import alm
 from alm.errors import StoreError
 from alm.store.reader import open_store
-from alm.store.writer import ShardWriter, bfloat16_bits_to_float32, float32_to_bfloat16_bits, prepare_store
+from alm.store.writer import (
+    ShardWriter,
+    bfloat16_bits_to_float32,
+    float32_to_bfloat16_bits,
+    prepare_store,
+)
 
 FIELD_SETS = [
     ("token_id", "logp", "boundary_logmass"),
@@ -28,13 +33,17 @@ def assert_sequence_equal(stored, expected) -> None:
     assert stored.doc_id == expected["doc_id"] and stored.source == expected["source"]
     assert stored.row == expected["row"] and stored.truncated == expected["truncated"]
     assert [tuple(s.values()) for s in stored.segments] == [tuple(s) for s in expected["segments"]]
-    np.testing.assert_array_equal(stored.loss_spans, np.array(expected["loss_spans"], dtype=np.int64).reshape(-1, 2))
+    np.testing.assert_array_equal(
+        stored.loss_spans, np.array(expected["loss_spans"], dtype=np.int64).reshape(-1, 2)
+    )
     np.testing.assert_array_equal(stored.token_id, expected["token_id"])
     assert stored.token_id.dtype == np.int32 and stored.logp.dtype == np.float32
     np.testing.assert_array_equal(stored.logp, expected["logp"])  # NaN at q=0 compares equal here
     assert np.isnan(stored.logp[0])
     assert stored.boundary_logmass.dtype == np.float32
-    np.testing.assert_array_equal(stored.boundary_logmass, expected["boundary_logmass"].astype(np.float32))
+    np.testing.assert_array_equal(
+        stored.boundary_logmass, expected["boundary_logmass"].astype(np.float32)
+    )
     for name in ("topk_id", "topk_logp", "hidden"):
         if name in expected:
             np.testing.assert_array_equal(getattr(stored, name), expected[name])
@@ -51,12 +60,18 @@ def assert_sequence_equal(stored, expected) -> None:
 )
 def test_write_read_round_trip_is_identity(tmp_path_factory, seed, field_set, counts, chunk_tokens):
     rng = np.random.default_rng(seed)
-    plan = make_plan(num_shards=len(counts), fields=field_set, hidden_size=6 if "hidden" in field_set else 0)
-    shards = [[random_sequence(rng, j * 100 + i, plan) for i in range(c)] for j, c in enumerate(counts)]
+    plan = make_plan(
+        num_shards=len(counts), fields=field_set, hidden_size=6 if "hidden" in field_set else 0
+    )
+    shards = [
+        [random_sequence(rng, j * 100 + i, plan) for i in range(c)] for j, c in enumerate(counts)
+    ]
     # float16 boundary values at the edges of the format: -inf (zero mass), 0, tiny and large magnitudes
     if shards[0]:
         bm = shards[0][0]["boundary_logmass"]
-        bm.flat[: min(bm.size, 4)] = np.array([-np.inf, 0.0, -1e-4, -60000.0], dtype=np.float16)[: min(bm.size, 4)]
+        bm.flat[: min(bm.size, 4)] = np.array([-np.inf, 0.0, -1e-4, -60000.0], dtype=np.float16)[
+            : min(bm.size, 4)
+        ]
     path = tmp_path_factory.mktemp("store")
     write_store(path, plan, shards, chunk_tokens=chunk_tokens)
     store = alm.open_store(path)
@@ -75,7 +90,9 @@ def test_iter_shards_gives_flat_arrays_and_index_ranges(tmp_path):
     store = open_store(tmp_path)
     for data, seqs in zip(store.iter_shards(), shards):
         assert data.index.num_rows == len(seqs)
-        assert data.arrays["boundary_logmass"].dtype == np.float16  # stored dtype in the columnar view
+        assert (
+            data.arrays["boundary_logmass"].dtype == np.float16
+        )  # stored dtype in the columnar view
         starts = data.index.column("token_start").to_numpy()
         ends = data.index.column("token_end").to_numpy()
         for s, e, seq in zip(starts, ends, seqs):
@@ -106,11 +123,15 @@ def test_bfloat16_bits_round_trip_and_rounding():
     back = bfloat16_bits_to_float32(bits)
     np.testing.assert_allclose(back[np.isfinite(values)], values[np.isfinite(values)], rtol=2**-8)
     assert np.isposinf(back[4]) and np.isneginf(back[5])
-    assert np.isnan(bfloat16_bits_to_float32(float32_to_bfloat16_bits(np.array([np.nan], np.float32))))[0]
+    assert np.isnan(
+        bfloat16_bits_to_float32(float32_to_bfloat16_bits(np.array([np.nan], np.float32)))
+    )[0]
 
 
 def test_hidden_float32_input_is_stored_as_bfloat16(tmp_path):
-    plan = make_plan(num_shards=1, fields=("token_id", "logp", "boundary_logmass", "hidden"), hidden_size=3)
+    plan = make_plan(
+        num_shards=1, fields=("token_id", "logp", "boundary_logmass", "hidden"), hidden_size=3
+    )
     seq = random_sequence(np.random.default_rng(1), 0, plan, n=5)
     hidden = np.random.default_rng(2).normal(size=(5, 3)).astype(np.float32)
     seq["hidden"] = hidden
@@ -137,7 +158,7 @@ def test_writer_refuses_bad_sequences(tmp_path):
         writer.add(**seq)
         with pytest.raises(StoreError, match="already added"):
             writer.add(**seq)
-    with pytest.raises(StoreError, match="outside 0..0"):
+    with pytest.raises(StoreError, match=r"outside 0\.\.0"):
         ShardWriter(layout, 1)
     with pytest.raises(StoreError, match="top_k"):
         ShardWriter(layout, 0, top_k=9)

@@ -13,13 +13,17 @@ from alm.store import schema
 
 
 def test_boundary_classes_agree_with_alm_vocab():
-    assert schema.BOUNDARY_CLASS_NAMES == tuple(alm_vocab.BOUNDARY_CLASS_NAMES)
+    assert tuple(alm_vocab.BOUNDARY_CLASS_NAMES) == schema.BOUNDARY_CLASS_NAMES
     assert schema.NUM_BOUNDARY_CLASSES == alm_vocab.NUM_BOUNDARY_CLASSES
     assert schema.SPECIAL_CLASS == alm_vocab.SPECIAL_CLASS
     for tokenizer in (byte_tokenizer(), bpe_tokenizer()):
         vocab = alm_vocab.vocab_from_tokenizer(tokenizer)
         expected = np.array(
-            [schema.boundary_class_of(b, bool(s)) for b, s in zip(vocab.token_bytes, vocab.is_special)], dtype=np.int8
+            [
+                schema.boundary_class_of(b, bool(s))
+                for b, s in zip(vocab.token_bytes, vocab.is_special)
+            ],
+            dtype=np.int8,
         )
         np.testing.assert_array_equal(vocab.boundary_class, expected)
 
@@ -35,14 +39,25 @@ def test_reference_boundary_class_definition():
 
 
 def test_index_schema_is_the_team_contract():
-    seg = pa.struct([("role", pa.string())] + [(n, pa.int64()) for n in ("start_byte", "end_byte", "start_pos", "end_pos")])
+    seg = pa.struct(
+        [("role", pa.string())]
+        + [(n, pa.int64()) for n in ("start_byte", "end_byte", "start_pos", "end_pos")]
+    )
     span = pa.struct([("start_byte", pa.int64()), ("end_byte", pa.int64())])
     expected = pa.schema(
         [
-            ("seq_id", pa.int64()), ("doc_id", pa.string()), ("source", pa.string()), ("row", pa.int64()),
-            ("token_start", pa.int64()), ("token_end", pa.int64()), ("text", pa.binary()),
-            ("segments", pa.list_(seg)), ("loss_spans", pa.list_(span)), ("truncated", pa.bool_()),
-            ("num_tokens", pa.int64()), ("num_bytes", pa.int64()),
+            ("seq_id", pa.int64()),
+            ("doc_id", pa.string()),
+            ("source", pa.string()),
+            ("row", pa.int64()),
+            ("token_start", pa.int64()),
+            ("token_end", pa.int64()),
+            ("text", pa.binary()),
+            ("segments", pa.list_(seg)),
+            ("loss_spans", pa.list_(span)),
+            ("truncated", pa.bool_()),
+            ("num_tokens", pa.int64()),
+            ("num_bytes", pa.int64()),
         ]
     )
     assert schema.INDEX_SCHEMA.equals(expected)
