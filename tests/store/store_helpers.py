@@ -83,10 +83,11 @@ def write_store(
     finalize: bool = True,
     chunk_tokens: int = 64,
     overwrite: bool = False,
+    buffer_bytes: int = 256 << 20,
 ) -> None:
     layout = prepare_store(path, plan, overwrite=overwrite)
     for j, seqs in enumerate(sequences_per_shard):
-        with ShardWriter(layout, j, chunk_tokens=chunk_tokens) as writer:
+        with ShardWriter(layout, j, chunk_tokens=chunk_tokens, buffer_bytes=buffer_bytes) as writer:
             for seq in seqs:
                 writer.add(**seq)
     if finalize:

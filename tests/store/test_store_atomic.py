@@ -51,7 +51,7 @@ def test_sigkill_mid_shard_leaves_no_shard_and_rerun_completes(tmp_path):
         plan = make_plan(num_shards=1)
         layout = prepare_store({str(store)!r}, plan)
         rng = np.random.default_rng(0)
-        with ShardWriter(layout, 0, chunk_tokens=8) as writer:
+        with ShardWriter(layout, 0, chunk_tokens=8, buffer_bytes=1) as writer:  # flush every chunk
             for i in range(10_000):
                 writer.add(**random_sequence(rng, i, plan))
                 if i == 20:

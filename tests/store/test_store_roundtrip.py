@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import uuid
 
+import fsspec
 import numpy as np
 import pytest
+from factories import byte_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from store_helpers import TOPK_FIELDS, make_plan, random_sequence, random_store, write_store
 
 import alm
 from alm.errors import StoreError
+from alm.store.finalize import try_finalize
 from alm.store.reader import open_store
 from alm.store.writer import (
     ShardWriter,
@@ -19,6 +22,7 @@ from alm.store.writer import (
     float32_to_bfloat16_bits,
     prepare_store,
 )
+from alm.vocab import vocab_from_tokenizer
 
 FIELD_SETS = [
     ("token_id", "logp", "boundary_logmass"),
@@ -57,8 +61,11 @@ def assert_sequence_equal(stored, expected) -> None:
     field_set=st.sampled_from(FIELD_SETS),
     counts=st.lists(st.integers(0, 5), min_size=1, max_size=3),
     chunk_tokens=st.sampled_from([7, 64, 4096]),
+    stream=st.booleans(),
 )
-def test_write_read_round_trip_is_identity(tmp_path_factory, seed, field_set, counts, chunk_tokens):
+def test_write_read_round_trip_is_identity(
+    tmp_path_factory, seed, field_set, counts, chunk_tokens, stream
+):
     rng = np.random.default_rng(seed)
     plan = make_plan(
         num_shards=len(counts), fields=field_set, hidden_size=6 if "hidden" in field_set else 0
@@ -73,7 +80,10 @@ def test_write_read_round_trip_is_identity(tmp_path_factory, seed, field_set, co
             : min(bm.size, 4)
         ]
     path = tmp_path_factory.mktemp("store")
-    write_store(path, plan, shards, chunk_tokens=chunk_tokens)
+    # stream=True flushes every full chunk as it fills; otherwise the shard is written at close
+    write_store(
+        path, plan, shards, chunk_tokens=chunk_tokens, buffer_bytes=1 if stream else 256 << 20
+    )
     store = alm.open_store(path)
     expected = [s for shard in shards for s in shard]
     stored = list(store)
@@ -109,6 +119,38 @@ def test_memory_url_round_trip():
     for got, want in zip(store, [s for shard in shards for s in shard]):
         assert_sequence_equal(got, want)
     assert store.manifest["totals"]["num_sequences"] == 6
+
+
+def test_memory_url_vocab_tokenizer_files_and_uncommitted_shard(tmp_path):
+    url = f"memory://alm-test-{uuid.uuid4().hex[:8]}/store"
+    vocab = vocab_from_tokenizer(byte_tokenizer())
+    plan = make_plan(num_shards=2, tokenizer_fingerprint=vocab.fingerprint())
+    layout = prepare_store(url, plan)
+    layout.write_vocab(vocab)
+    with layout.tokenizer_dir() as folder:
+        byte_tokenizer().save_pretrained(folder)
+    rng = np.random.default_rng(0)
+    # object stores have no rename: a failed writer leaves files but no shard.json, so the shard is not done
+    with (
+        pytest.raises(RuntimeError),
+        ShardWriter(layout, 0, buffer_bytes=1, chunk_tokens=4) as writer,
+    ):
+        writer.add(**random_sequence(rng, 0, plan, n=12))
+        raise RuntimeError("killed")
+    assert not layout.shard_done(0)
+    for j in range(2):
+        with ShardWriter(layout, j) as writer:
+            writer.add(**random_sequence(rng, j, plan))
+    assert try_finalize(layout) == f"{url}/alm-store.json"
+    store = alm.open_store(url)
+    assert store.vocab.fingerprint() == vocab.fingerprint()
+    fs = fsspec.filesystem("memory")
+    assert fs.exists(store.tokenizer_path.replace("memory://", "") + "/tokenizer_config.json")
+
+
+def test_unknown_url_scheme_is_a_store_error():
+    with pytest.raises(StoreError, match="cannot open store URL"):
+        alm.open_store("nosuchfs://bucket/store")
 
 
 def test_file_url_is_the_local_folder(tmp_path):
