@@ -340,6 +340,7 @@ def run_precompute(
         teacher_config_hash=str(model_info["config_hash"]),
         backend=recipe.teacher.backend,
         boundary_method=boundary_method,
+        boundary_top_k=recipe.teacher.vllm.num_logprobs if boundary_method.startswith("topk") else 0,
         settings={
             "family": family,
             "shard_size": shard_size,
