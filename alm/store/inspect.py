@@ -306,8 +306,12 @@ def compare_stores(
     """
     a, b = _store_of(store_a, False), _store_of(store_b, False)
     s = compare_stores_stats(a, b)
-    method_a = a.manifest.get("backend", {}).get("boundary_method")
-    method_b = b.manifest.get("backend", {}).get("boundary_method")
+    def method(store: TeacherStore) -> str:
+        backend = store.manifest.get("backend", {})
+        k = backend.get("boundary_top_k") or 0
+        return f"{backend.get('name')}, {backend.get('boundary_method')}" + (f", k={k}" if k else "")
+
+    method_a, method_b = method(a), method(b)
     lines = [
         f"compare {a.url} ({method_a}) with {b.url} ({method_b})",
         f"  {s['num_sequences']:,} sequences, {s['num_positions']:,} positions",
