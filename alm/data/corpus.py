@@ -119,6 +119,15 @@ def extract_blocks(source: str, path: str) -> list[CorpusBlock]:
             line = tok.start[0]
             text = tok.string[1:]
             text = text[1:] if text.startswith(" ") else text
+            if tok.line[
+                : tok.start[1]
+            ].strip():  # a trailing comment after code is a block of its own
+                if run:
+                    blocks.append(CorpusBlock(path, run_start, "comment", "\n".join(run)))
+                    run = []
+                blocks.append(CorpusBlock(path, line, "comment", text))
+                last_line = -2
+                continue
             if line != last_line + 1 and run:
                 blocks.append(CorpusBlock(path, run_start, "comment", "\n".join(run)))
                 run = []

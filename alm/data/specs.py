@@ -86,7 +86,7 @@ def load_data_spec(
         base_dir = _base_dir(spec)
         label = source or spec.name
         if overrides:
-            data = apply_overrides(spec.model_dump(mode="json"), parse_overrides(overrides))
+            data = _apply_overrides(spec.model_dump(mode="json"), overrides)
             spec = validate_model(DataSpec, data, label)
     else:
         if isinstance(path_or_name, Mapping):
@@ -97,7 +97,7 @@ def load_data_spec(
             data = read_yaml(path)
             label = str(path)
             base_dir = path.parent
-        data = apply_overrides(data, parse_overrides(overrides))
+        data = _apply_overrides(data, overrides)
         spec = validate_model(DataSpec, data, label)
     spec._base_dir = str(base_dir.resolve()) if base_dir is not None else None
     _check_source_names(spec, label)
@@ -114,6 +114,31 @@ def load_data_spec(
                 "and the working directory):\n" + "\n".join(missing)
             )
     return spec
+
+
+def _apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """`alm.config.apply_overrides`, plus list indices in dotted paths (`sources.0.max_bytes=1000`)."""
+    parsed = parse_overrides(overrides)
+    plain = {k: v for k, v in parsed.items() if not any(p.isdigit() for p in k.split("."))}
+    out = apply_overrides(data, plain)
+    problems = []
+    for dotted, value in parsed.items():
+        if dotted in plain:
+            continue
+        node: Any = out
+        parts = dotted.split(".")
+        try:
+            for part in parts[:-1]:
+                node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+            if isinstance(node, list):
+                node[int(parts[-1])] = value
+            else:
+                node[parts[-1]] = value
+        except (IndexError, ValueError, TypeError, AttributeError):
+            problems.append(f"--set {dotted}={value!r}: no such entry (list indices start at 0)")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return out
 
 
 def _find_spec_file(path_or_name: str | Path) -> Path:
