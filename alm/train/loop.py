@@ -269,12 +269,13 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
                 step_metrics[key] = step_metrics.get(key, 0.0) + value
             log.count_tokens(int(micro_batch["attention_mask"].sum()) * world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         summed = parallel.all_reduce_sum(torch.tensor([step_metrics["loss"]], dtype=torch.float64, device=device))
         step_metrics["loss"] = float(summed)
-        step_metrics.update(grad_norm=float(grad_norm), lr=scheduler.get_last_lr()[0],
+        step_metrics.update(grad_norm=float(grad_norm), lr=lr,
                             num_groups=float(counts["num_groups"]))
         done = step + 1
         log.step(done, step_metrics, write=done % cfg.log_every == 0 or done == total_steps)
