@@ -10,7 +10,7 @@ code); `tests/store/test_schema.py` checks that `alm.vocab` classifies tokens th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,19 +183,19 @@ def boundary_class_of(token_bytes: bytes, is_special: bool) -> int:
 
 def _segment_tuple(seg: Any) -> tuple[str, int, int, int, int]:
     keys = ("role", "start_byte", "end_byte", "start_pos", "end_pos")
+    if hasattr(seg, "role"):  # dataclasses and named tuples: by name, whatever their field order
+        return tuple(getattr(seg, k) for k in keys)  # type: ignore[return-value]
     if isinstance(seg, Mapping):
         return tuple(seg[k] for k in keys)  # type: ignore[return-value]
-    if isinstance(seg, Sequence) and not isinstance(seg, str | bytes):
-        return tuple(seg)  # type: ignore[return-value]
-    return tuple(getattr(seg, k) for k in keys)  # type: ignore[return-value]
+    return tuple(seg)  # type: ignore[return-value]  # a plain 5-tuple in `keys` order
 
 
 def _span_tuple(span: Any) -> tuple[int, int]:
+    if hasattr(span, "start_byte"):
+        return (int(span.start_byte), int(span.end_byte))
     if isinstance(span, Mapping):
         return (int(span["start_byte"]), int(span["end_byte"]))
-    if isinstance(span, Sequence | np.ndarray):
-        return (int(span[0]), int(span[1]))
-    return (int(span.start_byte), int(span.end_byte))
+    return (int(span[0]), int(span[1]))
 
 
 def normalize_segments(segments: Iterable[Any]) -> list[dict[str, Any]]:
