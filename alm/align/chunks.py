@@ -109,22 +109,31 @@ def _side(tokens: Any, name: str) -> _Side:
     role_in = getattr(tokens, "role", None)
     if role_in is None:
         role = np.full(n, None, dtype=object)
+    elif isinstance(role_in, np.ndarray) and role_in.dtype == object:
+        role = role_in
     else:
-        role = np.empty(n, dtype=object)
-        role[:] = list(role_in) if not isinstance(role_in, np.ndarray) else role_in
-    is_block = np.not_equal(role, None).astype(bool)
-    if n == 0:
-        return _Side(start_byte, end_byte, is_block, np.zeros(0, _INT), np.zeros(0, _INT), [])
-    new_block = is_block.copy()
-    new_block[1:] &= ~is_block[:-1] | (role[1:] != role[:-1])
-    block_start_pos = np.flatnonzero(new_block).astype(_INT)
-    # A block ends where the next block starts or where block tokens stop.
-    block_id = np.cumsum(new_block) - 1
-    block_end_pos = np.zeros(len(block_start_pos), _INT)
-    block_pos = np.flatnonzero(is_block)
-    np.maximum.at(block_end_pos, block_id[block_pos], block_pos + 1)
+        role = np.empty(len(role_in), dtype=object)
+        role[:] = list(role_in)
+    if role.shape != (n,):
+        raise AlignmentError(
+            f"{name} tokens: {len(role)} roles for {n} tokens; give one role (or None) per token."
+        )
+    is_block = np.not_equal(role, None)
+    block_pos = np.flatnonzero(is_block).astype(_INT)
+    # A block starts where the previous token is not a block token or has another role; roles are compared
+    # only among block tokens (a handful per sequence).
+    block_role = role[block_pos]
+    starts = np.ones(len(block_pos), bool)
+    starts[1:] = (block_pos[1:] != block_pos[:-1] + 1) | (block_role[1:] != block_role[:-1])
+    first = np.flatnonzero(starts)
+    last = np.append(first[1:] - 1, len(block_pos) - 1).astype(_INT)
     return _Side(
-        start_byte, end_byte, is_block, block_start_pos, block_end_pos, list(role[block_start_pos])
+        start_byte,
+        end_byte,
+        is_block,
+        block_pos[first],
+        block_pos[last] + 1 if len(block_pos) else np.zeros(0, _INT),
+        list(block_role[first]),
     )
 
 
@@ -208,6 +217,19 @@ def _in_loss(
     return np.where(is_block, block_in, text_in)
 
 
+def _sorted_intersection(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Sorted unique common values; O(n log m) by binary search when both inputs are strictly increasing (text
+    token ends of real tokenizations are), else `np.intersect1d`."""
+    if len(first) == 0 or len(second) == 0:
+        return np.zeros(0, _INT)
+    if np.all(first[1:] > first[:-1]) and np.all(second[1:] > second[:-1]):
+        if len(first) > len(second):
+            first, second = second, first
+        index = np.minimum(np.searchsorted(second, first), len(second) - 1)
+        return first[second[index] == first]
+    return np.intersect1d(first, second)
+
+
 def align_sequences(
     teacher: Any, student: Any, loss_spans: Any = None, *, keep_outside_loss: bool = False
 ) -> Chunks:
@@ -238,9 +260,7 @@ def align_sequences(
         keep = ~side.is_block & (side.end_byte > side.start_byte)
         return side.end_byte[keep]
 
-    common_end_byte = np.intersect1d(
-        text_ends(teacher_side), text_ends(student_side)
-    )  # sorted, unique
+    common_end_byte = _sorted_intersection(text_ends(teacher_side), text_ends(student_side))
     num_text = len(common_end_byte)
     teacher_blocks, student_blocks = _match_blocks(teacher_side, student_side)
     num_chunks = num_text + len(teacher_blocks)
