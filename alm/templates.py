@@ -254,7 +254,9 @@ def _render_block(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.nd
     if not block:
         return np.zeros(0, dtype=np.int32)
     ids = np.asarray(
-        tokenizer(block, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+        tokenizer(
+            block, add_special_tokens=False, split_special_tokens=False, return_attention_mask=False
+        )["input_ids"],
         dtype=np.int32,
     )
     specials = set(vocab.special_text.values())

@@ -605,6 +605,23 @@ def _excerpt(text: bytes) -> str:
     return repr(text[:40] + (b"..." if len(text) > 40 else b""))
 
 
+def _encode_ids(tokenizer: Any, string: str) -> list[int]:
+    """Ids of `string` without added special tokens, literal special-token strings kept as text.
+
+    Calls the `tokenizers` backend directly (about 2x faster than `tokenizer(...)`), with `encode_special_tokens`
+    set for the call, which is what `tokenizer(..., split_special_tokens=True)` does.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(string, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    previous = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        return backend.encode(string, add_special_tokens=False).ids
+    finally:
+        backend.encode_special_tokens = previous
+
+
 def encode_text(tokenizer: Any, vocab: Vocab, text: bytes) -> TokenizedText:
     """Exact-bytes encoding of one regular-text segment (no special tokens added, literal markers stay text).
 
@@ -623,18 +640,17 @@ def encode_text(tokenizer: Any, vocab: Vocab, text: bytes) -> TokenizedText:
         TokenizerRefusedError: the tokens' bytes do not reproduce the text (or `<unk>` was produced).
         DataError: `text` is not valid UTF-8.
     """
-    num_bytes = complete_utf8_prefix(text)
-    body = text[:num_bytes]
+    try:
+        body = bytes(text)
+        string = body.decode("utf-8")
+    except UnicodeDecodeError:
+        body = text[: complete_utf8_prefix(text)]
+        string = body.decode("utf-8")
+    num_bytes = len(body)
     if not body:
         empty = np.zeros(0, dtype=np.int64)
         return TokenizedText(np.zeros(0, dtype=np.int32), empty, empty.copy(), 0)
-    ids = tokenizer(
-        body.decode("utf-8"),
-        add_special_tokens=False,
-        split_special_tokens=True,
-        return_attention_mask=False,
-    )["input_ids"]
-    token_id = np.asarray(ids, dtype=np.int32)
+    token_id = np.asarray(_encode_ids(tokenizer, string), dtype=np.int32)
     dummy = _check_tokens(vocab, token_id, body, "text")
     start_byte, end_byte = _offsets_from_lengths(vocab.token_length[token_id], dummy)
     return TokenizedText(token_id, start_byte, end_byte, num_bytes, dummy)

@@ -97,6 +97,17 @@ def test_token_bytes_concatenate_to_tricky_text(kind, text):
 
 
 @pytest.mark.parametrize("kind", list(TOKENIZERS))
+def test_encode_text_ids_equal_the_tokenizers_own_call(kind):
+    tok, vocab = tok_and_vocab(kind)
+    for text in (*TRICKY_TEXTS, *corpus_texts(10, seed=3)):
+        expected = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert encode_text(tok, vocab, text.encode()).token_id.tolist() == expected
+    # Afterwards a normal call still recognises special tokens (block rendering relies on it).
+    special = next(t for t in tok.added_tokens_decoder.values() if t.special).content
+    assert vocab.is_special[tok(special, add_special_tokens=False)["input_ids"]].all()
+
+
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
 def test_token_bytes_concatenate_to_corpus_texts(kind):
     tok, vocab = tok_and_vocab(kind)
     for text in corpus_texts(40, seed=7):
