@@ -177,11 +177,18 @@ def _read_raw_chunks(
     flat = out.reshape(-1).view(np.uint8)
     chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
     suffix = "/0" * (len(shape) - 1)
-    for c, offset in enumerate(range(0, flat.nbytes, chunk_bytes)):
+    offsets = list(range(0, flat.nbytes, chunk_bytes))
+    keys = [f"{array_path}/c/{c}{suffix}" for c in range(len(offsets))]
+    fetched: dict[str, bytes] = {}
+    if not location.is_local and keys:
+        # one batched request: async filesystems (s3, gcs, http) fetch the chunks concurrently
+        paths = [location.path(k) for k in keys]
+        fetched = location.fs.cat(paths, on_error="omit")
+        fetched = {k: fetched[p] for k, p in zip(keys, paths) if p in fetched}
+    for key, offset in zip(keys, offsets):
         view = flat[offset : offset + chunk_bytes]
-        key = f"{array_path}/c/{c}{suffix}"
-        try:
-            if location.is_local:
+        if location.is_local:
+            try:
                 with open(location.path(key), "rb", buffering=0) as fh:
                     got = fh.readinto(memoryview(view))
                     while got < len(view):  # readinto may return short reads
@@ -189,12 +196,15 @@ def _read_raw_chunks(
                         if not more:
                             break
                         got += more
-            else:
-                data = location.fs.cat_file(location.path(key))
-                got = min(len(data), len(view))
-                view[:got] = np.frombuffer(data, dtype=np.uint8, count=got)
-        except FileNotFoundError:
-            view[:] = 0  # a chunk never written holds the fill value (0)
+            except FileNotFoundError:
+                view[:] = 0  # a chunk never written holds the fill value (0)
+                continue
+        elif key in fetched:
+            data = fetched[key]
+            got = min(len(data), len(view))
+            view[:got] = np.frombuffer(data, dtype=np.uint8, count=got)
+        else:
+            view[:] = 0
             continue
         if got < len(view):
             raise StoreError(
@@ -212,17 +222,15 @@ def read_shard_arrays(
         group = zarr.open_group(location.zarr_store(arrays_path, read_only=True), mode="r")
         names = sorted(k for k, _ in group.arrays())
     out = {}
-    group = None
     for name in names:
         try:
             meta = json.loads(location.read_bytes(arrays_path, name, "zarr.json"))
         except StoreError as err:
             raise StoreError(f"{location.url}/{arrays_path}: no array `{name}` ({err})") from err
         arr = _read_raw_chunks(location, f"{arrays_path}/{name}", meta)
-        if arr is None:
-            if group is None:
-                group = zarr.open_group(location.zarr_store(arrays_path, read_only=True), mode="r")
-            arr = np.asarray(group[name][...])
+        if arr is None:  # another layout (compressed, rechunked): let zarr read the array's own metadata
+            store = location.zarr_store(arrays_path, name, read_only=True)
+            arr = np.asarray(zarr.open_array(store, mode="r")[...])
         out[name] = arr
     return out
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import pytest
+import zarr
 from factories import byte_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,7 +16,7 @@ from store_helpers import TOPK_FIELDS, make_plan, random_sequence, random_store,
 
 import alm
 from alm.errors import StoreError
-from alm.store.finalize import try_finalize
+from alm.store.finalize import finalize_store, try_finalize
 from alm.store.reader import open_store
 from alm.store.writer import (
     ShardWriter,
@@ -204,3 +206,51 @@ def test_writer_refuses_bad_sequences(tmp_path):
         ShardWriter(layout, 1)
     with pytest.raises(StoreError, match="top_k"):
         ShardWriter(layout, 0, top_k=9)
+
+
+def test_reader_falls_back_to_zarr_for_compressed_or_rechunked_arrays(tmp_path):
+    plan = make_plan(num_shards=1)
+    shards = random_store(tmp_path, plan, num_per_shard=4)
+    group = zarr.open_group(tmp_path / "shards" / "shard-00000" / "arrays", mode="r+")
+    for name in ("logp", "boundary_logmass"):
+        values = group[name][...]
+        del group[name]
+        group.create_array(
+            name,
+            data=values,
+            chunks=(5, *values.shape[1:]),
+            compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3),
+        )
+    for got, want in zip(open_store(tmp_path), shards[0]):
+        assert_sequence_equal(got, want)
+    finalize_store(tmp_path)  # checksums are over values, so they still match
+
+
+@dataclass
+class _Segment:  # field order differs from the index's: read by name
+    end_pos: int
+    start_pos: int
+    end_byte: int
+    start_byte: int
+    role: str
+
+
+def test_segments_and_spans_given_as_objects_are_read_by_name(tmp_path):
+    plan = make_plan(num_shards=1)
+    seq = random_sequence(np.random.default_rng(3), 0, plan, n=6)
+    seq["segments"] = [
+        _Segment(end_pos=6, start_pos=1, end_byte=len(seq["text"]), start_byte=0, role="text")
+    ]
+    seq["loss_spans"] = np.array([[0, len(seq["text"])]])
+    write_store(tmp_path, plan, [[seq]])
+    got = next(iter(open_store(tmp_path)))
+    assert got.segments == [
+        {
+            "role": "text",
+            "start_byte": 0,
+            "end_byte": len(seq["text"]),
+            "start_pos": 1,
+            "end_pos": 6,
+        }
+    ]
+    np.testing.assert_array_equal(got.loss_spans, [[0, len(seq["text"])]])
