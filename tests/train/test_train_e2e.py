@@ -43,21 +43,21 @@ def test_each_loss_is_finite_and_falls_on_a_fixed_batch(tmp_path, stores, studen
     # The held-out store has 4 sequences = one micro-batch, so every step sees the same batch.
     store = stores["train"] if hidden else stores["heldout"]
     out = train(tmp_path, "run", store=store, student={"model": str(student_dir)},
-                loss={"kind": kind, "hidden": hidden}, optim__steps=6, optim__micro_batch_size=4 if not hidden else 12)
+                loss={"kind": kind, "hidden": hidden}, optim__steps=4, optim__micro_batch_size=4 if not hidden else 12)
     values = losses(out)
-    assert len(values) == 6 and all(math.isfinite(v) for v in values)
+    assert len(values) == 4 and all(math.isfinite(v) for v in values)
     assert values[-1] < values[0]
     assert (out / "student" / "config.json").is_file()
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run_bitwise(tmp_path, stores, student_dir):
     common = dict(store=stores["train"], student={"model": str(student_dir)}, loss={"kind": "alm+sft"},
-                  optim__steps=6, optim__micro_batch_size=2, optim__grad_accum=2, optim__warmup_steps=2,
-                  checkpoint_every=3, num_workers=1)
+                  optim__steps=4, optim__micro_batch_size=2, optim__grad_accum=2, optim__warmup_steps=1,
+                  checkpoint_every=2, num_workers=1)
     full = train(tmp_path, "full", **common)
     recipe = train_recipe(tmp_path / "part.yaml", output=tmp_path / "part", **common)
     cfg = load_yaml_model(TrainRecipe, recipe)
-    run_train(cfg, stop_after_steps=2)  # killed after step 2: the newest checkpoint is step 2
+    run_train(cfg, stop_after_steps=3)  # killed after step 3: its checkpoint is the newest
     assert not (tmp_path / "part" / "student").exists()
     run_train(cfg, resume=True)
     assert losses(tmp_path / "part") == losses(full)
