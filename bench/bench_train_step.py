@@ -27,15 +27,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from factories import bpe_tokenizer, corpus_texts, tiny_llama
 
-from alm.data.student import StudentExampleBuilder, collate_examples  # noqa: E402
-from alm.store.reader import StoredSequence  # noqa: E402
-from alm.templates import plain_document, render  # noqa: E402
-from alm.train.step import LossSettings, TrainModule, last_block_params, micro_batch_loss  # noqa: E402
-from alm.vocab import vocab_from_tokenizer  # noqa: E402
-from factories import bpe_tokenizer, corpus_texts, tiny_llama  # noqa: E402
+from alm.data.student import StudentExampleBuilder, collate_examples
+from alm.store.reader import StoredSequence
+from alm.templates import plain_document, render
+from alm.train.step import LossSettings, TrainModule, last_block_params, micro_batch_loss
+from alm.vocab import vocab_from_tokenizer
 
 
 def stored_sequences(teacher_tok, texts: list[str], max_length: int) -> list[StoredSequence]:
@@ -43,13 +43,29 @@ def stored_sequences(teacher_tok, texts: list[str], max_length: int) -> list[Sto
     rng = np.random.default_rng(0)
     out = []
     for i, text in enumerate(texts):
-        seq = render(plain_document(f"d{i}", "bench", i, text.encode()), teacher_tok, vocab, None, max_length)
+        seq = render(
+            plain_document(f"d{i}", "bench", i, text.encode()), teacher_tok, vocab, None, max_length
+        )
         n = len(seq.token_id)
         logp = -rng.exponential(2.0, size=n).astype(np.float32)
         logp[0] = np.nan
         boundary = np.log(rng.dirichlet(np.ones(6), size=n)[:, :5]).astype(np.float32)
-        out.append(StoredSequence(0, f"d{i}", "bench", i, 0, seq.text, seq.segments, seq.loss_spans, seq.truncated,
-                                  seq.token_id, logp, boundary))
+        out.append(
+            StoredSequence(
+                0,
+                f"d{i}",
+                "bench",
+                i,
+                0,
+                seq.text,
+                seq.segments,
+                seq.loss_spans,
+                seq.truncated,
+                seq.token_id,
+                logp,
+                boundary,
+            )
+        )
     return out
 
 
@@ -67,8 +83,13 @@ def main() -> None:
     texts = [t for t in corpus_texts(400) if len(t) > 600][: 4 * args.batch]
     stored = stored_sequences(teacher_tok, texts, args.length)
     builder = StudentExampleBuilder(
-        teacher_vocab=vocab_from_tokenizer(teacher_tok), student_tokenizer=student_tok, student_vocab=student_vocab,
-        student_family="auto", max_length=args.length, boundary_class_ids=[0, 1, 2, 4], gamma=0.1,
+        teacher_vocab=vocab_from_tokenizer(teacher_tok),
+        student_tokenizer=student_tok,
+        student_vocab=student_vocab,
+        student_family="auto",
+        max_length=args.length,
+        boundary_class_ids=[0, 1, 2, 4],
+        gamma=0.1,
     )
 
     # Data path: examples built and collated per second (one process = one worker).
@@ -83,20 +104,35 @@ def main() -> None:
     batch = collate_examples([builder(s) for s in stored[: args.batch]])
     vocab_size = len(student_vocab.token_bytes)
     boundary_mask = torch.as_tensor(student_vocab.boundary_mask([0, 1, 2, 4]))
-    counts = {"num_groups": batch["num_groups"], "num_sft_tokens": batch["num_sft_tokens"],
-              "num_hidden": torch.tensor(1)}
+    counts = {
+        "num_groups": batch["num_groups"],
+        "num_sft_tokens": batch["num_sft_tokens"],
+        "num_hidden": torch.tensor(1),
+    }
     times: dict[str, list[float]] = {"alm": [], "sft": []}
     models = {}
     for kind in times:
-        module = TrainModule(tiny_llama(vocab_size, seed=0, hidden=args.hidden, layers=args.layers).train())
-        models[kind] = (module, torch.optim.AdamW(module.parameters(), lr=1e-4),
-                        LossSettings((kind,), 100.0, "binary_ce", 0.0, "gradmag"))
+        module = TrainModule(
+            tiny_llama(vocab_size, seed=0, hidden=args.hidden, layers=args.layers).train()
+        )
+        models[kind] = (
+            module,
+            torch.optim.AdamW(module.parameters(), lr=1e-4),
+            LossSettings((kind,), 100.0, "binary_ce", 0.0, "gradmag"),
+        )
     for step in range(args.steps + 2):
         for kind in times:  # interleaved, so machine noise hits both alike
             module, optimizer, settings = models[kind]
             t0 = time.perf_counter()
-            loss, _ = micro_batch_loss(module, batch, settings, boundary_mask, counts, last_block_params(module),
-                                       vocab_size)
+            loss, _ = micro_batch_loss(
+                module,
+                batch,
+                settings,
+                boundary_mask,
+                counts,
+                last_block_params(module),
+                vocab_size,
+            )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -104,11 +140,15 @@ def main() -> None:
                 times[kind].append(time.perf_counter() - t0)
     alm_s, sft_s = statistics.median(times["alm"]), statistics.median(times["sft"])
     step_seq_per_s = args.batch / alm_s
-    print(f"train step ALM / SFT: {alm_s / sft_s:.3f}x (ALM {alm_s * 1e3:.1f} ms, SFT {sft_s * 1e3:.1f} ms; "
-          f"batch {args.batch} x {batch['input_ids'].shape[1]} tokens, vocab {vocab_size}, hidden {args.hidden}, "
-          f"{args.layers} layers; target <= 1.10x)")
-    print(f"data path / step consumption: {data_seq_per_s / step_seq_per_s:.2f}x (one worker builds "
-          f"{data_seq_per_s:.0f} seq/s, the ALM step consumes {step_seq_per_s:.1f} seq/s; target >= 1x)")
+    print(
+        f"train step ALM / SFT: {alm_s / sft_s:.3f}x (ALM {alm_s * 1e3:.1f} ms, SFT {sft_s * 1e3:.1f} ms; "
+        f"batch {args.batch} x {batch['input_ids'].shape[1]} tokens, vocab {vocab_size}, hidden {args.hidden}, "
+        f"{args.layers} layers; target <= 1.10x)"
+    )
+    print(
+        f"data path / step consumption: {data_seq_per_s / step_seq_per_s:.2f}x (one worker builds "
+        f"{data_seq_per_s:.0f} seq/s, the ALM step consumes {step_seq_per_s:.1f} seq/s; target >= 1x)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,12 @@ Divergence = Literal["binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary
 class StoreRef(StrictModel):
     """A teacher store to train from, with the fingerprints the recipe expects (checked before any model loads)."""
 
-    path: str = Field(description="Teacher store folder (or fsspec URL) written by `alm precompute`.")
+    path: str = Field(
+        description="Teacher store folder (or fsspec URL) written by `alm precompute`."
+    )
     teacher_tokenizer_fingerprint: str | None = Field(
-        None, description="Expected teacher-tokenizer fingerprint (sha256 hex); a different store is refused."
+        None,
+        description="Expected teacher-tokenizer fingerprint (sha256 hex); a different store is refused.",
     )
     data_fingerprint: str | None = Field(
         None, description="Expected data-spec fingerprint; a store made from other data is refused."
@@ -50,20 +53,30 @@ class TransferConfig(StrictModel):
         description="`bytes` (a pure byte tokenizer keeping the teacher's special tokens) or a tokenizer id/path.",
     )
     untie_embeddings: bool = Field(
-        False, description="Give the student separate input and output embeddings (ALM_SPEC §8, byte students)."
+        False,
+        description="Give the student separate input and output embeddings (ALM_SPEC §8, byte students).",
     )
 
 
 class StudentConfig(StrictModel):
     """Which student to train: an HF causal LM, or the teacher moved to a new tokenizer."""
 
-    model: str | None = Field(None, description="HF model id or local folder of the student (omit with `transfer`).")
-    tokenizer: str | None = Field(None, description="Tokenizer id/path; defaults to the model's own tokenizer.")
-    transfer: TransferConfig | None = Field(None, description="Build the student by tokenizer transfer instead.")
-    family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
-        "auto", description="Template family used to render the student's sequences; `auto` detects it."
+    model: str | None = Field(
+        None, description="HF model id or local folder of the student (omit with `transfer`)."
     )
-    max_length: int = Field(512, ge=2, description="Student sequence length in tokens (byte students: ~4x).")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer id/path; defaults to the model's own tokenizer."
+    )
+    transfer: TransferConfig | None = Field(
+        None, description="Build the student by tokenizer transfer instead."
+    )
+    family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
+        "auto",
+        description="Template family used to render the student's sequences; `auto` detects it.",
+    )
+    max_length: int = Field(
+        512, ge=2, description="Student sequence length in tokens (byte students: ~4x)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
@@ -73,7 +86,9 @@ class StudentConfig(StrictModel):
                 "(e.g. transfer: {from: teacher, tokenizer: bytes})"
             )
         if self.transfer is not None and self.tokenizer is not None:
-            raise ValueError("student.tokenizer is only for student.model; with transfer use transfer.tokenizer")
+            raise ValueError(
+                "student.tokenizer is only for student.model; with transfer use transfer.tokenizer"
+            )
         return self
 
 
@@ -84,9 +99,13 @@ class LossConfig(StrictModel):
         "alm", description="`alm` (default), `sft`, or `alm+sft` combined with GradMag."
     )
     hidden: float = Field(
-        0.0, ge=0.0, description="Weight of the hidden-state loss (0 = off); needs `hidden` in the store."
+        0.0,
+        ge=0.0,
+        description="Weight of the hidden-state loss (0 = off); needs `hidden` in the store.",
     )
-    gamma: float = Field(0.1, ge=0.0, lt=1.0, description="Teacher boundary-probability threshold for merging.")
+    gamma: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Teacher boundary-probability threshold for merging."
+    )
     temperature: float = Field(100.0, gt=0.0, description="Binarisation temperature tau.")
     divergence: Divergence = Field("binary_ce", description="Binarised divergence per chunk group.")
     boundary_classes: list[BoundaryClass] = Field(
@@ -95,7 +114,8 @@ class LossConfig(StrictModel):
         description="First-byte classes that count as a pretoken boundary (debiasing and merging).",
     )
     combine: Literal["gradmag", "sum"] = Field(
-        "gradmag", description="How several losses are combined: GradMag (paper default) or a plain sum."
+        "gradmag",
+        description="How several losses are combined: GradMag (paper default) or a plain sum.",
     )
 
     @field_validator("boundary_classes")
@@ -123,8 +143,12 @@ class OptimConfig(StrictModel):
     eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     steps: int = Field(..., ge=1, description="Total optimizer steps.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps (then linear decay to 0 at `steps`).")
-    grad_clip: float | None = Field(1.0, gt=0.0, description="Global gradient-norm clip; null disables it.")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear warmup steps (then linear decay to 0 at `steps`)."
+    )
+    grad_clip: float | None = Field(
+        1.0, gt=0.0, description="Global gradient-norm clip; null disables it."
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (per process).")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (per process).")
 
@@ -143,25 +167,43 @@ class LoraConfig(StrictModel):
     alpha: float = Field(64.0, gt=0.0, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
         min_length=1,
         description="Module names that get adapters.",
     )
-    train_embeddings: bool = Field(True, description="Train input/output embeddings fully (needed after transfer).")
+    train_embeddings: bool = Field(
+        True, description="Train input/output embeddings fully (needed after transfer)."
+    )
 
 
 class EvalConfig(StrictModel):
     """Held-out evaluation: student bits per byte and chunk agreement with the teacher."""
 
-    store: str = Field(..., description="Held-out teacher store (same teacher tokenizer as the training stores).")
-    every: int = Field(0, ge=0, description="Evaluate every N optimizer steps (0: only before and after training).")
-    max_sequences: int | None = Field(None, ge=1, description="Evaluate on at most this many sequences.")
+    store: str = Field(
+        ..., description="Held-out teacher store (same teacher tokenizer as the training stores)."
+    )
+    every: int = Field(
+        0, ge=0, description="Evaluate every N optimizer steps (0: only before and after training)."
+    )
+    max_sequences: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many sequences."
+    )
 
 
 class TrainRecipe(StrictModel):
     """A whole `alm train` recipe; every problem is reported at once by `alm.config.load_yaml_model`."""
 
-    stores: list[StoreRef] = Field(..., min_length=1, description="Teacher stores to train from (one or more).")
+    stores: list[StoreRef] = Field(
+        ..., min_length=1, description="Teacher stores to train from (one or more)."
+    )
     student: StudentConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig
@@ -169,10 +211,14 @@ class TrainRecipe(StrictModel):
     eval: EvalConfig | None = Field(None, description="Held-out evaluation; omit to skip.")
     output_dir: str = Field(..., description="Run folder: checkpoints, metrics, the final student.")
     seed: int = Field(0, description="Seed for data order, init draws and dropout.")
-    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at end).")
+    checkpoint_every: int = Field(
+        0, ge=0, description="Save a resumable checkpoint every N steps (0: only at end)."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes building student batches.")
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader worker processes building student batches."
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
     )
@@ -195,7 +241,9 @@ class TrainRecipe(StrictModel):
                 f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds optim.steps ({self.optim.steps})"
             )
         if self.loss.hidden > 0 and self.lora is not None:
-            problems.append("loss.hidden needs full fine-tuning: the hidden-state loss is not set up with LoRA")
+            problems.append(
+                "loss.hidden needs full fine-tuning: the hidden-state loss is not set up with LoRA"
+            )
         if self.parallel == "fsdp2" and self.lora is not None:
             problems.append("parallel: fsdp2 with LoRA is not supported; use ddp")
         if self.checkpoint_every > self.optim.steps:

@@ -73,7 +73,9 @@ class SequenceOrder:
             sizes = np.array([self.shards[i].num_sequences for i in shard_order], dtype=np.int64)
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             rows = [
-                np.random.default_rng([self.seed, epoch, int(i)]).permutation(self.shards[i].num_sequences)
+                np.random.default_rng([self.seed, epoch, int(i)]).permutation(
+                    self.shards[i].num_sequences
+                )
                 for i in shard_order
             ]
             self._cache = {epoch: (shard_order, starts, rows)}
@@ -133,7 +135,9 @@ class MicroBatches(Dataset):
         if key not in self._shards:
             store = self._stores.get(ref.store_index)
             if store is None:
-                store = self._stores[ref.store_index] = open_store(self.store_paths[ref.store_index])
+                store = self._stores[ref.store_index] = open_store(
+                    self.store_paths[ref.store_index]
+                )
             self._shards[key] = list(store.read_shard(ref.shard_index, self.fields).sequences())
             while len(self._shards) > self.max_cached_shards:
                 self._shards.popitem(last=False)
@@ -145,7 +149,9 @@ class MicroBatches(Dataset):
         return collate_examples(examples)
 
 
-def make_loader(dataset: MicroBatches, start: int, stop: int, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+def make_loader(
+    dataset: MicroBatches, start: int, stop: int, num_workers: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Micro-batches `start, ..., stop - 1` of `dataset`, built in `num_workers` worker processes, in order."""
     loader = DataLoader(
         dataset,

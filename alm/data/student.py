@@ -32,14 +32,20 @@ from alm.vocab import Vocab
 logger = logging.getLogger(__name__)
 
 
-def token_in_loss(start_byte: np.ndarray, end_byte: np.ndarray, role: Sequence[Any], loss_spans: np.ndarray) -> np.ndarray:
+def token_in_loss(
+    start_byte: np.ndarray, end_byte: np.ndarray, role: Sequence[Any], loss_spans: np.ndarray
+) -> np.ndarray:
     """Bool [n]: which tokens are in the loss region (team rule, docs/architecture.md).
 
     A text token is in the loss iff its byte span lies inside one loss span; a block token at byte offset o iff
     some span has `start < o <= end`.
     """
     spans = np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2)
-    is_block = np.array([r is not None for r in role], dtype=bool) if role is not None else np.zeros(len(start_byte), bool)
+    is_block = (
+        np.array([r is not None for r in role], dtype=bool)
+        if role is not None
+        else np.zeros(len(start_byte), bool)
+    )
     start = np.asarray(start_byte, dtype=np.int64)[:, None]
     end = np.asarray(end_byte, dtype=np.int64)[:, None]
     text_in = ((spans[None, :, 0] <= start) & (end <= spans[None, :, 1])).any(axis=1)
@@ -85,13 +91,21 @@ class StudentExampleBuilder:
         teacher = sequence_from_ids(seq, self.teacher_vocab)
         document = document_from_stored(seq)
         student = render(
-            document, self.student_tokenizer, self.student_vocab, self.student_family, max_length=self.max_length
+            document,
+            self.student_tokenizer,
+            self.student_vocab,
+            self.student_family,
+            max_length=self.max_length,
         )
         loss_spans = np.asarray(seq.loss_spans, dtype=np.int64).reshape(-1, 2)
         chunks_all = align_sequences(teacher, student, loss_spans, keep_outside_loss=True)
         chunks = chunks_all.select(chunks_all.in_loss)
-        teacher_logmass = combine_boundary_classes(np.asarray(seq.boundary_logmass), tuple(self.boundary_class_ids))
-        targets = build_alm_targets(chunks_all, np.asarray(seq.logp), teacher_logmass, gamma=self.gamma)
+        teacher_logmass = combine_boundary_classes(
+            np.asarray(seq.boundary_logmass), tuple(self.boundary_class_ids)
+        )
+        targets = build_alm_targets(
+            chunks_all, np.asarray(seq.logp), teacher_logmass, gamma=self.gamma
+        )
         input_ids = np.asarray(student.token_id, dtype=np.int64)
         sft_mask = token_in_loss(student.start_byte, student.end_byte, student.role, loss_spans)
         sft_mask[0] = False  # position 0 is never predicted
@@ -100,12 +114,18 @@ class StudentExampleBuilder:
             # §7.1: the last token of every greedy chunk, loss masks not applied.
             example["hidden_teacher"] = seq.hidden_float32()[targets.teacher_chunk_last_pos]
         if self.with_eval:
-            example["chunk_teacher_logp"] = chunk_logp_sums(seq.logp, chunks.teacher_start, chunks.teacher_end)
+            example["chunk_teacher_logp"] = chunk_logp_sums(
+                seq.logp, chunks.teacher_start, chunks.teacher_end
+            )
             example["chunk_student_start"] = chunks.student_start
             example["chunk_student_end"] = chunks.student_end
             example["num_bytes"] = np.int64(len(seq.text))
-            example["student_num_bytes"] = np.int64(student.end_byte.max() if len(student.end_byte) else 0)
-            example["teacher_logp_sum"] = np.float64(np.nansum(np.asarray(seq.logp, dtype=np.float64)[1:]))
+            example["student_num_bytes"] = np.int64(
+                student.end_byte.max() if len(student.end_byte) else 0
+            )
+            example["teacher_logp_sum"] = np.float64(
+                np.nansum(np.asarray(seq.logp, dtype=np.float64)[1:])
+            )
         return example
 
 
@@ -113,7 +133,10 @@ _PADDED_KEYS = {
     # key: (mask key or None, pad value)
     "input_ids": ("attention_mask", 0),
     "sft_mask": (None, False),
-    "hidden_teacher": (None, 0.0),  # aligned with `chunk_mask` / `student_chunk_last_pos` of `pad_targets`
+    "hidden_teacher": (
+        None,
+        0.0,
+    ),  # aligned with `chunk_mask` / `student_chunk_last_pos` of `pad_targets`
     "chunk_teacher_logp": ("eval_chunk_mask", 0.0),
     "chunk_student_start": (None, 1),
     "chunk_student_end": (None, 1),

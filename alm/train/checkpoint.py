@@ -27,7 +27,11 @@ CHECKPOINTS_DIR = "checkpoints"
 
 def rng_state() -> dict[str, Any]:
     """The python, numpy and torch (CPU and CUDA) random states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -88,7 +92,9 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     root = output_dir / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file())
+    return sorted(
+        p for p in root.iterdir() if p.name.startswith("step-") and (p / "state.pt").is_file()
+    )
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -28,12 +28,18 @@ from alm.store.reader import open_store
 
 
 def eval_batches(
-    store_path: str, builder: StudentExampleBuilder, batch_size: int, rank: int, world_size: int,
+    store_path: str,
+    builder: StudentExampleBuilder,
+    batch_size: int,
+    rank: int,
+    world_size: int,
     max_sequences: int | None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's share of the held-out store, in stored order, collated in batches."""
     pending: list[dict[str, Any]] = []
-    for i, seq in enumerate(open_store(store_path).iter_sequences(["token_id", "logp", "boundary_logmass"])):
+    for i, seq in enumerate(
+        open_store(store_path).iter_sequences(["token_id", "logp", "boundary_logmass"])
+    ):
         if max_sequences is not None and i >= max_sequences:
             break
         if i % world_size != rank:
@@ -77,28 +83,42 @@ def evaluate(
         attention_mask = batch["attention_mask"].to(device)
         with autocast():
             logits, _ = model(input_ids, attention_mask)
-        next_ids = torch.cat([input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -1)], dim=1)
-        next_ids = torch.where(torch.cat([attention_mask[:, 1:], attention_mask[:, :1] & False], dim=1), next_ids, -1)
-        next_logp, _ = token_stats(logits, next_ids, None, vocab_size=vocab_size)  # [B, Ts], 0 where no target
-        token_logp = torch.cat([next_logp.new_zeros(input_ids.shape[0], 1), next_logp[:, :-1]], dim=1).double()
-        prefix = torch.cat([token_logp.new_zeros(input_ids.shape[0], 1), token_logp.cumsum(dim=1)], dim=1)
+        next_ids = torch.cat(
+            [input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -1)], dim=1
+        )
+        next_ids = torch.where(
+            torch.cat([attention_mask[:, 1:], attention_mask[:, :1] & False], dim=1), next_ids, -1
+        )
+        next_logp, _ = token_stats(
+            logits, next_ids, None, vocab_size=vocab_size
+        )  # [B, Ts], 0 where no target
+        token_logp = torch.cat(
+            [next_logp.new_zeros(input_ids.shape[0], 1), next_logp[:, :-1]], dim=1
+        ).double()
+        prefix = torch.cat(
+            [token_logp.new_zeros(input_ids.shape[0], 1), token_logp.cumsum(dim=1)], dim=1
+        )
         chunk_mask = batch["eval_chunk_mask"].to(device)
         student_chunk = prefix.gather(1, batch["chunk_student_end"].to(device)) - prefix.gather(
             1, batch["chunk_student_start"].to(device)
         )
         diff = (batch["chunk_teacher_logp"].to(device).double() - student_chunk).abs()
-        totals += torch.stack([
-            -token_logp.sum().cpu(),
-            -batch["teacher_logp_sum"].double().sum(),
-            batch["num_bytes"].double().sum(),
-            torch.where(chunk_mask, diff, 0.0).sum().cpu(),
-            chunk_mask.sum().double().cpu(),
-            torch.tensor(float(input_ids.shape[0]), dtype=torch.float64),
-            batch["student_num_bytes"].double().sum(),
-        ])
+        totals += torch.stack(
+            [
+                -token_logp.sum().cpu(),
+                -batch["teacher_logp_sum"].double().sum(),
+                batch["num_bytes"].double().sum(),
+                torch.where(chunk_mask, diff, 0.0).sum().cpu(),
+                chunk_mask.sum().double().cpu(),
+                torch.tensor(float(input_ids.shape[0]), dtype=torch.float64),
+                batch["student_num_bytes"].double().sum(),
+            ]
+        )
     totals = all_reduce_sum(totals.to(device)).cpu()
     model.train(was_training)
-    student_nll, teacher_nll, num_bytes, diff_sum, num_chunks, num_sequences, student_bytes = totals.tolist()
+    student_nll, teacher_nll, num_bytes, diff_sum, num_chunks, num_sequences, student_bytes = (
+        totals.tolist()
+    )
     return {
         # Each side over the bytes its own tokens cover (the student may be truncated earlier).
         "eval/student_bpb": student_nll / (max(student_bytes, 1.0) * math.log(2)),

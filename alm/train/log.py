@@ -37,7 +37,11 @@ class RunLog:
         self._last_time = time.perf_counter()
         self._tokens = 0
         self.bar = tqdm(
-            total=total_steps, initial=start_step, disable=not enabled, unit="step", dynamic_ncols=True,
+            total=total_steps,
+            initial=start_step,
+            disable=not enabled,
+            unit="step",
+            dynamic_ncols=True,
             mininterval=1.0,
         )
         if not enabled:
@@ -45,7 +49,9 @@ class RunLog:
         output_dir.mkdir(parents=True, exist_ok=True)
         self._metrics = (output_dir / METRICS_FILE).open("a", encoding="utf-8")
         self._handler = logging.FileHandler(output_dir / LOG_FILE, encoding="utf-8")
-        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        )
         logging.getLogger("alm").addHandler(self._handler)
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -66,7 +72,9 @@ class RunLog:
         elapsed = max(now - self._last_time, 1e-9)
         metrics = {**metrics, "tokens_per_s": self._tokens / elapsed}
         self.bar.update(step - self.bar.n)
-        self.bar.set_postfix(loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        self.bar.set_postfix(
+            loss=f"{metrics.get('loss', math.nan):.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+        )
         if write:
             self.write(step, metrics)
         self._last_time, self._tokens = now, 0
@@ -108,4 +116,6 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     path = output_dir / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]

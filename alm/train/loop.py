@@ -33,17 +33,36 @@ from alm.errors import ConfigError, StoreError, StoreMismatchError
 from alm.store.reader import open_store
 from alm.templates import family_for_tokenizer
 from alm.train import parallel
-from alm.train.checkpoint import list_checkpoints, load_checkpoint, restore_checkpoint, save_checkpoint
+from alm.train.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from alm.train.evaluate import eval_batches, evaluate
-from alm.train.log import METRICS_FILE, RunLog
-from alm.train.step import LossSettings, TrainModule, last_block_params, make_projector, micro_batch_loss
+from alm.train.log import METRICS_FILE, RunLog, read_metrics
+from alm.train.step import (
+    LossSettings,
+    TrainModule,
+    last_block_params,
+    make_projector,
+    micro_batch_loss,
+)
 from alm.train.student import apply_lora, load_student, save_student
 
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "alm-run.json"
 STUDENT_DIR = "student"
-_OUR_ENTRIES = (RUN_FILE, STUDENT_DIR, "checkpoints", METRICS_FILE, "train.log", "tensorboard", "config.yaml")
+_OUR_ENTRIES = (
+    RUN_FILE,
+    STUDENT_DIR,
+    "checkpoints",
+    METRICS_FILE,
+    "train.log",
+    "tensorboard",
+    "config.yaml",
+)
 
 
 @dataclass(frozen=True)
@@ -59,7 +78,11 @@ class StoreInfo:
 
 def _plan_value(store: Any, key: str) -> Any:
     manifest = store.manifest
-    for source in (manifest, manifest.get("plan", {}), getattr(store, "plan_doc", {}).get("plan", {})):
+    for source in (
+        manifest,
+        manifest.get("plan", {}),
+        getattr(store, "plan_doc", {}).get("plan", {}),
+    ):
         if isinstance(source, dict) and source.get(key) is not None:
             return source[key]
     return None
@@ -80,7 +103,11 @@ def check_stores(cfg: TrainRecipe) -> StoreInfo:
         store = open_store(path)
         fingerprint = _plan_value(store, "tokenizer_fingerprint") or store.vocab.fingerprint()
         ref = expected.get(path)
-        if ref and ref.teacher_tokenizer_fingerprint and ref.teacher_tokenizer_fingerprint != fingerprint:
+        if (
+            ref
+            and ref.teacher_tokenizer_fingerprint
+            and ref.teacher_tokenizer_fingerprint != fingerprint
+        ):
             raise StoreMismatchError(
                 f"store {path}: teacher tokenizer fingerprint is {fingerprint}, but the recipe expects "
                 f"{ref.teacher_tokenizer_fingerprint}; point stores[].path at the right store or update the recipe"
@@ -94,9 +121,11 @@ def check_stores(cfg: TrainRecipe) -> StoreInfo:
         if info is None:
             hidden = store.field_specs.get("hidden")
             info = StoreInfo(
-                teacher_vocab=store.vocab, teacher_model=_plan_value(store, "teacher_model"),
+                teacher_vocab=store.vocab,
+                teacher_model=_plan_value(store, "teacher_model"),
                 teacher_fingerprint=fingerprint,
-                hidden_size=int(hidden["shape"][-1]) if hidden else 0, num_sequences=0,
+                hidden_size=int(hidden["shape"][-1]) if hidden else 0,
+                num_sequences=0,
             )
         elif fingerprint != info.teacher_fingerprint:
             raise StoreMismatchError(
@@ -109,7 +138,9 @@ def check_stores(cfg: TrainRecipe) -> StoreInfo:
                 f"{cfg.loss.hidden}; rerun precompute with hidden states or set loss.hidden: 0"
             )
         if ref is not None:
-            info = StoreInfo(**{**info.__dict__, "num_sequences": info.num_sequences + store.num_sequences})
+            info = StoreInfo(
+                **{**info.__dict__, "num_sequences": info.num_sequences + store.num_sequences}
+            )
     if problems:
         raise StoreError("\n".join(problems))
     assert info is not None
@@ -136,8 +167,11 @@ def prepare_output_dir(cfg: TrainRecipe, resume: bool, overwrite: bool) -> Path:
         previous = json.loads(run_file.read_text(encoding="utf-8"))
         if resume:
             if previous.get("config_hash") != config_hash(cfg):
-                logger.warning("resuming with a changed recipe (was %s, now %s)", previous.get("config_hash"),
-                               config_hash(cfg))
+                logger.warning(
+                    "resuming with a changed recipe (was %s, now %s)",
+                    previous.get("config_hash"),
+                    config_hash(cfg),
+                )
             return out
         if not overwrite:
             raise ConfigError(
@@ -151,9 +185,24 @@ def prepare_output_dir(cfg: TrainRecipe, resume: bool, overwrite: bool) -> Path:
             elif target.exists():
                 target.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
-    run_file.write_text(json.dumps({"kind": "alm-train-run", "config_hash": config_hash(cfg)}, indent=2) + "\n")
+    (out / "config.yaml").write_text(
+        yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
+    )
+    run_file.write_text(
+        json.dumps({"kind": "alm-train-run", "config_hash": config_hash(cfg)}, indent=2) + "\n"
+    )
     return out
+
+
+def teacher_hidden_second_moment(store_path: str) -> torch.Tensor:
+    """Per-channel mean of the squared teacher hidden state over the first shard: the hidden loss's constant
+    normaliser (ALM_SPEC §7.1, §13.14: a dataset constant, not a per-batch value)."""
+    store = open_store(store_path)
+    shard = store.read_shard(
+        store.shard_indices[0], ["token_id", "logp", "boundary_logmass", "hidden"]
+    )
+    values = np.concatenate([seq.hidden_float32() for seq in shard.sequences()])  # [N, d_T]
+    return torch.from_numpy(np.square(values.astype(np.float64)).mean(axis=0).astype(np.float32))
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -162,8 +211,13 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False,
-              stop_after_steps: int | None = None) -> Path:
+def run_train(
+    cfg: TrainRecipe,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_steps: int | None = None,
+) -> Path:
     """Train the student of `cfg`; return the folder of the saved student.
 
     Args:
@@ -190,40 +244,69 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
     names = tuple(cfg.loss.losses())
     projector = None
     if "hidden" in names:
-        projector = make_projector(student.model.config.get_text_config().hidden_size, stores.hidden_size)
+        projector = make_projector(
+            student.model.config.get_text_config().hidden_size, stores.hidden_size
+        )
     module = TrainModule(hf_model, projector)
     module.train()
     model = parallel.wrap(module, cfg.parallel, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+    )
     total_steps, accum = cfg.optim.steps, cfg.optim.grad_accum
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _lr_factor(s, cfg.optim.warmup_steps, total_steps))
+        optimizer, lambda s: _lr_factor(s, cfg.optim.warmup_steps, total_steps)
+    )
     start_step = 0
     checkpoints = list_checkpoints(out) if resume else []
     if checkpoints:
-        start_step = restore_checkpoint(load_checkpoint(checkpoints[-1]), parallel.unwrap(model), optimizer,
-                                        scheduler)
+        start_step = restore_checkpoint(
+            load_checkpoint(checkpoints[-1]), parallel.unwrap(model), optimizer, scheduler
+        )
         logger.info("resumed from %s (step %d)", checkpoints[-1], start_step)
 
-    family = cfg.student.family if cfg.student.family != "auto" else family_for_tokenizer(student.tokenizer)
-    boundary_ids = cfg.loss.boundary_class_ids()
-    builder_args = dict(
-        teacher_vocab=stores.teacher_vocab, student_tokenizer=student.tokenizer, student_vocab=student.vocab,
-        student_family=family, max_length=cfg.student.max_length, boundary_class_ids=boundary_ids,
-        gamma=cfg.loss.gamma,
+    family = (
+        cfg.student.family
+        if cfg.student.family != "auto"
+        else family_for_tokenizer(student.tokenizer)
     )
+    boundary_ids = cfg.loss.boundary_class_ids()
+    builder_args = {
+        "teacher_vocab": stores.teacher_vocab,
+        "student_tokenizer": student.tokenizer,
+        "student_vocab": student.vocab,
+        "student_family": family,
+        "max_length": cfg.student.max_length,
+        "boundary_class_ids": boundary_ids,
+        "gamma": cfg.loss.gamma,
+    }
     fields = ["token_id", "logp", "boundary_logmass"] + (["hidden"] if "hidden" in names else [])
     dataset = MicroBatches(
-        [ref.path for ref in cfg.stores], StudentExampleBuilder(**builder_args, with_hidden="hidden" in names),
-        micro_batch_size=cfg.optim.micro_batch_size, seed=cfg.seed, fields=fields,
-        rank=parallel.rank(), world_size=parallel.world_size(),
+        [ref.path for ref in cfg.stores],
+        StudentExampleBuilder(**builder_args, with_hidden="hidden" in names),
+        micro_batch_size=cfg.optim.micro_batch_size,
+        seed=cfg.seed,
+        fields=fields,
+        rank=parallel.rank(),
+        world_size=parallel.world_size(),
     )
     batches = make_loader(dataset, start_step * accum, total_steps * accum, cfg.num_workers)
     vocab_size = len(student.vocab.token_bytes)
     boundary_mask = torch.as_tensor(student.vocab.boundary_mask(boundary_ids), device=device)
-    settings = LossSettings(names, cfg.loss.temperature, cfg.loss.divergence, cfg.loss.hidden, cfg.loss.combine)
+    second_moment = teacher_hidden_second_moment(cfg.stores[0].path) if "hidden" in names else None
+    settings = LossSettings(
+        names,
+        cfg.loss.temperature,
+        cfg.loss.divergence,
+        cfg.loss.hidden,
+        cfg.loss.combine,
+        second_moment,
+    )
     gradmag_params = last_block_params(parallel.unwrap(model).student)
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
@@ -237,12 +320,24 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
             return
         eval_builder = StudentExampleBuilder(**builder_args, with_eval=True)
         figures = evaluate(
-            model, eval_batches(cfg.eval.store, eval_builder, cfg.optim.micro_batch_size, parallel.rank(),
-                                parallel.world_size(), cfg.eval.max_sequences),
-            device, parallel.all_reduce_sum, autocast, vocab_size,
+            model,
+            eval_batches(
+                cfg.eval.store,
+                eval_builder,
+                cfg.optim.micro_batch_size,
+                parallel.rank(),
+                parallel.world_size(),
+                cfg.eval.max_sequences,
+            ),
+            device,
+            parallel.all_reduce_sum,
+            autocast,
+            vocab_size,
         )
         log.write(step, figures)
-        logger.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in figures.items()))
+        logger.info(
+            "eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in figures.items())
+        )
 
     log = RunLog(out, total_steps, start_step, enabled=parallel.is_main())
     if start_step == 0:
@@ -251,20 +346,37 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
     for step in range(start_step, total_steps):
         micro_batches = [next(batches) for _ in range(accum)]
         # §6.3: normalise by the valid groups (and SFT tokens, hidden chunks) of the whole step, all ranks.
-        local = torch.stack([
-            sum(mb["num_groups"] for mb in micro_batches),
-            sum(mb["num_sft_tokens"] for mb in micro_batches),
-            sum(mb["chunk_mask"].sum() for mb in micro_batches),
-        ]).to(device)
-        counts = dict(zip(("num_groups", "num_sft_tokens", "num_hidden"), parallel.all_reduce_sum(local), strict=True))
+        local = torch.stack(
+            [
+                sum(mb["num_groups"] for mb in micro_batches),
+                sum(mb["num_sft_tokens"] for mb in micro_batches),
+                sum(mb["chunk_mask"].sum() for mb in micro_batches),
+            ]
+        ).to(device)
+        counts = dict(
+            zip(
+                ("num_groups", "num_sft_tokens", "num_hidden"),
+                parallel.all_reduce_sum(local),
+                strict=True,
+            )
+        )
         step_metrics: dict[str, float] = {}
         for i, micro_batch in enumerate(micro_batches):
             micro_batch = {k: v.to(device) for k, v in micro_batch.items()}
             with parallel.no_sync(model, skip=i < accum - 1):
                 with autocast():
-                    loss, parts = micro_batch_loss(model, micro_batch, settings, boundary_mask, counts,
-                                                   gradmag_params, vocab_size)
-                (loss * world).backward()  # DDP/FSDP average over ranks; the losses are already global means
+                    loss, parts = micro_batch_loss(
+                        model,
+                        micro_batch,
+                        settings,
+                        boundary_mask,
+                        counts,
+                        gradmag_params,
+                        vocab_size,
+                    )
+                (
+                    loss * world
+                ).backward()  # DDP/FSDP average over ranks; the losses are already global means
             for key, value in {"loss": float(loss.detach()), **parts}.items():
                 step_metrics[key] = step_metrics.get(key, 0.0) + value
             log.count_tokens(int(micro_batch["attention_mask"].sum()) * world)
@@ -273,20 +385,37 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        summed = parallel.all_reduce_sum(torch.tensor([step_metrics["loss"]], dtype=torch.float64, device=device))
+        summed = parallel.all_reduce_sum(
+            torch.tensor([step_metrics["loss"]], dtype=torch.float64, device=device)
+        )
         step_metrics["loss"] = float(summed)
-        step_metrics.update(grad_norm=float(grad_norm), lr=lr,
-                            num_groups=float(counts["num_groups"]))
+        step_metrics.update(
+            grad_norm=float(grad_norm), lr=lr, num_groups=float(counts["num_groups"])
+        )
         done = step + 1
         log.step(done, step_metrics, write=done % cfg.log_every == 0 or done == total_steps)
-        interrupted = stop_after_steps is not None and done >= stop_after_steps and done < total_steps
+        interrupted = (
+            stop_after_steps is not None and done >= stop_after_steps and done < total_steps
+        )
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or interrupted:
             state = parallel.full_state_dict(model)
             if parallel.is_main():
-                save_checkpoint(out, done, model_state=state, optimizer=optimizer, scheduler=scheduler,
-                                config_hash=config_hash(cfg), keep=cfg.keep_checkpoints)
+                save_checkpoint(
+                    out,
+                    done,
+                    model_state=state,
+                    optimizer=optimizer,
+                    scheduler=scheduler,
+                    config_hash=config_hash(cfg),
+                    keep=cfg.keep_checkpoints,
+                )
             parallel.barrier()
-        if cfg.eval is not None and cfg.eval.every and done % cfg.eval.every == 0 and done < total_steps:
+        if (
+            cfg.eval is not None
+            and cfg.eval.every
+            and done % cfg.eval.every == 0
+            and done < total_steps
+        ):
             run_eval(done)
         if interrupted:
             log.close()
@@ -296,14 +425,22 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
     student_dir = out / STUDENT_DIR
     state = parallel.full_state_dict(model)  # collective under FSDP2: every rank takes part
     if parallel.is_main():
-        save_student(parallel.unwrap(model).student, student.tokenizer, student_dir,
-                     state_dict={k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+        save_student(
+            parallel.unwrap(model).student,
+            student.tokenizer,
+            student_dir,
+            state_dict={
+                k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
+            },
+        )
         logger.info("student saved to %s; metrics in %s", student_dir, out / METRICS_FILE)
     parallel.barrier()
     return student_dir
 
 
-def run_train_cli(recipe: str | Path, overrides: list[str], dry_run: bool, resume: bool, overwrite: bool) -> str:
+def run_train_cli(
+    recipe: str | Path, overrides: list[str], dry_run: bool, resume: bool, overwrite: bool
+) -> str:
     """The `alm train` command: load and validate the recipe, check the stores, then train (or only print).
 
     Returns:
@@ -313,8 +450,19 @@ def run_train_cli(recipe: str | Path, overrides: list[str], dry_run: bool, resum
     info = check_stores(cfg)
     if dry_run:
         resolved = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-        return (f"{resolved}\n# recipe hash {config_hash(cfg)}; stores OK: {info.num_sequences} sequences, "
-                f"teacher tokenizer {info.teacher_fingerprint}")
+        return (
+            f"{resolved}\n# recipe hash {config_hash(cfg)}; stores OK: {info.num_sequences} sequences, "
+            f"teacher tokenizer {info.teacher_fingerprint}"
+        )
     student_dir = run_train(cfg, resume=resume, overwrite=overwrite)
     parallel.shutdown()
-    return f"student: {student_dir}\nmetrics: {Path(cfg.output_dir) / METRICS_FILE}"
+    lines = [f"student: {student_dir}", f"metrics: {Path(cfg.output_dir) / METRICS_FILE}"]
+    evals = [r for r in read_metrics(Path(cfg.output_dir)) if "eval/student_bpb" in r]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines.append(
+            f"held-out bits per byte: student {first['eval/student_bpb']:.3f} (step {first['step']}) -> "
+            f"{last['eval/student_bpb']:.3f} (step {last['step']}); teacher {last['eval/teacher_bpb']:.3f}; "
+            f"chunk |log p_T - log p_S| {first['eval/chunk_abs_logp_diff']:.3f} -> {last['eval/chunk_abs_logp_diff']:.3f}"
+        )
+    return "\n".join(lines)

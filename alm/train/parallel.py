@@ -120,5 +120,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(
+            inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}

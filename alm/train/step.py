@@ -32,10 +32,14 @@ class TrainModule(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_hidden: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden)
+        out = self.student(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden
+        )
         if not with_hidden:
             return out.logits, None
-        hidden = out.hidden_states[-1]  # [B, Ts, d_S], after the final norm (the LM-head input, §7.1)
+        hidden = out.hidden_states[
+            -1
+        ]  # [B, Ts, d_S], after the final norm (the LM-head input, §7.1)
         if self.projector is not None:
             hidden = self.projector(hidden)
         return out.logits, hidden
@@ -60,7 +64,9 @@ class LossSettings:
     divergence: str
     hidden_weight: float
     combine: str  # "gradmag" or "sum"
-    teacher_second_moment: torch.Tensor | None = None  # fp32 [d_T], the hidden loss's per-channel normaliser
+    teacher_second_moment: torch.Tensor | None = (
+        None  # fp32 [d_T], the hidden loss's per-channel normaliser
+    )
 
 
 def micro_batch_loss(
@@ -92,26 +98,41 @@ def micro_batch_loss(
     metrics: dict[str, float] = {}
     if "alm" in settings.names:
         out = alm_loss(
-            logits, batch["input_ids"], boundary_mask, batch,
-            temperature=settings.temperature, divergence=settings.divergence,
-            num_valid_groups_global=counts["num_groups"].clamp(min=1), vocab_size=vocab_size,
+            logits,
+            batch["input_ids"],
+            boundary_mask,
+            batch,
+            temperature=settings.temperature,
+            divergence=settings.divergence,
+            num_valid_groups_global=counts["num_groups"].clamp(min=1),
+            vocab_size=vocab_size,
         )
         losses["alm"] = out.loss
         metrics["alm_abs_logp_diff"] = float(out.mean_abs_logp_diff)
     if "sft" in settings.names:
         losses["sft"] = sft_loss(
-            logits, batch["input_ids"], batch["sft_mask"], num_tokens_global=counts["num_sft_tokens"].clamp(min=1),
+            logits,
+            batch["input_ids"],
+            batch["sft_mask"],
+            num_tokens_global=counts["num_sft_tokens"].clamp(min=1),
             vocab_size=vocab_size,
         )
     if with_hidden:
         assert hidden is not None
         teacher_hidden = batch["hidden_teacher"]  # [B, C, d_T], already gathered at the chunk ends
         teacher_pos = torch.arange(teacher_hidden.shape[1], device=teacher_hidden.device).expand(
-            teacher_hidden.shape[0], -1)  # [B, C]
+            teacher_hidden.shape[0], -1
+        )  # [B, C]
         second_moment = settings.teacher_second_moment
         losses["hidden"] = settings.hidden_weight * hidden_state_loss(
-            hidden, teacher_hidden, batch["student_chunk_last_pos"], teacher_pos, batch["chunk_mask"],
-            teacher_second_moment=None if second_moment is None else second_moment.to(hidden.device),
+            hidden,
+            teacher_hidden,
+            batch["student_chunk_last_pos"],
+            teacher_pos,
+            batch["chunk_mask"],
+            teacher_second_moment=None
+            if second_moment is None
+            else second_moment.to(hidden.device),
             num_valid_chunks_global=counts["num_hidden"].clamp(min=1),
         )
     for name, value in losses.items():

@@ -127,7 +127,9 @@ def transfer_embeddings(
     for tid, tb in enumerate(teacher_vocab.token_bytes[:num_old]):
         if tb and not teacher_vocab.is_special[tid]:
             teacher_id_by_bytes.setdefault(tb, tid)
-    teacher_id_by_role = {role: tid for tid, role in teacher_vocab.special_role.items() if tid < num_old}
+    teacher_id_by_role = {
+        role: tid for tid, role in teacher_vocab.special_role.items() if tid < num_old
+    }
     counts = {"copied": 0, "special": 0, "averaged": 0, "random": 0}
     for sid, sb in enumerate(student_vocab.token_bytes):
         if student_vocab.is_special[sid]:
@@ -148,12 +150,18 @@ def transfer_embeddings(
                 continue
         new[sid] = mean + std * torch.randn(old.shape[1], generator=generator)
         counts["random"] += 1
-    report = TransferReport(counts["copied"], counts["special"], counts["averaged"], counts["random"])
+    report = TransferReport(
+        counts["copied"], counts["special"], counts["averaged"], counts["random"]
+    )
     return new.to(old_embeddings.dtype), report
 
 
 def _decompose(
-    teacher_tokenizer: Any, teacher_vocab: Vocab, token_bytes: bytes, num_old: int, teacher_id_by_bytes: dict[bytes, int]
+    teacher_tokenizer: Any,
+    teacher_vocab: Vocab,
+    token_bytes: bytes,
+    num_old: int,
+    teacher_id_by_bytes: dict[bytes, int],
 ) -> list[int]:
     """Teacher ids whose bytes concatenate to `token_bytes` ([] if there is no such decomposition).
 
@@ -206,26 +214,38 @@ def transfer_model(
     old_in = model.get_input_embeddings().weight
     old_out_module = model.get_output_embeddings()
     was_tied = old_out_module is not None and old_out_module.weight is old_in
-    new_in, report = transfer_embeddings(old_in, teacher_tokenizer, teacher_vocab, student_vocab, generator)
+    new_in, report = transfer_embeddings(
+        old_in, teacher_tokenizer, teacher_vocab, student_vocab, generator
+    )
     num_new, dim = new_in.shape
     in_module = nn.Embedding(num_new, dim, dtype=old_in.dtype)
     in_module.weight.data.copy_(new_in)
     keep_tied = was_tied and not untie_embeddings
     if old_out_module is not None and not keep_tied:
         # Untie from the same start when the teacher was tied; else transfer its own output matrix.
-        new_out = new_in.clone() if was_tied else transfer_embeddings(
-            old_out_module.weight, teacher_tokenizer, teacher_vocab, student_vocab, generator
-        )[0]
+        new_out = (
+            new_in.clone()
+            if was_tied
+            else transfer_embeddings(
+                old_out_module.weight, teacher_tokenizer, teacher_vocab, student_vocab, generator
+            )[0]
+        )
         out_module = nn.Linear(dim, num_new, bias=False, dtype=old_in.dtype)
         out_module.weight.data.copy_(new_out)
     model.set_input_embeddings(in_module)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.vocab_size = num_new
         config.tie_word_embeddings = keep_tied
-        for attr, token in (("bos_token_id", "bos_token"), ("eos_token_id", "eos_token"), ("pad_token_id", "pad_token")):
+        for attr, token in (
+            ("bos_token_id", "bos_token"),
+            ("eos_token_id", "eos_token"),
+            ("pad_token_id", "pad_token"),
+        ):
             if hasattr(config, attr):
                 value = getattr(student_tokenizer, token, None)
-                setattr(config, attr, student_tokenizer.convert_tokens_to_ids(value) if value else None)
+                setattr(
+                    config, attr, student_tokenizer.convert_tokens_to_ids(value) if value else None
+                )
     if old_out_module is not None:
         if keep_tied:
             out_module = nn.Linear(dim, num_new, bias=False, dtype=old_in.dtype)
@@ -237,7 +257,11 @@ def transfer_model(
             setattr(generation_config, attr, getattr(model.config, attr, None))
     logger.info(
         "tokenizer transfer to %d tokens: %d copied, %d special by role, %d averaged, %d random%s",
-        num_new, report.num_copied, report.num_special, report.num_averaged, report.num_random,
+        num_new,
+        report.num_copied,
+        report.num_special,
+        report.num_averaged,
+        report.num_random,
         " (untied)" if not keep_tied else "",
     )
     return report
@@ -276,7 +300,9 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
     source = cfg.transfer.from_
     if source == "teacher":
         if not teacher_model:
-            raise ConfigError("student.transfer.from: teacher, but the store records no teacher model; give a path")
+            raise ConfigError(
+                "student.transfer.from: teacher, but the store records no teacher model; give a path"
+            )
         source = resolve_model_path(teacher_model)
     teacher_tokenizer = load_tokenizer(source)
     model = load_causal_lm(source)
@@ -285,7 +311,11 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
     else:
         student_tokenizer = load_tokenizer(cfg.transfer.tokenizer)
     transfer_model(
-        model, teacher_tokenizer, student_tokenizer, untie_embeddings=cfg.transfer.untie_embeddings, seed=seed
+        model,
+        teacher_tokenizer,
+        student_tokenizer,
+        untie_embeddings=cfg.transfer.untie_embeddings,
+        seed=seed,
     )
     return Student(model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source)
 
@@ -306,8 +336,10 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in cfg.targets if t not in module_names]
     if len(missing) == len(cfg.targets):
-        raise ConfigError(f"lora.targets {cfg.targets} match no module of the student; it has e.g. "
-                          f"{sorted(module_names)[:12]}")
+        raise ConfigError(
+            f"lora.targets {cfg.targets} match no module of the student; it has e.g. "
+            f"{sorted(module_names)[:12]}"
+        )
     to_save = []
     if cfg.train_embeddings:
         by_id = {id(m): n for n, m in model.named_modules()}
@@ -335,9 +367,10 @@ def save_student(
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
         state_dict = None
-    elif state_dict is not None and not any(type(p).__name__ == "DTensor" for p in model.parameters()):
+    elif state_dict is not None and not any(
+        type(p).__name__ == "DTensor" for p in model.parameters()
+    ):
         state_dict = None
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
-

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,7 +22,8 @@ def test_each_epoch_visits_every_sequence_once(sizes, seed):
     for epoch in range(2):
         seen = [order.locate(epoch * order.epoch_size + p) for p in range(order.epoch_size)]
         assert sorted((ref.shard_index, row) for ref, row in seen) == sorted(
-            (i, r) for i, n in enumerate(sizes) for r in range(n))
+            (i, r) for i, n in enumerate(sizes) for r in range(n)
+        )
 
 
 @settings(deadline=None, max_examples=30)
@@ -28,7 +31,7 @@ def test_each_epoch_visits_every_sequence_once(sizes, seed):
 def test_a_shard_is_read_in_one_stretch_per_epoch(sizes, seed):
     order = SequenceOrder(shards(sizes), seed)
     visited = [order.locate(p)[0].shard_index for p in range(order.epoch_size)]
-    changes = sum(a != b for a, b in zip(visited, visited[1:]))
+    changes = sum(a != b for a, b in itertools.pairwise(visited))
     assert changes == len(sizes) - 1  # whole-shard reads: each shard is one contiguous run
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from factories import bpe_tokenizer, byte_tokenizer, corpus_texts, sentencepiece_tokenizer
 
 from alm.data.student import StudentExampleBuilder, chunk_logp_sums, collate_examples, token_in_loss
 from alm.store.reader import StoredSequence
 from alm.templates import chat_document, plain_document, render
 from alm.vocab import vocab_from_tokenizer
-from factories import bpe_tokenizer, byte_tokenizer, corpus_texts, sentencepiece_tokenizer
 
 
 def stored_from(document, tokenizer, max_length=None, seed=0, hidden_size=0) -> StoredSequence:
@@ -31,25 +31,44 @@ def stored_from(document, tokenizer, max_length=None, seed=0, hidden_size=0) -> 
     if hidden_size:
         hidden = rng.normal(size=(n, hidden_size)).astype(np.float16)
     return StoredSequence(
-        seq_id=0, doc_id=document.doc_id, source=document.source, row=document.row, shard=0, text=seq.text,
-        segments=seq.segments, loss_spans=seq.loss_spans, truncated=seq.truncated, token_id=seq.token_id,
-        logp=logp, boundary_logmass=boundary, hidden=hidden, hidden_encoding="float16" if hidden_size else None,
+        seq_id=0,
+        doc_id=document.doc_id,
+        source=document.source,
+        row=document.row,
+        shard=0,
+        text=seq.text,
+        segments=seq.segments,
+        loss_spans=seq.loss_spans,
+        truncated=seq.truncated,
+        token_id=seq.token_id,
+        logp=logp,
+        boundary_logmass=boundary,
+        hidden=hidden,
+        hidden_encoding="float16" if hidden_size else None,
     )
 
 
 def builder(teacher_tok, student_tok, **kwargs) -> StudentExampleBuilder:
     return StudentExampleBuilder(
-        teacher_vocab=vocab_from_tokenizer(teacher_tok), student_tokenizer=student_tok,
-        student_vocab=vocab_from_tokenizer(student_tok), student_family=kwargs.pop("family", "auto"),
-        max_length=kwargs.pop("max_length", 4096), boundary_class_ids=[0, 1, 2, 4], gamma=0.1, **kwargs,
+        teacher_vocab=vocab_from_tokenizer(teacher_tok),
+        student_tokenizer=student_tok,
+        student_vocab=vocab_from_tokenizer(student_tok),
+        student_family=kwargs.pop("family", "auto"),
+        max_length=kwargs.pop("max_length", 4096),
+        boundary_class_ids=[0, 1, 2, 4],
+        gamma=0.1,
+        **kwargs,
     )
 
 
 @pytest.mark.parametrize("student_kind", ["bytes", "bpe", "sentencepiece"])
 def test_groups_cover_the_same_bytes_on_both_sides(student_kind):
     teacher_tok = bpe_tokenizer(512)
-    student_tok = {"bytes": byte_tokenizer(), "bpe": bpe_tokenizer(900),
-                   "sentencepiece": sentencepiece_tokenizer()}[student_kind]
+    student_tok = {
+        "bytes": byte_tokenizer(),
+        "bpe": bpe_tokenizer(900),
+        "sentencepiece": sentencepiece_tokenizer(),
+    }[student_kind]
     student_vocab = vocab_from_tokenizer(student_tok)
     teacher_vocab = vocab_from_tokenizer(teacher_tok)
     for i, text in enumerate(corpus_texts(6)):
@@ -65,7 +84,10 @@ def test_groups_cover_the_same_bytes_on_both_sides(student_kind):
             assert s0 >= 1 and t0 >= 1  # position 0 never in a chunk (§5.1)
             student_bytes = b"".join(student_vocab.token_bytes[j] for j in ids[s0:s1])
             teacher_bytes = b"".join(teacher_vocab.token_bytes[j] for j in stored.token_id[t0:t1])
-            assert student_bytes.lstrip(b" ") == teacher_bytes.lstrip(b" ") or student_bytes == teacher_bytes
+            assert (
+                student_bytes.lstrip(b" ") == teacher_bytes.lstrip(b" ")
+                or student_bytes == teacher_bytes
+            )
         assert len(example["chunk_teacher_logp"]) == len(example["chunk_student_start"]) > 0
 
 
@@ -82,15 +104,26 @@ def test_student_tokens_are_the_documents_student_rendering():
 
 def test_chat_loss_mask_trains_assistant_turns_and_their_closing_block():
     teacher_tok, student_tok = bpe_tokenizer(512), byte_tokenizer()
-    doc = chat_document("c", "t", 0, [("user", b"What is two plus two?"), ("assistant", b"Four."),
-                                      ("user", b"And three?"), ("assistant", b"Five, no, six.")])
+    doc = chat_document(
+        "c",
+        "t",
+        0,
+        [
+            ("user", b"What is two plus two?"),
+            ("assistant", b"Four."),
+            ("user", b"And three?"),
+            ("assistant", b"Five, no, six."),
+        ],
+    )
     stored = stored_from(doc, teacher_tok)
     example = builder(teacher_tok, student_tok)(stored)
     student = render(doc, student_tok, vocab_from_tokenizer(student_tok), None)
     mask = example["sft_mask"]
     trained_text = b"".join(
-        student.text[s:e] for s, e, r, m in zip(student.start_byte, student.end_byte, student.role, mask)
-        if m and r is None)
+        student.text[s:e]
+        for s, e, r, m in zip(student.start_byte, student.end_byte, student.role, mask)
+        if m and r is None
+    )
     assert trained_text == b"Four.Five, no, six."
     # Blocks at offset o are trained iff start < o <= end of an assistant span (team rule): the turn's closing
     # eot (and whatever else sits at that same offset), never the header that opens an assistant turn.
@@ -101,8 +134,12 @@ def test_chat_loss_mask_trains_assistant_turns_and_their_closing_block():
     t = example["targets"]
     for g in range(t.num_groups):
         tokens = range(t.student_group_start[g], t.student_group_end[g])
-        assert all(token_in_loss(student.start_byte[[q]], student.end_byte[[q]], student.role[[q]], spans)[0]
-                   for q in tokens)
+        assert all(
+            token_in_loss(student.start_byte[[q]], student.end_byte[[q]], student.role[[q]], spans)[
+                0
+            ]
+            for q in tokens
+        )
 
 
 def test_truncated_student_keeps_only_the_aligned_prefix():
@@ -116,7 +153,9 @@ def test_truncated_student_keeps_only_the_aligned_prefix():
 
 def test_hidden_rows_are_the_teacher_states_at_greedy_chunk_ends():
     teacher_tok, student_tok = bpe_tokenizer(512), byte_tokenizer()
-    stored = stored_from(plain_document("d", "t", 0, corpus_texts(1)[0].encode()), teacher_tok, hidden_size=8)
+    stored = stored_from(
+        plain_document("d", "t", 0, corpus_texts(1)[0].encode()), teacher_tok, hidden_size=8
+    )
     example = builder(teacher_tok, student_tok, with_hidden=True)(stored)
     pos = example["targets"].teacher_chunk_last_pos
     np.testing.assert_array_equal(example["hidden_teacher"], stored.hidden_float32()[pos])
@@ -125,8 +164,14 @@ def test_hidden_rows_are_the_teacher_states_at_greedy_chunk_ends():
 def test_collate_pads_without_changing_any_example():
     teacher_tok, student_tok = bpe_tokenizer(512), byte_tokenizer()
     make = builder(teacher_tok, student_tok, with_eval=True, with_hidden=True)
-    examples = [make(stored_from(plain_document(f"d{i}", "t", i, t.encode()), teacher_tok, seed=i, hidden_size=4))
-                for i, t in enumerate(corpus_texts(3))]
+    examples = [
+        make(
+            stored_from(
+                plain_document(f"d{i}", "t", i, t.encode()), teacher_tok, seed=i, hidden_size=4
+            )
+        )
+        for i, t in enumerate(corpus_texts(3))
+    ]
     batch = collate_examples(examples)
     for i, ex in enumerate(examples):
         n = len(ex["input_ids"])
@@ -142,4 +187,6 @@ def test_collate_pads_without_changing_any_example():
 
 def test_chunk_logp_sums_match_direct_sums():
     logp = np.array([np.nan, -1.0, -2.0, -0.5, -3.0], dtype=np.float32)
-    np.testing.assert_allclose(chunk_logp_sums(logp, np.array([1, 3]), np.array([3, 5])), [-3.0, -3.5])
+    np.testing.assert_allclose(
+        chunk_logp_sums(logp, np.array([1, 3]), np.array([3, 5])), [-3.0, -3.5]
+    )

@@ -6,12 +6,18 @@ import copy
 
 import pytest
 import torch
+from factories import CHATML_SPECIALS, bpe_tokenizer, byte_tokenizer, tiny_llama, tiny_llama_config
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from alm.errors import ConfigError
-from alm.train.student import _decompose, apply_lora, byte_tokenizer_like, save_student, transfer_model
+from alm.train.student import (
+    _decompose,
+    apply_lora,
+    byte_tokenizer_like,
+    save_student,
+    transfer_model,
+)
 from alm.vocab import vocab_from_tokenizer
-from factories import CHATML_SPECIALS, bpe_tokenizer, byte_tokenizer, tiny_llama, tiny_llama_config
 
 
 def teacher_model(vocab_size: int, tied: bool = False):
@@ -34,26 +40,47 @@ def test_byte_student_copies_every_byte_and_special_from_a_byte_level_teacher():
     new_in = model.get_input_embeddings().weight.detach()
     new_out = model.get_output_embeddings().weight.detach()
     assert new_in.shape == (256 + len(CHATML_SPECIALS), old_in.shape[1])
-    teacher_id = {b: i for i, b in enumerate(teacher_vocab.token_bytes) if b and not teacher_vocab.is_special[i]}
+    teacher_id = {
+        b: i
+        for i, b in enumerate(teacher_vocab.token_bytes)
+        if b and not teacher_vocab.is_special[i]
+    }
     for byte in range(256):
         tid = teacher_id[bytes([byte])]
         assert torch.equal(new_in[byte], old_in[tid])
-        assert torch.equal(new_out[byte], old_out[tid])  # untied teacher: its own output matrix is transferred
+        assert torch.equal(
+            new_out[byte], old_out[tid]
+        )  # untied teacher: its own output matrix is transferred
     for special in CHATML_SPECIALS:
-        sid, tid = student_tok.convert_tokens_to_ids(special), teacher_tok.convert_tokens_to_ids(special)
+        sid, tid = (
+            student_tok.convert_tokens_to_ids(special),
+            teacher_tok.convert_tokens_to_ids(special),
+        )
         assert torch.equal(new_in[sid], old_in[tid])
-    assert (report.num_copied, report.num_special, report.num_averaged, report.num_random) == (256, 3, 0, 0)
+    assert (report.num_copied, report.num_special, report.num_averaged, report.num_random) == (
+        256,
+        3,
+        0,
+        0,
+    )
     assert model.config.vocab_size == len(student_tok)
 
 
 def test_new_subword_tokens_average_their_decomposition_under_the_teacher():
     teacher_tok, student_tok = bpe_tokenizer(400), bpe_tokenizer(900)
-    teacher_vocab, student_vocab = vocab_from_tokenizer(teacher_tok), vocab_from_tokenizer(student_tok)
+    teacher_vocab, student_vocab = (
+        vocab_from_tokenizer(teacher_tok),
+        vocab_from_tokenizer(student_tok),
+    )
     model = teacher_model(len(teacher_tok))
     old_in = model.get_input_embeddings().weight.detach().clone()
     report = transfer_model(model, teacher_tok, student_tok, untie_embeddings=False, seed=0)
     new_in = model.get_input_embeddings().weight.detach()
-    teacher_id = {b: i for i, b in enumerate(teacher_vocab.token_bytes) if b and not teacher_vocab.is_special[i]}
+    teacher_id = {
+        b: i
+        for i, b in enumerate(teacher_vocab.token_bytes)
+        if b and not teacher_vocab.is_special[i]
+    }
     checked_avg = 0
     for sid, token in enumerate(student_vocab.token_bytes):
         if student_vocab.is_special[sid]:
@@ -75,7 +102,9 @@ def test_unmatched_special_gets_a_draw_with_the_old_mean_and_std():
     old_in = model.get_input_embeddings().weight.detach().clone()
     report = transfer_model(model, teacher_tok, student_tok, untie_embeddings=False, seed=0)
     assert report.num_random == 1
-    row = model.get_input_embeddings().weight.detach()[student_tok.convert_tokens_to_ids("<|new_marker|>")]
+    row = model.get_input_embeddings().weight.detach()[
+        student_tok.convert_tokens_to_ids("<|new_marker|>")
+    ]
     assert torch.isfinite(row).all()
     assert not (old_in == row).all(dim=1).any()
     # Same seed, same draw.
@@ -120,7 +149,9 @@ def test_lora_wraps_the_targets_and_trains_the_embeddings(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("embed_tokens" in n for n in trainable)
     save_student(model, teacher_tok, tmp_path / "merged")
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.vocab_size == len(teacher_tok)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "merged").config.vocab_size == len(
+        teacher_tok
+    )
     with pytest.raises(ConfigError, match="match no module"):
         apply_lora(teacher_model(len(teacher_tok)), LoraConfig(r=4, alpha=4, targets=["nope"]))
 
@@ -128,5 +159,11 @@ def test_lora_wraps_the_targets_and_trains_the_embeddings(tmp_path):
 def test_transfer_leaves_shared_tokenizers_untouched():
     teacher_tok = bpe_tokenizer(512)
     before = copy.deepcopy(teacher_tok.get_vocab())
-    transfer_model(teacher_model(len(teacher_tok)), teacher_tok, byte_tokenizer(), untie_embeddings=True, seed=0)
+    transfer_model(
+        teacher_model(len(teacher_tok)),
+        teacher_tok,
+        byte_tokenizer(),
+        untie_embeddings=True,
+        seed=0,
+    )
     assert teacher_tok.get_vocab() == before

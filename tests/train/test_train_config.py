@@ -36,8 +36,12 @@ def test_defaults_follow_the_paper(tmp_path):
 
 
 def test_typos_and_bad_values_are_all_reported_at_once(tmp_path):
-    bad = {**MINIMAL, "optim": {"steps": 10, "lr": -1, "micro_batch_sise": 4},
-           "loss": {"kind": "almm", "gama": 0.1}, "seeed": 1}
+    bad = {
+        **MINIMAL,
+        "optim": {"steps": 10, "lr": -1, "micro_batch_sise": 4},
+        "loss": {"kind": "almm", "gama": 0.1},
+        "seeed": 1,
+    }
     with pytest.raises(ConfigError) as err:
         load_yaml_model(TrainRecipe, write(tmp_path, bad))
     message = str(err.value)
@@ -47,16 +51,26 @@ def test_typos_and_bad_values_are_all_reported_at_once(tmp_path):
 
 
 def test_student_needs_exactly_one_of_model_or_transfer(tmp_path):
-    both = {**MINIMAL, "student": {"model": "m", "transfer": {"from": "teacher", "tokenizer": "bytes"}}}
-    with pytest.raises(ConfigError, match="exactly one of student.model"):
+    both = {
+        **MINIMAL,
+        "student": {"model": "m", "transfer": {"from": "teacher", "tokenizer": "bytes"}},
+    }
+    with pytest.raises(ConfigError, match=r"exactly one of student\.model"):
         load_yaml_model(TrainRecipe, write(tmp_path, both))
     transfer = {**MINIMAL, "student": {"transfer": {"from": "teacher", "untie_embeddings": True}}}
     recipe = load_yaml_model(TrainRecipe, write(tmp_path, transfer))
-    assert recipe.student.transfer.from_ == "teacher" and recipe.student.transfer.tokenizer == "bytes"
+    assert (
+        recipe.student.transfer.from_ == "teacher" and recipe.student.transfer.tokenizer == "bytes"
+    )
 
 
 def test_cross_field_rules(tmp_path):
-    bad = {**MINIMAL, "optim": {"steps": 10, "warmup_steps": 20}, "loss": {"hidden": 1.0}, "lora": {"r": 8}}
+    bad = {
+        **MINIMAL,
+        "optim": {"steps": 10, "warmup_steps": 20},
+        "loss": {"hidden": 1.0},
+        "lora": {"r": 8},
+    }
     with pytest.raises(ConfigError) as err:
         load_yaml_model(TrainRecipe, write(tmp_path, bad))
     assert "warmup_steps (20) exceeds optim.steps (10)" in str(err.value)
@@ -64,5 +78,7 @@ def test_cross_field_rules(tmp_path):
 
 
 def test_overrides_apply_before_validation(tmp_path):
-    recipe = load_yaml_model(TrainRecipe, write(tmp_path, MINIMAL), ["optim.lr=3e-4", "loss.kind=alm+sft"])
+    recipe = load_yaml_model(
+        TrainRecipe, write(tmp_path, MINIMAL), ["optim.lr=3e-4", "loss.kind=alm+sft"]
+    )
     assert recipe.optim.lr == 3e-4 and recipe.loss.losses() == ["alm", "sft"]

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_helpers import REPO, train_recipe
 
 from alm.config import load_yaml_model
 from alm.config.train import TrainRecipe
 from alm.errors import ConfigError, StoreError, StoreMismatchError
 from alm.train.log import read_metrics
 from alm.train.loop import run_train, run_train_cli
-from train_helpers import REPO, train_recipe
 
 
 def losses(output: Path) -> list[float]:
@@ -36,24 +36,44 @@ def train(tmp_path: Path, name: str, **kwargs) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("kind", "hidden"), [("alm", 0.0), ("sft", 0.0), ("alm+sft", 0.0), ("alm", 1.0)],
+    ("kind", "hidden"),
+    [("alm", 0.0), ("sft", 0.0), ("alm+sft", 0.0), ("alm", 1.0)],
     ids=["alm", "sft", "alm+sft", "alm+hidden"],
 )
-def test_each_loss_is_finite_and_falls_on_a_fixed_batch(tmp_path, stores, student_dir, kind, hidden):
+def test_each_loss_is_finite_and_falls_on_a_fixed_batch(
+    tmp_path, stores, student_dir, kind, hidden
+):
     # The held-out store has 4 sequences = one micro-batch, so every step sees the same batch.
     store = stores["train"] if hidden else stores["heldout"]
-    out = train(tmp_path, "run", store=store, student={"model": str(student_dir)},
-                loss={"kind": kind, "hidden": hidden}, optim__steps=4, optim__micro_batch_size=4 if not hidden else 12)
+    out = train(
+        tmp_path,
+        "run",
+        store=store,
+        student={"model": str(student_dir)},
+        loss={"kind": kind, "hidden": hidden},
+        optim__steps=4,
+        optim__micro_batch_size=4 if not hidden else 12,
+    )
     values = losses(out)
     assert len(values) == 4 and all(math.isfinite(v) for v in values)
     assert values[-1] < values[0]
     assert (out / "student" / "config.json").is_file()
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run_bitwise(tmp_path, stores, student_dir):
-    common = dict(store=stores["train"], student={"model": str(student_dir)}, loss={"kind": "alm+sft"},
-                  optim__steps=4, optim__micro_batch_size=2, optim__grad_accum=2, optim__warmup_steps=1,
-                  checkpoint_every=2, num_workers=1)
+def test_resume_after_interruption_matches_an_uninterrupted_run_bitwise(
+    tmp_path, stores, student_dir
+):
+    common = {
+        "store": stores["train"],
+        "student": {"model": str(student_dir)},
+        "loss": {"kind": "alm+sft"},
+        "optim__steps": 4,
+        "optim__micro_batch_size": 2,
+        "optim__grad_accum": 2,
+        "optim__warmup_steps": 1,
+        "checkpoint_every": 2,
+        "num_workers": 1,
+    }
     full = train(tmp_path, "full", **common)
     recipe = train_recipe(tmp_path / "part.yaml", output=tmp_path / "part", **common)
     cfg = load_yaml_model(TrainRecipe, recipe)
@@ -71,10 +91,18 @@ def test_resume_after_interruption_matches_an_uninterrupted_run_bitwise(tmp_path
 def test_byte_level_student_by_transfer_trains_and_saves_a_loadable_model(tmp_path, stores):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = train(tmp_path, "bytes", store=stores["plain"],
-                student={"transfer": {"from": "teacher", "tokenizer": "bytes", "untie_embeddings": True},
-                         "max_length": 256},
-                loss={"kind": "alm+sft"}, optim__steps=3, eval={"store": str(stores["heldout"])})
+    out = train(
+        tmp_path,
+        "bytes",
+        store=stores["plain"],
+        student={
+            "transfer": {"from": "teacher", "tokenizer": "bytes", "untie_embeddings": True},
+            "max_length": 256,
+        },
+        loss={"kind": "alm+sft"},
+        optim__steps=3,
+        eval={"store": str(stores["heldout"])},
+    )
     values = losses(out)
     assert len(values) == 3 and all(math.isfinite(v) for v in values)
     evals = [r for r in read_metrics(out) if "eval/student_bpb" in r]
@@ -88,8 +116,14 @@ def test_byte_level_student_by_transfer_trains_and_saves_a_loadable_model(tmp_pa
 
 
 def test_lora_student_trains_and_saves_merged_weights(tmp_path, stores, student_dir):
-    out = train(tmp_path, "lora", store=stores["heldout"], student={"model": str(student_dir)},
-                lora={"r": 4, "alpha": 8}, optim__steps=3)
+    out = train(
+        tmp_path,
+        "lora",
+        store=stores["heldout"],
+        student={"model": str(student_dir)},
+        lora={"r": 4, "alpha": 8},
+        optim__steps=3,
+    )
     values = losses(out)
     assert values[-1] < values[0]
     saved = load_file(out / "student" / "model.safetensors")
@@ -97,36 +131,57 @@ def test_lora_student_trains_and_saves_merged_weights(tmp_path, stores, student_
 
 
 def test_dry_run_prints_the_resolved_config_and_checks_the_store(tmp_path, stores, student_dir):
-    recipe = train_recipe(tmp_path / "r.yaml", store=stores["plain"], output=tmp_path / "out",
-                          student={"model": str(student_dir)})
+    recipe = train_recipe(
+        tmp_path / "r.yaml",
+        store=stores["plain"],
+        output=tmp_path / "out",
+        student={"model": str(student_dir)},
+    )
     text = run_train_cli(recipe, ["optim.lr=5e-4"], dry_run=True, resume=False, overwrite=False)
     assert "lr: 0.0005" in text and "stores OK: 8 sequences" in text
     assert not (tmp_path / "out").exists()
 
 
-def test_store_with_other_fingerprints_is_refused_naming_both_before_any_model_loads(tmp_path, stores):
-    recipe = train_recipe(tmp_path / "r.yaml", store=stores["plain"], output=tmp_path / "out",
-                          student={"model": "/no/such/model"},
-                          stores=[{"path": str(stores["plain"]), "teacher_tokenizer_fingerprint": "abc123"}])
+def test_store_with_other_fingerprints_is_refused_naming_both_before_any_model_loads(
+    tmp_path, stores
+):
+    recipe = train_recipe(
+        tmp_path / "r.yaml",
+        store=stores["plain"],
+        output=tmp_path / "out",
+        student={"model": "/no/such/model"},
+        stores=[{"path": str(stores["plain"]), "teacher_tokenizer_fingerprint": "abc123"}],
+    )
     with pytest.raises(StoreMismatchError) as err:
         run_train_cli(recipe, [], dry_run=False, resume=False, overwrite=False)
     assert "abc123" in str(err.value) and "teacher tokenizer fingerprint is" in str(err.value)
-    recipe = train_recipe(tmp_path / "r2.yaml", store=stores["plain"], output=tmp_path / "out",
-                          student={"model": "/no/such/model"},
-                          stores=[{"path": str(stores["plain"]), "data_fingerprint": "feedbeef"}])
+    recipe = train_recipe(
+        tmp_path / "r2.yaml",
+        store=stores["plain"],
+        output=tmp_path / "out",
+        student={"model": "/no/such/model"},
+        stores=[{"path": str(stores["plain"]), "data_fingerprint": "feedbeef"}],
+    )
     with pytest.raises(StoreMismatchError, match="feedbeef"):
         run_train_cli(recipe, [], dry_run=False, resume=False, overwrite=False)
 
 
-def test_hidden_loss_without_stored_hidden_states_is_refused_before_any_model_loads(tmp_path, stores):
-    recipe = train_recipe(tmp_path / "r.yaml", store=stores["plain"], output=tmp_path / "out",
-                          student={"model": "/no/such/model"}, loss={"kind": "alm", "hidden": 1.0})
+def test_hidden_loss_without_stored_hidden_states_is_refused_before_any_model_loads(
+    tmp_path, stores
+):
+    recipe = train_recipe(
+        tmp_path / "r.yaml",
+        store=stores["plain"],
+        output=tmp_path / "out",
+        student={"model": "/no/such/model"},
+        loss={"kind": "alm", "hidden": 1.0},
+    )
     with pytest.raises(StoreError, match="no `hidden` field"):
         run_train_cli(recipe, [], dry_run=False, resume=False, overwrite=False)
 
 
 def test_output_folder_rules(tmp_path, stores, student_dir):
-    common = dict(store=stores["heldout"], student={"model": str(student_dir)}, optim__steps=1)
+    common = {"store": stores["heldout"], "student": {"model": str(student_dir)}, "optim__steps": 1}
     out = train(tmp_path, "run", **common)
     recipe = tmp_path / "run.yaml"
     with pytest.raises(ConfigError, match="already holds a training run"):
@@ -145,41 +200,99 @@ def test_output_folder_rules(tmp_path, stores, student_dir):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "ALM_LOG_LEVEL": "WARNING"}
-    return subprocess.run([sys.executable, "-m", "alm.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "ALM_LOG_LEVEL": "WARNING",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "alm.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_user_errors_exit_2_with_one_message(tmp_path, stores, student_dir):
-    recipe = train_recipe(tmp_path / "r.yaml", store=stores["plain"], output=tmp_path / "out",
-                          student={"model": str(student_dir)}, optim={"steps": 2, "lr": -1, "micro_batch_sise": 2},
-                          loss={"kind": "almm"})
+    recipe = train_recipe(
+        tmp_path / "r.yaml",
+        store=stores["plain"],
+        output=tmp_path / "out",
+        student={"model": str(student_dir)},
+        optim={"steps": 2, "lr": -1, "micro_batch_sise": 2},
+        loss={"kind": "almm"},
+    )
     result = run_cli("train", str(recipe))
     assert result.returncode == 2
-    assert "optim.lr" in result.stderr and "micro_batch_sise" in result.stderr and "loss.kind" in result.stderr
+    assert (
+        "optim.lr" in result.stderr
+        and "micro_batch_sise" in result.stderr
+        and "loss.kind" in result.stderr
+    )
     assert "Traceback" not in result.stderr
-    bad_store = train_recipe(tmp_path / "s.yaml", store=tmp_path / "missing-store", output=tmp_path / "out",
-                             student={"model": str(student_dir)})
+    bad_store = train_recipe(
+        tmp_path / "s.yaml",
+        store=tmp_path / "missing-store",
+        output=tmp_path / "out",
+        student={"model": str(student_dir)},
+    )
     result = run_cli("train", str(bad_store))
-    assert result.returncode == 2 and "missing-store" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        result.returncode == 2
+        and "missing-store" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path, stores, student_dir):
-    common = dict(store=stores["train"], student={"model": str(student_dir)}, loss={"kind": "alm"},
-                  optim__steps=3, optim__micro_batch_size=2)
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
+    tmp_path, stores, student_dir
+):
+    common = {
+        "store": stores["train"],
+        "student": {"model": str(student_dir)},
+        "loss": {"kind": "alm"},
+        "optim__steps": 3,
+        "optim__micro_batch_size": 2,
+    }
     one = train(tmp_path, "one", optim__grad_accum=2, **common)
-    recipe = train_recipe(tmp_path / "two.yaml", output=tmp_path / "two", optim__grad_accum=1, **common)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    recipe = train_recipe(
+        tmp_path / "two.yaml", output=tmp_path / "two", optim__grad_accum=1, **common
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-         "-m", "alm.cli", "train", str(recipe)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            "29517",
+            "-m",
+            "alm.cli",
+            "train",
+            str(recipe),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(one)),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(one)), rtol=1e-5, atol=1e-6
+    )
     a = load_file(one / "student" / "model.safetensors")
     b = load_file(tmp_path / "two" / "student" / "model.safetensors")
     for key in a:

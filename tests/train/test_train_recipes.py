@@ -10,13 +10,19 @@ from alm.config import load_yaml_model
 from alm.config.train import TrainRecipe
 
 STAGES = Path(__file__).resolve().parents[2] / "stages"
-TRAIN_RECIPES = sorted(p for p in STAGES.glob("*.yaml") if "train" in p.name or p.name.startswith("paper_"))
+TRAIN_RECIPES = sorted(
+    p for p in STAGES.glob("*.yaml") if "train" in p.name or p.name.startswith("paper_")
+)
 
 
 def test_there_are_train_recipes_for_the_demo_and_the_three_paper_setups():
     names = {p.name for p in TRAIN_RECIPES}
-    assert {"demo_train.yaml", "paper_llama3_to_qwen2.yaml", "paper_llama3_to_bytes.yaml",
-            "paper_openmath2_to_gemma2.yaml"} <= names
+    assert {
+        "demo_train.yaml",
+        "paper_llama3_to_qwen2.yaml",
+        "paper_llama3_to_bytes.yaml",
+        "paper_openmath2_to_gemma2.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("path", TRAIN_RECIPES, ids=lambda p: p.name)
@@ -29,7 +35,9 @@ def test_train_recipe_loads_and_validates(path: Path):
 def test_paper_recipes_carry_the_papers_hyperparameters():
     qwen2 = load_yaml_model(TrainRecipe, STAGES / "paper_llama3_to_qwen2.yaml")
     assert qwen2.lora is not None and (qwen2.lora.r, qwen2.lora.alpha) == (64, 64)
-    assert qwen2.loss.kind == "alm+sft" and qwen2.loss.gamma == 0.1 and qwen2.loss.temperature == 100
+    assert (
+        qwen2.loss.kind == "alm+sft" and qwen2.loss.gamma == 0.1 and qwen2.loss.temperature == 100
+    )
     to_bytes = load_yaml_model(TrainRecipe, STAGES / "paper_llama3_to_bytes.yaml")
     assert to_bytes.lora is None and to_bytes.loss.losses() == ["alm", "sft", "hidden"]
     assert to_bytes.student.transfer is not None and to_bytes.student.transfer.tokenizer == "bytes"

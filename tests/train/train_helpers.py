@@ -15,7 +15,9 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-def precompute(root: Path, teacher: Path, name: str, *, split: str, limit: int, hidden: bool) -> Path:
+def precompute(
+    root: Path, teacher: Path, name: str, *, split: str, limit: int, hidden: bool
+) -> Path:
     from alm.precompute import run_precompute
 
     recipe = {
@@ -38,8 +40,14 @@ def train_recipe(path: Path, *, store: Path, output: Path, student: dict, **chan
         "stores": [{"path": str(store)}],
         "student": {**student, "max_length": student.get("max_length", 64)},
         "loss": {"kind": "alm"},
-        "optim": {"lr": 3e-3, "steps": 4, "warmup_steps": 0, "micro_batch_size": 4, "grad_accum": 1,
-                  "weight_decay": 0.0},
+        "optim": {
+            "lr": 3e-3,
+            "steps": 4,
+            "warmup_steps": 0,
+            "micro_batch_size": 4,
+            "grad_accum": 1,
+            "weight_decay": 0.0,
+        },
         "output_dir": str(output),
         "seed": 0,
         "num_workers": 0,
