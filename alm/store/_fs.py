@@ -8,6 +8,7 @@ and a Zarr store for a sub-path. Imports fsspec and zarr only.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -45,6 +46,20 @@ class Location:
             return self.fs.cat_file(p)
         except FileNotFoundError as err:
             raise StoreError(f"{self.url}: missing file {p}") from err
+
+    def read_json(self, *parts: str) -> Any:
+        """Parse a JSON file of the store.
+
+        Raises:
+            StoreError: missing or not valid JSON (a corrupt or foreign file).
+        """
+        data = self.read_bytes(*parts)
+        try:
+            return json.loads(data)
+        except ValueError as err:
+            raise StoreError(
+                f"{self.url}: {self.path(*parts)} is not valid JSON ({err}); the store is corrupt"
+            ) from err
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write a whole file; atomic on local disks (temp + rename), one PUT on object stores."""

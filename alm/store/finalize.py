@@ -182,7 +182,7 @@ def finalize_store(
         if not location.exists(schema.SHARDS_DIR, name, schema.SHARD_FILE):
             logger.info("ignoring uncommitted shard folder %s (no %s)", name, schema.SHARD_FILE)
             continue
-        doc = json.loads(location.read_bytes(schema.SHARDS_DIR, name, schema.SHARD_FILE))
+        doc = location.read_json(schema.SHARDS_DIR, name, schema.SHARD_FILE)
         j = int(doc.get("shard_index", -1))
         claims.setdefault(j, []).append(name)
         docs[name] = doc
@@ -257,7 +257,7 @@ def try_finalize(layout: StoreLayout, *, verify_arrays: bool = True) -> str | No
         return None
     location = layout.location
     if location.exists(schema.MANIFEST_FILE):
-        manifest = json.loads(location.read_bytes(schema.MANIFEST_FILE))
+        manifest = location.read_json(schema.MANIFEST_FILE)
         if manifest.get("plan_fingerprint") == layout.plan.fingerprint():
             return (
                 location.path(schema.MANIFEST_FILE)

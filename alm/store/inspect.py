@@ -306,10 +306,13 @@ def compare_stores(
     """
     a, b = _store_of(store_a, False), _store_of(store_b, False)
     s = compare_stores_stats(a, b)
+
     def method(store: TeacherStore) -> str:
         backend = store.manifest.get("backend", {})
         k = backend.get("boundary_top_k") or 0
-        return f"{backend.get('name')}, {backend.get('boundary_method')}" + (f", k={k}" if k else "")
+        return f"{backend.get('name')}, {backend.get('boundary_method')}" + (
+            f", k={k}" if k else ""
+        )
 
     method_a, method_b = method(a), method(b)
     lines = [

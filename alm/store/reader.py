@@ -9,7 +9,6 @@ more than reading the shard. Trusts only shards listed in the manifest; refuses 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -224,11 +223,13 @@ def read_shard_arrays(
     out = {}
     for name in names:
         try:
-            meta = json.loads(location.read_bytes(arrays_path, name, "zarr.json"))
+            meta = location.read_json(arrays_path, name, "zarr.json")
         except StoreError as err:
             raise StoreError(f"{location.url}/{arrays_path}: no array `{name}` ({err})") from err
         arr = _read_raw_chunks(location, f"{arrays_path}/{name}", meta)
-        if arr is None:  # another layout (compressed, rechunked): let zarr read the array's own metadata
+        if (
+            arr is None
+        ):  # another layout (compressed, rechunked): let zarr read the array's own metadata
             store = location.zarr_store(arrays_path, name, read_only=True)
             arr = np.asarray(zarr.open_array(store, mode="r")[...])
         out[name] = arr
@@ -303,7 +304,7 @@ class TeacherStore:
         if self._manifest is not None:
             return {int(s["index"]): s for s in self._manifest["shards"]}
         return {
-            j: json.loads(self.location.read_bytes(self._shard_path(j), schema.SHARD_FILE))
+            j: self.location.read_json(self._shard_path(j), schema.SHARD_FILE)
             for j in self.shard_indices
         }
 
@@ -386,7 +387,7 @@ class TeacherStore:
 def read_manifest(location: Location) -> dict[str, Any] | None:
     if not location.exists(schema.MANIFEST_FILE):
         return None
-    manifest = json.loads(location.read_bytes(schema.MANIFEST_FILE))
+    manifest = location.read_json(schema.MANIFEST_FILE)
     schema.check_format(manifest, f"{location.url}/{schema.MANIFEST_FILE}")
     return manifest
 
@@ -416,7 +417,7 @@ def open_store(
             f"teacher store {location.url} is unfinished (no {schema.MANIFEST_FILE}); finish the precompute "
             f"(rerun the same command for the missing shards) or run `alm store finalize {location.url}`"
         )
-    plan_doc = json.loads(location.read_bytes(schema.PLAN_FILE)) if has_plan else {}
+    plan_doc = location.read_json(schema.PLAN_FILE) if has_plan else {}
     if plan_doc:
         schema.check_format(plan_doc, f"{location.url}/{schema.PLAN_FILE}")
     return TeacherStore(location, manifest, plan_doc)

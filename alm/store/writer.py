@@ -232,7 +232,7 @@ def read_plan(location: Location) -> StorePlan:
         raise StoreError(
             f"{location.url} has no {schema.PLAN_FILE}; it is not an alm teacher store"
         )
-    doc = json.loads(location.read_bytes(schema.PLAN_FILE))
+    doc = location.read_json(schema.PLAN_FILE)
     schema.check_format(doc, f"{location.url}/{schema.PLAN_FILE}")
     return StorePlan.from_json(doc["plan"])
 
@@ -271,15 +271,19 @@ def prepare_store(
                 f"(found {entries[:5]}); choose an empty or new folder. --overwrite only replaces alm stores, "
                 "never other folders"
             )
-        old_plan = read_plan(location) if schema.PLAN_FILE in entries else None
+        old_plan, diffs = None, ["(no plan file, a manifest only)"]
+        if schema.PLAN_FILE in entries:
+            try:
+                old_plan = read_plan(location)
+            except (StoreError, TypeError, KeyError) as err:  # another format version, or corrupt
+                diffs = [f"unreadable plan: {err}"]
         if old_plan is not None and old_plan.identity() == plan.identity():
             logger.info(
                 "reopening store %s (%d/%d shards done)", location.url, *_done_count(location, plan)
             )
             return StoreLayout(location, plan)
-        diffs = (
-            _plan_differences(old_plan, plan) if old_plan else ["(no plan file, a manifest only)"]
-        )
+        if old_plan is not None:
+            diffs = _plan_differences(old_plan, plan)
         if not overwrite:
             raise StoreError(
                 f"output folder {location.url} holds an alm store made with different settings "

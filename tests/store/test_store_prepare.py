@@ -57,3 +57,22 @@ def test_store_path_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(StoreError, match="is a file"):
         prepare_store(tmp_path / "f", make_plan())
+
+
+def test_store_of_another_format_version_needs_overwrite(tmp_path):
+    random_store(tmp_path, make_plan(num_shards=1))
+    plan_file = tmp_path / "alm-store.plan.json"
+    plan_file.write_text(
+        plan_file.read_text().replace('"format_version": 1', '"format_version": 0')
+    )
+    with pytest.raises(StoreError, match=r"unreadable plan: .*format version 0.*--overwrite"):
+        prepare_store(tmp_path, make_plan(num_shards=1))
+    layout = prepare_store(tmp_path, make_plan(num_shards=1), overwrite=True)
+    assert layout.done_shards() == []
+
+
+def test_corrupt_json_is_a_store_error(tmp_path):
+    random_store(tmp_path, make_plan(num_shards=1))
+    (tmp_path / "alm-store.json").write_text("{not json")
+    with pytest.raises(StoreError, match="is not valid JSON"):
+        open_store(tmp_path)
