@@ -66,7 +66,6 @@ def linear_params(model_path: str) -> int:
 def run_backend(recipe: Path, out: Path, overrides: list[str]) -> tuple[float, int]:
     """Precompute into `out`; returns (seconds, teacher tokens)."""
     from alm.precompute import run_precompute
-
     from alm.store.reader import open_store
 
     start = time.perf_counter()
