@@ -587,7 +587,8 @@ def _check_tokens(vocab: Vocab, ids: np.ndarray, text: bytes, what: str) -> bool
     joined = b"".join([vocab.token_bytes[i] for i in ids.tolist()])
     if joined == text:
         return False
-    if vocab.kind == "sentencepiece" and joined == b" " + text:
+    # A dummy prefix space: SentencePiece's `▁`, or a byte-level BPE with `add_prefix_space=True` (RoBERTa).
+    if vocab.kind != "bytes" and joined == b" " + text:
         return True
     common = next(
         (k for k, (x, y) in enumerate(zip(joined, text, strict=False)) if x != y),

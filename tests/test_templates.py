@@ -377,3 +377,41 @@ def test_merge_spans_is_the_union_of_non_empty_spans(spans):
     assert {x for a, b in merged.tolist() for x in range(a, b)} == covered
     assert all(b > a for a, b in merged.tolist())
     assert all(m1[1] < m2[0] for m1, m2 in zip(merged.tolist(), merged.tolist()[1:]))
+
+
+_message_text = (
+    st.lists(st.sampled_from([*"ab cé\n\t😀<|>_", "<|im_start|>", "<s>", "  "]), max_size=12)
+    .map("".join)
+    .map(str.encode)
+)
+
+
+@pytest.mark.parametrize("case", ["smollm2_chatml", "sp_gemma", "bytes_llama3"])
+@settings(max_examples=20, deadline=None)
+@given(
+    messages=st.lists(
+        st.tuples(st.sampled_from(["system", "user", "assistant"]), _message_text),
+        min_size=1,
+        max_size=5,
+    ),
+    loss=st.sampled_from(["all", "assistant", "last_assistant"]),
+    max_length=st.one_of(st.none(), st.integers(1, 40)),
+)
+def test_random_chat_documents_render_exactly_and_rebuild_from_ids(
+    case, messages, loss, max_length
+):
+    tok, vocab = setup(case)
+    doc = chat_document("d", "s", 0, messages, loss=loss)
+    seq = render(doc, tok, vocab, max_length=max_length)
+    assert doc.content_text.startswith(seq.text)
+    check_offsets(seq, vocab)
+    again = sequence_from_ids(vocab, seq.token_id, seq.text, seq.segments, seq.loss_spans)
+    np.testing.assert_array_equal(again.start_byte, seq.start_byte)
+    np.testing.assert_array_equal(again.end_byte, seq.end_byte)
+    assert list(again.role) == list(seq.role)
+    if not seq.truncated:
+        rerendered = render(
+            document_from_stored(seq.text, seq.segments, seq.loss_spans), tok, vocab
+        )
+        assert rerendered.token_id.tolist() == seq.token_id.tolist()
+        np.testing.assert_array_equal(rerendered.loss_spans, seq.loss_spans)

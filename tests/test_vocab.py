@@ -521,3 +521,22 @@ def test_arrow_table_with_tampered_rows_is_rejected():
     tampered = table.set_column(1, "token_bytes", pa.array(col, type=pa.binary()))
     with pytest.raises(DataError, match="fingerprint"):
         Vocab.from_arrow(tampered)
+
+
+def test_byte_level_prefix_space_is_a_dummy_prefix():
+    """RoBERTa-style ByteLevel(add_prefix_space=True) prepends a space that is not in the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(training_texts(100), trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok)
+    vocab = vocab_from_tokenizer(hf)
+    enc = encode_text(hf, vocab, b"hello world")
+    assert enc.dummy_prefix and vocab.token_bytes[enc.token_id[0]].startswith(b" ")
+    assert_exact(vocab, b"hello world", enc)

@@ -145,7 +145,11 @@ def _find_spec_file(path_or_name: str | Path) -> Path:
     path = Path(path_or_name)
     if path.is_file():
         return path
-    for candidate in (DATA_SPECS_DIR / path, DATA_SPECS_DIR / f"{path}.yaml"):
+    for candidate in (
+        DATA_SPECS_DIR / path,
+        DATA_SPECS_DIR / f"{path}.yaml",
+        DATA_SPECS_DIR.parent / path,  # `data_specs/x.yaml` from another working directory
+    ):
         if candidate.is_file():
             return candidate
     known = sorted(p.stem for p in DATA_SPECS_DIR.glob("*.yaml")) if DATA_SPECS_DIR.is_dir() else []
