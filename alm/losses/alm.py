@@ -49,7 +49,12 @@ class AlmLossOutput(NamedTuple):
 
 
 class _TokenStats(torch.autograd.Function):
-    """(logits [N, V], target [N]) → (log p(target) [N], log boundary mass [N]), row block by row block."""
+    """(logits [N, V], target [N]) → (log p(target) [N], log boundary mass [N]), row block by row block.
+
+    One exp per logit in each direction: the boundary mass is the masked sum of the same exponentials as the
+    normaliser (`e @ mask`), and its gradient is the softmax rescaled by `exp(lse - boundary_lse)`. Rows whose
+    boundary mass underflows (< 1e-30 of the total) take an exact masked logsumexp path instead.
+    """
 
     @staticmethod
     def forward(
@@ -66,15 +71,23 @@ class _TokenStats(torch.autograd.Function):
         target_logit = logits.new_zeros(num_rows, dtype=torch.float32)
         has_target = target >= 0
         safe_target = target.clamp(min=0)
+        mask_weight = None if boundary_mask is None else boundary_mask.float()  # [V']
         for row in range(0, num_rows, rows_per_block):
             rows = slice(row, row + rows_per_block)
-            block = logits[rows, :vocab_size].float()  # [R, V'] fp32
-            lse[rows] = torch.logsumexp(block, dim=-1)
+            block = logits[
+                rows, :vocab_size
+            ].float()  # [R, V'] fp32 (no copy for fp32 logits: never modified)
             target_logit[rows] = block.gather(1, safe_target[rows, None])[:, 0]
-            if boundary_mask is not None:
-                boundary_lse[rows] = torch.logsumexp(
-                    block.masked_fill(~boundary_mask, float("-inf")), dim=-1
-                )
+            row_max = block.amax(dim=-1)  # [R]
+            exps = (block - row_max[:, None]).exp_()  # [R, V']
+            lse[rows] = row_max + exps.sum(dim=-1).log()
+            if mask_weight is not None:
+                boundary_mass = exps @ mask_weight  # [R], relative to exp(row_max)
+                boundary_lse[rows] = row_max + boundary_mass.log()
+                tiny = boundary_mass < 1e-30
+                if bool(tiny.any()):
+                    exact = block[tiny].masked_fill(~boundary_mask, float("-inf")).logsumexp(dim=-1)
+                    boundary_lse[row : row + rows_per_block][tiny] = exact
         raw_logp = torch.where(has_target, target_logit - lse, 0.0)
         raw_boundary = boundary_lse - lse if boundary_mask is not None else torch.zeros_like(lse)
         ctx.save_for_backward(
@@ -107,20 +120,32 @@ class _TokenStats(torch.autograd.Function):
             if ctx.has_mask
             else torch.zeros_like(grad_logp)
         )
+        # d lse / d x = softmax p; d boundary_lse / d x = mask · exp(x − boundary_lse) = mask · p · exp(lse − b_lse).
+        log_ratio = lse - boundary_lse  # [N] ≥ 0
+        direct = (
+            log_ratio >= 60.0
+        )  # boundary mass below e^-60: rescaling p would overflow, use exp(x − b_lse)
+        ratio = torch.exp(torch.where(direct, 0.0, log_ratio))
+        boundary_scale = torch.where(direct, 0.0, grad_boundary * ratio)  # [N]
+        mask_weight = boundary_mask.float() if ctx.has_mask else None
         grad_logits = torch.zeros_like(logits)
         for row in range(0, logits.shape[0], rows_per_block):
             rows = slice(row, row + rows_per_block)
             block = logits[rows, :vocab_size].float()  # [R, V']
-            # d lse = softmax; d boundary_lse = softmax restricted to the boundary set (renormalised).
-            grad = (
-                torch.exp(block - lse[rows, None])
-                * (-(grad_logp[rows] + grad_boundary[rows]))[:, None]
-            )
-            if ctx.has_mask:
-                grad += (
-                    torch.exp(block - boundary_lse[rows, None]).masked_fill(~boundary_mask, 0.0)
-                    * grad_boundary[rows, None]
-                )
+            grad = (block - lse[rows, None]).exp_()  # softmax p, [R, V']
+            coefficient = -(grad_logp[rows] + grad_boundary[rows])  # [R]
+            if mask_weight is not None:
+                scale = mask_weight[None, :] * boundary_scale[rows, None]  # [R, V']
+                grad.mul_(scale.add_(coefficient[:, None]))
+                rows_direct = direct[rows]
+                if bool(rows_direct.any()):
+                    exact = (block[rows_direct] - boundary_lse[rows][rows_direct, None]).exp()
+                    grad[rows_direct] += (
+                        exact.masked_fill(~boundary_mask, 0.0)
+                        * grad_boundary[rows][rows_direct, None]
+                    )
+            else:
+                grad.mul_(coefficient[:, None])
             grad.scatter_add_(1, safe_target[rows, None], grad_logp[rows, None])
             grad_logits[rows, :vocab_size] = grad.to(logits.dtype)
         return grad_logits, None, None, None, None

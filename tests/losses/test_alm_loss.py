@@ -327,3 +327,23 @@ def test_splitting_a_batch_into_micro_batches_keeps_the_gradient():
         summed += part_out.loss.item()
     assert summed == pytest.approx(out.loss.item(), rel=1e-6)
     torch.testing.assert_close(split.grad, full.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_token_stats_stay_exact_when_the_boundary_mass_underflows():
+    torch.manual_seed(1)
+    logits = torch.randn(6, 20) * 2
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[:3] = True
+    logits[:3, :3] -= 150.0  # boundary mass ~ e^-150 in three rows: below the rescaling range
+    leaf = logits.clone().requires_grad_()
+    target = torch.arange(6) + 5
+    logp, boundary = token_stats(leaf, target, mask)
+    (logp.sum() + boundary.sum()).backward()
+    reference = logits.double().requires_grad_()
+    logsm = torch.log_softmax(reference, -1)
+    want_boundary = torch.logsumexp(logsm.masked_fill(~mask, -math.inf), -1)
+    want = logsm.gather(1, target[:, None])[:, 0].sum() + want_boundary.sum()
+    want.backward()
+    assert torch.isfinite(boundary).all() and boundary[:3].max() < -140
+    torch.testing.assert_close(boundary.double(), want_boundary, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(leaf.grad.double(), reference.grad, rtol=1e-4, atol=1e-5)
