@@ -540,3 +540,52 @@ def test_byte_level_prefix_space_is_a_dummy_prefix():
     enc = encode_text(hf, vocab, b"hello world")
     assert enc.dummy_prefix and vocab.token_bytes[enc.token_id[0]].startswith(b" ")
     assert_exact(vocab, b"hello world", enc)
+
+
+@pytest.mark.parametrize("layout", ["gemma", "llama2_legacy"])
+def test_sentencepiece_normalizer_layouts_of_real_models(layout):
+    """Gemma's HF tokenizer escapes spaces in a Replace normalizer (no dummy prefix); Llama-2's legacy one adds a
+    Prepend("▁") normalizer (a dummy prefix on every text, even one that starts with a space)."""
+    from tokenizers import normalizers
+
+    tok = copy.deepcopy(sentencepiece_tokenizer())
+    backend = tok.backend_tokenizer
+    backend.pre_tokenizer = None
+    if layout == "gemma":
+        backend.normalizer = normalizers.Replace(" ", "▁")
+    else:
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
+    vocab = vocab_from_tokenizer(tok)
+    assert vocab.kind == "sentencepiece"
+    for text in (
+        b"hello world",
+        b" leading space",
+        b"\nnewline first",
+        *(t.encode() for t in TRICKY_TEXTS),
+    ):
+        enc = encode_text(tok, vocab, text)
+        assert enc.dummy_prefix == (layout == "llama2_legacy")
+        assert_exact(vocab, text, enc)
+
+
+def test_llama3_style_split_then_bytelevel_pretokenizer():
+    """Llama-3/Qwen2 tokenizers split with their own regex, then ByteLevel(use_regex=False)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    tok = copy.deepcopy(bpe_tokenizer())
+    pattern = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    vocab = vocab_from_tokenizer(tok)
+    assert vocab.kind == "byte_level_bpe"
+    for text in TRICKY_TEXTS:
+        assert_exact(vocab, text.encode(), encode_text(tok, vocab, text.encode()))
