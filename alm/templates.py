@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -337,7 +337,6 @@ class TokenizedSequence:
     doc_id: str = ""
     source: str = ""
     row: int = -1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.token_id)
