@@ -80,50 +80,49 @@ def is_empty_document(document: Document) -> bool:
 # Data
 
 
-def _resolve_spec_path(spec: str, recipe_path: Path) -> Path:
-    candidates = [Path(spec)]
-    if not Path(spec).is_absolute():
-        candidates += [recipe_path.parent / spec, recipe_path.parent.parent / spec]
-    for candidate in candidates:
+def _resolve_spec_path(spec: str, recipe_path: Path) -> str:
+    """A relative spec path is looked up in the working directory, then next to the recipe and one folder up;
+    anything else (e.g. a shipped spec name like `stdlib_docs`) is handed to `load_data_spec` as given."""
+    if Path(spec).is_absolute() or Path(spec).is_file():
+        return spec
+    for candidate in (recipe_path.parent / spec, recipe_path.parent.parent / spec):
         if candidate.is_file():
-            return candidate
-    raise ConfigError(
-        f"{recipe_path}: data.spec {spec!r} not found (looked in the working directory, {recipe_path.parent} and "
-        f"{recipe_path.parent.parent}); give the path of a data spec YAML, e.g. data_specs/stdlib_docs.yaml"
-    )
+            return str(candidate)
+    return spec
 
 
 def load_documents(recipe: PrecomputeRecipe, recipe_path: Path) -> tuple[list[Document], str, str]:
     """Every document the recipe selects, in order: empty ones skipped, then `data.limit` applied.
 
     Returns:
-        (documents, data spec name, data fingerprint). The fingerprint covers the spec, the split and the limit.
+        (documents, data spec name, data fingerprint). The fingerprint covers the spec and its source files, the
+        split and the limit.
 
     Raises:
         ConfigError: the data spec is missing or invalid.
-        DataError: a data file is missing or unreadable, or no non-empty document is left.
+        DataError: a data file is missing or unreadable (invalid UTF-8, bad JSON), or no non-empty document is left.
     """
-    from alm.data.specs import data_fingerprint, iter_documents, load_data_spec
+    from alm.data.specs import DocumentStats, data_fingerprint, iter_documents, load_data_spec
 
     if isinstance(recipe.data.spec, str):
         spec = load_data_spec(_resolve_spec_path(recipe.data.spec, recipe_path))
     else:
         spec = load_data_spec(dict(recipe.data.spec), source=f"{recipe_path}: data.spec")
     documents: list[Document] = []
-    num_empty = 0
-    for document in iter_documents(spec, split=recipe.data.split):
+    stats = DocumentStats()
+    for document in iter_documents(spec, split=recipe.data.split, stats=stats):
         if is_empty_document(document):
-            num_empty += 1
+            stats.num_empty += 1
             continue
         documents.append(document)
         if recipe.data.limit is not None and len(documents) >= recipe.data.limit:
             break
-    if num_empty:
-        logger.warning("skipped %d empty document(s) (no text bytes)", num_empty)
     if not documents:
+        split = recipe.data.split or spec.split
         raise DataError(
-            f"data spec {spec.name!r} (split {recipe.data.split or 'default'}) gives no non-empty document"
-            f"{f' ({num_empty} empty ones skipped)' if num_empty else ''}; check its sources and split"
+            f"data spec {spec.name!r} (split {split}) gives no non-empty document"
+            f"{f' ({stats.num_empty} empty ones skipped)' if stats.num_empty else ''}; check its sources and "
+            "split, there is nothing for the teacher to score"
         )
     fingerprint = data_fingerprint(spec, split=recipe.data.split, limit=recipe.data.limit)
     return documents, spec.name, fingerprint
@@ -263,6 +262,11 @@ class _Progress:
         self.remaining_documents = num_documents
         self.rendered_tokens = 0
         self.rendered_documents = 0
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # log lines go through tqdm.write, so they never break the bar
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
         self.bar = tqdm(
             total=0, unit="tok", unit_scale=True, desc=label, dynamic_ncols=True, smoothing=0.1
         )
@@ -280,6 +284,7 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
+        self._redirect.__exit__(None, None, None)
 
 
 def run_precompute(
@@ -340,7 +345,9 @@ def run_precompute(
         teacher_config_hash=str(model_info["config_hash"]),
         backend=recipe.teacher.backend,
         boundary_method=boundary_method,
-        boundary_top_k=recipe.teacher.vllm.num_logprobs if boundary_method.startswith("topk") else 0,
+        boundary_top_k=recipe.teacher.vllm.num_logprobs
+        if boundary_method.startswith("topk")
+        else 0,
         settings={
             "family": family,
             "shard_size": shard_size,
@@ -366,9 +373,10 @@ def run_precompute(
             len(mine),
         )
     num_tokens_written = 0
-    started = time.perf_counter()
+    elapsed = 0.0
     if todo:
         teacher = load_teacher(recipe, model_path, vocab.boundary_class)
+        started = time.perf_counter()
         num_docs_todo = sum(len(_shard_documents(documents, shard_size, j)) for j in todo)
         progress = _Progress(num_docs_todo, f"precompute {worker.worker}/{worker.num_workers}")
         try:
@@ -392,7 +400,7 @@ def run_precompute(
                 num_tokens_written += sum(seq.num_tokens for seq in sequences)
         finally:
             progress.close()
-    elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
     manifest_path = try_finalize(layout)
     wrote = (
         f"worker {worker.worker}/{worker.num_workers} wrote {len(todo)} shard(s), {num_tokens_written} teacher tokens "

@@ -197,6 +197,7 @@ class HFTeacher:
             # fp32 copy of the output layer: bf16 logits would lose ~0.1 nats on large logits
             self.head_weight = head.weight.detach().to(torch.float32)
             self.head_bias = None if head.bias is None else head.bias.detach().to(torch.float32)
+        self._logits_buffer: torch.Tensor | None = None
         logger.info(
             "teacher %s on %s (%s), vocab %d, %s",
             self.model_id,
@@ -222,9 +223,21 @@ class HFTeacher:
         return bool(torch.equal(head(hidden), full))
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(
-            hidden.to(torch.float32), self.head_weight, self.head_bias
-        )  # [R, V]
+        """fp32 logits [R, V] of hidden states [R, d], written into one reused buffer.
+
+        Reusing the [row_chunk, V] buffer (the scorer overwrites it in place) avoids allocating and
+        page-faulting a fresh 100+ MB tensor per chunk, which on CPU costs about as much as the scoring.
+        """
+        rows = hidden.shape[0]
+        if self._logits_buffer is None or self._logits_buffer.shape[0] < rows:
+            self._logits_buffer = torch.empty(
+                (rows, self.vocab_size), dtype=torch.float32, device=self.device
+            )
+        out = self._logits_buffer[:rows]
+        torch.matmul(hidden.to(torch.float32), self.head_weight.T, out=out)  # [R, V]
+        if self.head_bias is not None:
+            out.add_(self.head_bias)
+        return out
 
     def score(self, batch_token_ids: list[np.ndarray]) -> list[TeacherScores]:
         """Score sequences (teacher forcing), batched by the token budget; output order = input order."""
