@@ -72,6 +72,7 @@ class _TokenStats(torch.autograd.Function):
         has_target = target >= 0
         safe_target = target.clamp(min=0)
         mask_weight = None if boundary_mask is None else boundary_mask.float()  # [V']
+        boundary_tiny = torch.zeros(num_rows, dtype=torch.bool, device=logits.device)
         for row in range(0, num_rows, rows_per_block):
             rows = slice(row, row + rows_per_block)
             block = logits[
@@ -84,10 +85,17 @@ class _TokenStats(torch.autograd.Function):
             if mask_weight is not None:
                 boundary_mass = exps @ mask_weight  # [R], relative to exp(row_max)
                 boundary_lse[rows] = row_max + boundary_mass.log()
-                tiny = boundary_mass < 1e-30
-                if bool(tiny.any()):
-                    exact = block[tiny].masked_fill(~boundary_mask, float("-inf")).logsumexp(dim=-1)
-                    boundary_lse[row : row + rows_per_block][tiny] = exact
+                boundary_tiny[rows] = boundary_mass < 1e-30
+        if mask_weight is not None and bool(
+            boundary_tiny.any()
+        ):  # one device sync per call; rare rows
+            tiny_rows = boundary_tiny.nonzero()[:, 0]
+            for start in range(0, len(tiny_rows), rows_per_block):
+                index = tiny_rows[start : start + rows_per_block]
+                exact = (
+                    logits[index, :vocab_size].float().masked_fill(~boundary_mask, float("-inf"))
+                )
+                boundary_lse[index] = exact.logsumexp(dim=-1)
         raw_logp = torch.where(has_target, target_logit - lse, 0.0)
         raw_boundary = boundary_lse - lse if boundary_mask is not None else torch.zeros_like(lse)
         ctx.save_for_backward(
@@ -137,17 +145,21 @@ class _TokenStats(torch.autograd.Function):
             if mask_weight is not None:
                 scale = mask_weight[None, :] * boundary_scale[rows, None]  # [R, V']
                 grad.mul_(scale.add_(coefficient[:, None]))
-                rows_direct = direct[rows]
-                if bool(rows_direct.any()):
-                    exact = (block[rows_direct] - boundary_lse[rows][rows_direct, None]).exp()
-                    grad[rows_direct] += (
-                        exact.masked_fill(~boundary_mask, 0.0)
-                        * grad_boundary[rows][rows_direct, None]
-                    )
             else:
                 grad.mul_(coefficient[:, None])
             grad.scatter_add_(1, safe_target[rows, None], grad_logp[rows, None])
             grad_logits[rows, :vocab_size] = grad.to(logits.dtype)
+        if mask_weight is not None and bool(direct.any()):  # one device sync per call; rare rows
+            direct_rows = direct.nonzero()[:, 0]
+            for start in range(0, len(direct_rows), rows_per_block):
+                index = direct_rows[start : start + rows_per_block]
+                block = logits[index, :vocab_size].float()  # [R, V']
+                coefficient = -(grad_logp[index] + grad_boundary[index])  # [R]
+                grad = (block - lse[index, None]).exp_() * coefficient[:, None]
+                exact = (block - boundary_lse[index, None]).exp_().masked_fill_(~boundary_mask, 0.0)
+                grad += exact * grad_boundary[index, None]
+                grad.scatter_add_(1, safe_target[index, None], grad_logp[index, None])
+                grad_logits[index, :vocab_size] = grad.to(logits.dtype)
         return grad_logits, None, None, None, None
 
 
