@@ -131,6 +131,15 @@ class PrecomputeRecipe(StrictModel):
             raise ValueError(
                 "teacher.backend vllm runs on GPUs only; use teacher.backend: hf for teacher.device: cpu"
             )
+        if self.teacher.backend == "vllm" and self.hidden_states:
+            raise ValueError(
+                "hidden_states: true needs teacher.backend: hf (the vLLM backend does not store hidden states)"
+            )
+        if self.teacher.backend == "vllm" and self.top_k > self.teacher.vllm.num_logprobs:
+            raise ValueError(
+                f"top_k {self.top_k} exceeds teacher.vllm.num_logprobs {self.teacher.vllm.num_logprobs}; "
+                "raise num_logprobs or lower top_k"
+            )
         return self
 
 
