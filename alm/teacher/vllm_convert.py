@@ -35,8 +35,10 @@ Boundary log-mass methods (recorded in the manifest as `boundary_method`):
 
 - `exact` (HF backend: full logits), `token_ids` (vLLM fixed token-id scoring over every token of a boundary class;
   exact up to vLLM's kernels), `hidden` (final-norm + LM head applied by alm to hidden states; exact),
-- `topk_lower` / `topk_upper`: the top-k bound of §10.2 option 3. Lower: log Σ over top-k ∩ class.
-  Upper: log(lower mass + the mass outside the top-k).
+- `topk_lower` / `topk_upper`: the top-k bound of §10.2 option 3. Lower: log Σ over top-k ∩ class, per class.
+  Upper: the mass outside the top-k is added once, to the space class, so that any union of classes that contains
+  the space class (the default boundary set, what ALM's merging and debiasing read) gets an upper bound, counting
+  the missing mass once; the other classes alone keep their lower bound.
 """
 
 from __future__ import annotations
@@ -332,8 +334,14 @@ def boundary_logmass_from_topk(
     """The top-k bound of the boundary log-mass (ALM_SPEC.md §10.2, option 3).
 
     lower[q, c] = log Σ_{v ∈ topk[q], class(v) = c} p_v (−inf when no top-k token is in c);
-    upper[q, c] = log(exp(lower[q, c]) + max(0, 1 − Σ_{v ∈ topk[q]} p_v)): every token outside the top-k could
-    be in class c. The exact value lies between the two.
+    upper[q, 0] = log(exp(lower[q, 0]) + m[q]) with m[q] = max(0, 1 − Σ_{v ∈ topk[q]} p_v), the mass outside the
+    top-k; upper[q, c] = lower[q, c] for c > 0.
+
+    Adding m to every class would make each class's value an upper bound, but a union of classes, formed later with
+    logsumexp over the stored classes (ALM's default boundary set is all five), would then count m up to five
+    times. Adding it once, to the space class (the largest boundary class in every byte-level vocabulary), keeps
+    the union of all classes, and any union containing the space class, an upper bound that counts m once: the
+    exact union mass lies between the lower- and the upper-bound store's.
 
     Args:
         topk_id: int [n, k]; topk_logp: float [n, k] (descending or not; duplicates are not expected).
@@ -349,9 +357,10 @@ def boundary_logmass_from_topk(
     lower = _logsumexp_by_class(logp, cls)
     if bound == "lower":
         return lower.astype(np.float32)
-    missing = np.clip(1.0 - np.exp(logp).sum(axis=1, keepdims=True), 0.0, 1.0)  # [n, 1]
+    missing = np.clip(1.0 - np.exp(logp).sum(axis=1), 0.0, 1.0)  # [n]
+    upper = lower.copy()
     with np.errstate(divide="ignore"):
-        upper = np.log(np.exp(lower) + missing)
+        upper[:, 0] = np.log(np.exp(lower[:, 0]) + missing)
     return upper.astype(np.float32)
 
 

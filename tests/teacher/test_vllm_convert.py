@@ -241,20 +241,19 @@ def test_topk_lower_bound_matches_hand_computation():
     np.testing.assert_allclose(blm, expected, rtol=1e-6)
 
 
-def test_topk_upper_bound_adds_the_mass_outside_the_topk_to_every_class():
+def test_topk_upper_bound_adds_the_mass_outside_the_topk_once_to_the_space_class():
     blm = boundary_logmass_from_topk(
         np.array(HAND_TOPK_ID), np.array(HAND_TOPK_LOGP), HAND_CLASSES, "upper"
     )
     e = math.exp
     missing = [1 - e(-0.5) - e(-1.5), 1 - e(-0.25) - e(-2.0), 1 - e(-0.1) - e(-2.5)]
-    expected = np.log(
-        np.array(
-            [
-                [e(-0.5) + missing[0], missing[0], missing[0], missing[0], missing[0]],
-                [e(-0.25) + missing[1], missing[1], missing[1], missing[1], e(-2.0) + missing[1]],
-                [e(-2.5) + missing[2], missing[2], missing[2], missing[2], missing[2]],
-            ]
-        )
+    inf = -np.inf
+    expected = np.array(
+        [
+            [math.log(e(-0.5) + missing[0]), inf, inf, inf, inf],
+            [math.log(e(-0.25) + missing[1]), inf, inf, inf, -2.0],
+            [math.log(e(-2.5) + missing[2]), inf, inf, inf, inf],
+        ]
     )
     np.testing.assert_allclose(blm, expected.astype(np.float32), rtol=1e-5)
 
@@ -476,7 +475,16 @@ def test_topk_bounds_enclose_the_exact_boundary_logmass(model, boundary_class, k
     lower = boundary_logmass_from_topk(arrays.topk_id, arrays.topk_logp, boundary_class, "lower")
     upper = boundary_logmass_from_topk(arrays.topk_id, arrays.topk_logp, boundary_class, "upper")
     assert np.all(lower <= exact + 1e-5)
-    assert np.all(exact <= upper + 1e-5)
+    assert np.all(
+        exact[:, 0] <= upper[:, 0] + 1e-5
+    )  # the space class, and every union containing it:
+    total = {
+        name: np.logaddexp.reduce(x.astype(np.float64), axis=1)
+        for name, x in (("lower", lower), ("exact", exact), ("upper", upper))
+    }
+    assert np.all(total["lower"] <= total["exact"] + 1e-5)
+    assert np.all(total["exact"] <= total["upper"] + 1e-5)
+    assert np.all(np.exp(total["upper"]) <= 1 + 1e-5)  # the missing mass is counted once
     if k == VOCAB:  # the whole distribution: both bounds are exact
         np.testing.assert_allclose(lower, exact, atol=1e-5)
         np.testing.assert_allclose(upper, exact, atol=1e-4)
