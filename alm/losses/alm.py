@@ -247,8 +247,9 @@ def binarised_divergence(
     """
     if temperature <= 0:
         raise AlmError(f"temperature must be > 0, got {temperature}; the paper's default is 100.")
-    teacher_logp = teacher_logp.float().clamp(max=0.0)
-    student_logp = student_logp.float().clamp(max=0.0)
+    # Finite range: a -inf log-prob (e.g. an empty boundary class) would turn 0·inf into NaN.
+    teacher_logp = teacher_logp.float().clamp(min=-1e30, max=0.0)
+    student_logp = student_logp.float().clamp(min=-1e30, max=0.0)
     match divergence:
         case "binary_ce":
             a, b = teacher_logp / temperature - eps, student_logp / temperature - eps
@@ -325,7 +326,8 @@ def alm_loss(
 
     Args:
         student_logits: [B, Ts, V] (logits at q predict token q+1); any float dtype, maths in fp32.
-        student_input_ids: int64 [B, Ts], the student tokens (padding beyond each example's groups is ignored).
+        student_input_ids: int64 [B, Ts], the student tokens, right-padded (the targets' positions index these
+            rows as built; padding beyond each example's groups is ignored).
         student_boundary_mask: bool [V'], the student's boundary token set (first byte space/newline/tab/other
             whitespace, or special), `vocab.boundary_mask(...)`.
         targets: `pad_targets([...])` of the examples' `AlmTargets`, on the logits' device.

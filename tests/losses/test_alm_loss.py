@@ -52,8 +52,10 @@ def test_divergences_match_their_bernoulli_definitions(divergence, temperature):
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_divergences_and_gradients_stay_finite_at_extremes(divergence):
-    teacher = torch.tensor([0.0, 0.0, -1e-9, -1e4, -1e30, -1e4, 0.0])
-    student = torch.tensor([0.0, -1e4, 0.0, 0.0, -1e30, -1e4, -1e-9], requires_grad=True)
+    teacher = torch.tensor([0.0, 0.0, -1e-9, -1e4, -1e30, -1e4, 0.0, -math.inf, -1.0])
+    student = torch.tensor(
+        [0.0, -1e4, 0.0, 0.0, -1e30, -1e4, -1e-9, -1.0, -math.inf], requires_grad=True
+    )
     value = binarised_divergence(teacher, student, temperature=100.0, divergence=divergence)
     value.sum().backward()
     assert torch.isfinite(value).all() and torch.isfinite(student.grad).all()
