@@ -1,0 +1,145 @@
+"""Benchmark: `alm precompute` (HF backend) against a bare teacher forward loop on the same batches.
+
+    .venv/bin/python bench/bench_precompute.py                      # the embedded SmolLM2-135M teacher, ~2-4 min
+    .venv/bin/python bench/bench_precompute.py --docs 16 --rounds 1  # quicker, noisier
+
+Both sides run the same documents, rendered the same way and grouped into the same batches (`plan_batches` per
+shard, right padding). The bare loop only calls `model(input_ids, attention_mask).logits`; `alm precompute` also
+computes fp32 log-probs, boundary log-mass, writes the store and shows progress. Rounds alternate the two and the
+best time of each is kept, so load from other processes mostly cancels. Prints one line per figure:
+
+- throughput ratio (target >= 0.95x);
+- bytes per teacher token on disk of the default fields (token_id, logp, boundary_logmass; target <= 20), plus the
+  shards including the index with the text (the vocabulary and tokenizer files are a fixed few MB per store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from alm.config.precompute import load_precompute_recipe  # noqa: E402
+from alm.precompute import load_documents, run_precompute  # noqa: E402
+from alm.teacher.base import plan_batches  # noqa: E402
+from alm.teacher.default import resolve_teacher_path  # noqa: E402
+from alm.teacher.hf import load_tokenizer  # noqa: E402
+from alm.templates import render, resolve_family  # noqa: E402
+from alm.vocab import vocab_from_tokenizer  # noqa: E402
+
+DEFAULT_FIELDS = ("token_id", "logp", "boundary_logmass")
+
+
+def same_batches(recipe_path: Path, overrides: list[str]) -> tuple[list[list[np.ndarray]], str]:
+    """The padded batches `alm precompute` forms for this recipe, as lists of token-id arrays."""
+    recipe = load_precompute_recipe(recipe_path, overrides)
+    documents, _, _ = load_documents(recipe, recipe_path)
+    model_path = resolve_teacher_path(recipe.teacher.model)
+    tokenizer = load_tokenizer(model_path)
+    vocab = vocab_from_tokenizer(tokenizer)
+    family = resolve_family(recipe.teacher.family, tokenizer)
+    batches = []
+    for start in range(0, len(documents), recipe.shard_size):
+        seqs = [
+            render(d, tokenizer, vocab, family, max_length=recipe.max_length).token_id
+            for d in documents[start : start + recipe.shard_size]
+        ]
+        for batch in plan_batches([len(s) for s in seqs], recipe.token_budget):
+            batches.append([seqs[i] for i in batch])
+    return batches, model_path
+
+
+@torch.inference_mode()
+def bare_forward(model: torch.nn.Module, batches: list[list[np.ndarray]]) -> float:
+    started = time.perf_counter()
+    for batch in batches:
+        width = max(len(s) for s in batch)
+        input_ids = torch.zeros((len(batch), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+            attention_mask[row, : len(ids)] = 1
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits  # noqa: B018
+    return time.perf_counter() - started
+
+
+def precompute_seconds(recipe_path: Path, overrides: list[str], out: Path) -> tuple[float, int]:
+    """Run `alm precompute` into `out`; its own timer covers rendering, scoring and writing (not model loading)."""
+    message = run_precompute(recipe_path, overrides=[*overrides, f"output={out}"])
+    match = re.search(r"wrote \d+ shard\(s\), (\d+) teacher tokens in ([\d.]+) s", message)
+    assert match, message
+    return float(match.group(2)), int(match.group(1))
+
+
+def disk_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=REPO / "stages" / "demo_precompute.yaml")
+    parser.add_argument("--docs", type=int, default=48, help="documents to score")
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    overrides = [
+        f"data.limit={args.docs}",
+        f"max_length={args.max_length}",
+        "teacher.device=cpu",
+        "shard_size=16",
+    ]
+    batches, model_path = same_batches(args.recipe, overrides)
+    num_tokens = sum(len(s) for b in batches for s in b)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    # warm-up on a shape not measured (alm's teacher has had its own small probe forward at load time)
+    bare_forward(model, [[np.arange(1, 9, dtype=np.int32)]])
+    bare_times, alm_times = [], []
+    with tempfile.TemporaryDirectory(prefix="alm-bench-") as tmp:
+        for r in range(args.rounds):
+            bare_times.append(bare_forward(model, batches))
+            seconds, tokens = precompute_seconds(args.recipe, overrides, Path(tmp) / f"store{r}")
+            assert tokens == num_tokens, (tokens, num_tokens)
+            alm_times.append(seconds)
+        store = Path(tmp) / "store0"
+        arrays = [
+            p
+            for p in store.rglob("*")
+            if p.is_file() and any(f"/{f}/" in str(p) for f in DEFAULT_FIELDS)
+        ]
+        field_bytes = sum(p.stat().st_size for p in arrays)
+        shard_bytes = disk_bytes(store / "shards")
+    bare, alm = min(bare_times), min(alm_times)
+    print(
+        f"teacher: {model_path}, {len(batches)} batches, {num_tokens} tokens, best of {args.rounds} rounds"
+    )
+    print(f"bare forward loop: {num_tokens / bare:.0f} tokens/s")
+    print(f"alm precompute (hf): {num_tokens / alm:.0f} tokens/s")
+    print(f"precompute / bare forward throughput: {bare / alm:.3f}x (target >= 0.95x)")
+    print(
+        f"default fields on disk: {field_bytes / num_tokens:.1f} bytes/teacher token (target <= 20; raw 18.0)"
+    )
+    print(
+        f"all shards on disk (arrays + index with the text): {shard_bytes / num_tokens:.1f} bytes/teacher token"
+    )
+
+
+if __name__ == "__main__":
+    main()
