@@ -307,7 +307,8 @@ def run_train(
         cfg.loss.combine,
         second_moment,
     )
-    gradmag_params = last_block_params(parallel.unwrap(model).student)
+    uses_gradmag = len(names) > 1 and cfg.loss.combine == "gradmag"
+    gradmag_params = last_block_params(parallel.unwrap(model).student) if uses_gradmag else []
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     def autocast() -> contextlib.AbstractContextManager:
