@@ -8,8 +8,7 @@ On a CUDA machine it runs `alm precompute` with `teacher.backend: hf`, then (whe
 `teacher.backend: vllm` for each requested boundary method, on the same documents, and compares every vLLM store
 with the HF store (`alm.store.inspect.compare_stores_stats`: max/mean |Δlogp|, |Δboundary_logmass|, γ-merge
 decisions that differ). One line per figure. Throughput is teacher tokens per second of the whole precompute
-(model load excluded: the first, warm-up run of each backend is not timed separately, so load time is reported on
-its own line), and the fraction of the GPU's peak dense bf16 FLOP rate that `2 × linear-layer parameters ×
+(model load excluded and reported on its own line; a warm-up on 8 documents comes first), and the fraction of the GPU's peak dense bf16 FLOP rate that `2 × linear-layer parameters ×
 tokens / time` reaches (attention's own FLOPs are left out, so the fraction is a slight underestimate).
 
 On a machine without CUDA it prints why and exits with code 2: nothing can be checked there.
@@ -18,8 +17,10 @@ On a machine without CUDA it prints why and exits with code 2: nothing can be ch
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -63,15 +64,43 @@ def linear_params(model_path: str) -> int:
     return total
 
 
-def run_backend(recipe: Path, out: Path, overrides: list[str]) -> tuple[float, int]:
-    """Precompute into `out`; returns (seconds, teacher tokens)."""
-    from alm.precompute import run_precompute
-    from alm.store.reader import open_store
+def run_backend(recipe: Path, out: Path, overrides: list[str]) -> dict[str, float]:
+    """Load the teacher once, warm it up on 8 documents, then time a whole precompute into a fresh `out`.
 
+    The timed run is everything `alm precompute` does (rendering, scoring, writing, finalizing) except loading the
+    model, which is timed on its own. Returns seconds, tokens and load seconds.
+    """
+    import alm.precompute as precompute
+    from alm.config.precompute import load_precompute_recipe
+    from alm.store.reader import open_store
+    from alm.teacher.default import resolve_teacher_path
+    from alm.teacher.hf import load_tokenizer
+    from alm.vocab import vocab_from_tokenizer
+
+    recipe_cfg = load_precompute_recipe(recipe, overrides)
+    model_path = resolve_teacher_path(recipe_cfg.teacher.model)
+    tokenizer = load_tokenizer(model_path, recipe_cfg.teacher.revision)
+    vocab = vocab_from_tokenizer(tokenizer, name=recipe_cfg.teacher.model)
     start = time.perf_counter()
-    run_precompute(recipe, overrides=[*overrides, f"output={out}"], shard="0/1", overwrite=True)
-    seconds = time.perf_counter() - start
-    return seconds, int(open_store(str(out)).manifest["totals"]["num_tokens"])
+    teacher = precompute.load_teacher(recipe_cfg, model_path, vocab.boundary_class)
+    load_seconds = time.perf_counter() - start
+    original = precompute.load_teacher
+    precompute.load_teacher = lambda *args, **kwargs: teacher
+    try:
+        warmup = out.parent / f"{out.name}_warmup"
+        precompute.run_precompute(
+            recipe, [*overrides, f"output={warmup}", "data.limit=8"], overwrite=True
+        )
+        shutil.rmtree(warmup, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        precompute.run_precompute(recipe, [*overrides, f"output={out}"], shard="0/1")
+        seconds = time.perf_counter() - start
+    finally:
+        precompute.load_teacher = original
+        gc.collect()
+    tokens = int(open_store(str(out)).manifest["totals"]["num_tokens"])
+    return {"seconds": seconds, "tokens": tokens, "load_seconds": load_seconds}
 
 
 def main() -> int:
@@ -127,23 +156,16 @@ def main() -> int:
     ]
     results: dict[str, dict] = {}
 
-    def report(name: str, seconds: float, tokens: int) -> None:
-        rate = tokens / seconds
+    def report(name: str, run: dict[str, float]) -> None:
+        rate = run["tokens"] / run["seconds"]
         fraction = flops_per_token * rate / (peak * 1e12) if peak else float("nan")
-        results[name] = {
-            "seconds": seconds,
-            "tokens": tokens,
-            "tokens_per_s": rate,
-            "flop_fraction": fraction,
-        }
-        print(f"{name}: {tokens} tokens in {seconds:.2f} s = {rate:,.0f} tokens/s")
+        results[name] = {**run, "tokens_per_s": rate, "flop_fraction": fraction}
+        print(f"{name}: model load {run['load_seconds']:.1f} s (not in the throughput)")
+        print(f"{name}: {run['tokens']} tokens in {run['seconds']:.2f} s = {rate:,.0f} tokens/s")
         print(f"{name}: forward FLOP rate / peak = {fraction:.4f}")
 
     hf_store = out_root / "hf"
-    run_backend(
-        args.recipe, hf_store, [*common, "teacher.backend=hf"]
-    )  # warm-up: load, compile, caches
-    report("hf", *run_backend(args.recipe, hf_store, [*common, "teacher.backend=hf"]))
+    report("hf", run_backend(args.recipe, hf_store, [*common, "teacher.backend=hf"]))
     torch.cuda.empty_cache()
 
     if importlib.util.find_spec("vllm") is None:
@@ -159,11 +181,12 @@ def main() -> int:
         ]
         name = f"vllm[{method}]"
         try:
-            seconds, tokens = run_backend(args.recipe, store, overrides)
+            run = run_backend(args.recipe, store, overrides)
         except Exception as exc:  # report and go on with the next method
             print(f"{name}: FAILED: {type(exc).__name__}: {exc}")
             continue
-        report(name, seconds, tokens)
+        report(name, run)
+        torch.cuda.empty_cache()
         stats = compare_stores_stats(str(hf_store), str(store))
         results[name]["compare_hf"] = stats
         print(
