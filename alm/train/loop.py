@@ -264,6 +264,11 @@ def run_train(
     )
     start_step = 0
     checkpoints = list_checkpoints(out) if resume else []
+    if checkpoints and cfg.parallel == "fsdp2" and parallel.world_size() > 1:
+        raise ConfigError(
+            "--resume with parallel: fsdp2 on several processes is not supported yet (checkpoints hold rank 0's "
+            "optimizer shard only); resume with parallel: ddp, or start a new run"
+        )
     if checkpoints:
         start_step = restore_checkpoint(
             load_checkpoint(checkpoints[-1]), parallel.unwrap(model), optimizer, scheduler

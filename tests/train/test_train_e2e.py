@@ -249,13 +249,15 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path, stores, student_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, stores, student_dir
+    tmp_path, stores, student_dir, parallel
 ):
     common = {
         "store": stores["train"],
         "student": {"model": str(student_dir)},
         "loss": {"kind": "alm"},
+        "parallel": parallel,
         "optim__steps": 3,
         "optim__micro_batch_size": 2,
     }
@@ -277,7 +279,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
             "--nproc-per-node",
             "2",
             "--master-port",
-            "29517",
+            "29517" if parallel == "ddp" else "29518",
             "-m",
             "alm.cli",
             "train",
