@@ -1,7 +1,7 @@
 """Peak memory of the ALM loss against cross-entropy on the same logits (DESIGN.md target ≤ 1.10×), and the loss's
 own time against the student's forward/backward.
 
-    .venv/bin/python bench/bench_loss.py [--rows 1024] [--vocab 131072] [--group-tokens 3]
+    .venv/bin/python bench/bench_loss.py [--rows 1024] [--vocab 131072] [--group-tokens 3] [--dtype bfloat16]
 
 Memory: each variant runs forward + backward on the same fp32 logits [rows, vocab] (a leaf that requires grad,
 like the LM head's output):
@@ -67,7 +67,7 @@ def resident_kib(field: str) -> int:
 
 
 def run_variant(
-    variant: str, rows: int, vocab: int, group_tokens: int, device: str
+    variant: str, rows: int, vocab: int, group_tokens: int, device: str, dtype: str = "float32"
 ) -> dict[str, float]:
     torch.manual_seed(0)
     batch = 1
@@ -81,7 +81,9 @@ def run_variant(
         before = torch.cuda.memory_allocated()
     else:
         before = resident_kib("VmRSS") * 1024
-    logits = torch.randn(batch, rows, vocab, device=device).requires_grad_()
+    logits = torch.randn(
+        batch, rows, vocab, device=device, dtype=getattr(torch, dtype)
+    ).requires_grad_()
     logits_bytes = logits.numel() * logits.element_size()
     start = time.perf_counter()
     if variant == "ce":
@@ -121,13 +123,15 @@ def memory_figures(args: argparse.Namespace, device: str) -> None:
                 str(args.vocab),
                 "--group-tokens",
                 str(args.group_tokens),
+                "--dtype",
+                args.dtype,
             ]
             output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
             results[variant] = json.loads(output.strip().splitlines()[-1])
     ce, alm = results["ce"], results["alm"]
     mib = 2**20
     print(
-        f"peak memory ALM loss vs cross-entropy, same fp32 logits [{args.rows}, {args.vocab}] on {device}: "
+        f"peak memory ALM loss vs cross-entropy, same {args.dtype} logits [{args.rows}, {args.vocab}] on {device}: "
         f"{alm['peak'] / ce['peak']:.2f}x  (alm {alm['peak'] / mib:.0f} MiB, ce {ce['peak'] / mib:.0f} MiB, "
         f"logits {ce['logits'] / mib:.0f} MiB; target <= 1.10x)"
     )
@@ -200,14 +204,23 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=131072)
     parser.add_argument("--group-tokens", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--skip-time", action="store_true", help="only the memory figures")
     parser.add_argument("--child", choices=["ce", "alm"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child:
-        print(json.dumps(run_variant(args.child, args.rows, args.vocab, args.group_tokens, device)))
+        print(
+            json.dumps(
+                run_variant(
+                    args.child, args.rows, args.vocab, args.group_tokens, device, args.dtype
+                )
+            )
+        )
         return
     memory_figures(args, device)
-    time_figures(device)
+    if not args.skip_time:
+        time_figures(device)
 
 
 if __name__ == "__main__":

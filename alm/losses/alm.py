@@ -35,7 +35,7 @@ DIVERGENCES: tuple[str, ...] = (
     "binary_kl_temp_limit",
 )
 
-_BLOCK_BYTES = 1 << 26  # fp32 working set per row block (64 MiB)
+_BLOCK_BYTES = 1 << 25  # fp32 size of one row block (32 MiB); the working set is a few blocks
 
 
 class AlmLossOutput(NamedTuple):
@@ -203,7 +203,10 @@ def token_stats(
                 "the boundary mask selects no token; it must contain at least the special tokens."
             )
     flat_logits = logits.reshape(-1, num_columns)
-    rows_per_block = max(1, block_bytes // (4 * max(vocab_size, 1)))
+    # At most `block_bytes` of fp32 per block, and at most 1/8 of the rows, so the working set stays a small
+    # fraction of the logits for short inputs too.
+    num_rows = flat_logits.shape[0]
+    rows_per_block = max(1, min(block_bytes // (4 * max(vocab_size, 1)), -(-num_rows // 8)))
     logp, boundary_logmass = _TokenStats.apply(
         flat_logits, target_ids.reshape(-1).long(), boundary_mask, vocab_size, rows_per_block
     )
