@@ -159,3 +159,24 @@ def test_groups_never_span_a_gap_in_the_loss_region():
     )
     assert targets.student_group_start.tolist() == [1, 3]
     assert targets.student_group_end.tolist() == [2, 4]
+
+
+def test_hidden_state_positions_cover_chunks_outside_the_loss_region_and_groups_do_not():
+    teacher = [b"", b"ab", b"c", b"de"]
+    student = [b"", b"a", b"bc", b"d", b"e"]
+    roles_t, roles_s = ["bos", None, None, None], ["bos", None, None, None, None]
+    chunks = align_chunks(
+        teacher, student, teacher_roles=roles_t, student_roles=roles_s, loss_spans=[(3, 5)]
+    )
+    assert chunks.end_byte.tolist() == [5]
+    from alm.align import align_sequences
+    from alm.align.chunks import _offsets
+
+    teacher_seq, _ = _offsets(teacher, roles_t, "teacher")
+    student_seq, _ = _offsets(student, roles_s, "student")
+    every = align_sequences(teacher_seq, student_seq, [(3, 5)], keep_outside_loss=True)
+    assert every.in_loss.tolist() == [False, True]
+    targets = build_alm_targets(every, np.array([np.nan, -1.0, -1.0, -1.0]), np.zeros(4), gamma=0.1)
+    assert targets.student_group_start.tolist() == [3] and targets.student_group_end.tolist() == [5]
+    assert targets.teacher_chunk_last_pos.tolist() == [2, 3]
+    assert targets.student_chunk_last_pos.tolist() == [2, 4]
