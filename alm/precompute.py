@@ -22,10 +22,11 @@ Implements ALM_SPEC.md §10.1-§10.3 (what the teacher must store). Imports `alm
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,13 @@ import numpy as np
 from alm.config.precompute import PrecomputeRecipe, load_precompute_recipe
 from alm.errors import ConfigError, DataError
 from alm.store.finalize import try_finalize
-from alm.store.writer import ShardWriter, StoreLayout, StorePlan, prepare_store
+from alm.store.writer import (
+    ShardWriter,
+    StoreLayout,
+    StorePlan,
+    float32_to_bfloat16_bits,
+    prepare_store,
+)
 from alm.teacher.base import TeacherBackend, TeacherScores, plan_batches
 from alm.templates import Document, TokenizedSequence, render, resolve_family
 
@@ -91,12 +98,32 @@ def _resolve_spec_path(spec: str, recipe_path: Path) -> str:
     return spec
 
 
-def load_documents(recipe: PrecomputeRecipe, recipe_path: Path) -> tuple[list[Document], str, str]:
-    """Every document the recipe selects, in order: empty ones skipped, then `data.limit` applied.
+@dataclass
+class SelectedDocuments:
+    """The recipe's documents, counted in full but kept only for the shards a worker writes.
 
-    Returns:
-        (documents, data spec name, data fingerprint). The fingerprint covers the spec and its source files, the
-        split and the limit.
+    Attributes:
+        num_documents: documents selected in total (empty ones skipped, `data.limit` applied).
+        shards: shard index -> its documents, for the kept shards only (memory is ~1/N of the data per worker).
+        spec_name: the data spec's name.
+        fingerprint: covers the spec and its source files, the split and the limit.
+    """
+
+    num_documents: int
+    shards: dict[int, list[Document]]
+    spec_name: str
+    fingerprint: str
+
+
+def load_documents(
+    recipe: PrecomputeRecipe, recipe_path: Path, keep_shard: Callable[[int], bool] | None = None
+) -> SelectedDocuments:
+    """Enumerate the recipe's documents in order (empty ones skipped, then `data.limit`), in one pass.
+
+    Args:
+        recipe: the precompute recipe.
+        recipe_path: its file (relative data-spec paths are also looked up next to it).
+        keep_shard: which shards' documents to keep (default: all); the others are only counted.
 
     Raises:
         ConfigError: the data spec is missing or invalid.
@@ -108,16 +135,20 @@ def load_documents(recipe: PrecomputeRecipe, recipe_path: Path) -> tuple[list[Do
         spec = load_data_spec(_resolve_spec_path(recipe.data.spec, recipe_path))
     else:
         spec = load_data_spec(dict(recipe.data.spec), source=f"{recipe_path}: data.spec")
-    documents: list[Document] = []
+    shards: dict[int, list[Document]] = {}
+    num_documents = 0
     stats = DocumentStats()
     for document in iter_documents(spec, split=recipe.data.split, stats=stats):
         if is_empty_document(document):
             stats.num_empty += 1
             continue
-        documents.append(document)
-        if recipe.data.limit is not None and len(documents) >= recipe.data.limit:
+        shard_index = num_documents // recipe.shard_size
+        if keep_shard is None or keep_shard(shard_index):
+            shards.setdefault(shard_index, []).append(document)
+        num_documents += 1
+        if recipe.data.limit is not None and num_documents >= recipe.data.limit:
             break
-    if not documents:
+    if not num_documents:
         split = recipe.data.split or spec.split
         raise DataError(
             f"data spec {spec.name!r} (split {split}) gives no non-empty document"
@@ -125,7 +156,7 @@ def load_documents(recipe: PrecomputeRecipe, recipe_path: Path) -> tuple[list[Do
             "split, there is nothing for the teacher to score"
         )
     fingerprint = data_fingerprint(spec, split=recipe.data.split, limit=recipe.data.limit)
-    return documents, spec.name, fingerprint
+    return SelectedDocuments(num_documents, shards, spec.name, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,12 +223,6 @@ def _backend_settings(recipe: PrecomputeRecipe) -> tuple[str, str]:
 # The run
 
 
-def _shard_documents(
-    documents: list[Document], shard_size: int, shard_index: int
-) -> list[Document]:
-    return documents[shard_index * shard_size : (shard_index + 1) * shard_size]
-
-
 def _render_shard(
     documents: list[Document], tokenizer: Any, vocab: Any, family: str, max_length: int
 ) -> list[TokenizedSequence]:
@@ -251,6 +276,18 @@ def _write_shard(
                 topk_logp=score.topk_logp[:, :top_k] if top_k else None,
                 hidden=score.hidden if hidden else None,
             )
+
+
+def _compact(score: TeacherScores, hidden_dtype: str) -> TeacherScores:
+    """Hidden states in their 16-bit stored encoding right away: a shard's scores stay in memory until it is
+    written (the batches run longest first, not in document order)."""
+    if score.hidden is None or score.hidden.dtype != np.float32:
+        return score
+    if hidden_dtype == "bfloat16":
+        hidden = float32_to_bfloat16_bits(score.hidden)
+    else:
+        hidden = score.hidden.astype(np.float16)
+    return dataclasses.replace(score, hidden=hidden)
 
 
 class _Progress:
@@ -315,7 +352,7 @@ def run_precompute(
     recipe_path = Path(recipe_path)
     recipe = load_precompute_recipe(recipe_path, overrides)
     worker = parse_shard(shard)
-    documents, spec_name, data_fingerprint = load_documents(recipe, recipe_path)
+    selected = load_documents(recipe, recipe_path, keep_shard=worker.owns)
     model_path = resolve_teacher_path(recipe.teacher.model)
     tokenizer = load_tokenizer(model_path, recipe.teacher.revision)
     vocab = vocab_from_tokenizer(tokenizer, name=recipe.teacher.model)
@@ -324,7 +361,7 @@ def run_precompute(
     dtype_name, boundary_method = _backend_settings(recipe)
 
     shard_size = recipe.shard_size
-    num_shards = math.ceil(len(documents) / shard_size)
+    num_shards = math.ceil(selected.num_documents / shard_size)
     fields = ["token_id", "logp", "boundary_logmass"]
     if recipe.top_k:
         fields += ["topk_id", "topk_logp"]
@@ -333,8 +370,8 @@ def run_precompute(
     plan = StorePlan(
         teacher_model=recipe.teacher.model,
         tokenizer_fingerprint=vocab.fingerprint(),
-        data_spec_name=spec_name,
-        data_spec_fingerprint=data_fingerprint,
+        data_spec_name=selected.spec_name,
+        data_spec_fingerprint=selected.fingerprint,
         num_shards=num_shards,
         max_length=recipe.max_length,
         fields=tuple(fields),
@@ -355,7 +392,7 @@ def run_precompute(
             "teacher_dtype": dtype_name,
             "split": recipe.data.split,
             "limit": recipe.data.limit,
-            "num_documents": len(documents),
+            "num_documents": selected.num_documents,
         },
         backend_versions=_versions(),
     )
@@ -377,12 +414,12 @@ def run_precompute(
     if todo:
         teacher = load_teacher(recipe, model_path, vocab.boundary_class)
         started = time.perf_counter()
-        num_docs_todo = sum(len(_shard_documents(documents, shard_size, j)) for j in todo)
+        num_docs_todo = sum(len(selected.shards[j]) for j in todo)
         progress = _Progress(num_docs_todo, f"precompute {worker.worker}/{worker.num_workers}")
         try:
             for j in todo:
                 sequences = _render_shard(
-                    _shard_documents(documents, shard_size, j),
+                    selected.shards.pop(j),
                     tokenizer,
                     vocab,
                     family,
@@ -393,7 +430,7 @@ def run_precompute(
                 for k, score in _score_shard(
                     teacher, sequences, recipe.token_budget, progress.update
                 ):
-                    scores[k] = score
+                    scores[k] = _compact(score, recipe.hidden_dtype)
                 _write_shard(
                     layout, j, j * shard_size, sequences, scores, recipe.top_k, recipe.hidden_states
                 )

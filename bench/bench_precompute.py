@@ -47,16 +47,16 @@ DEFAULT_FIELDS = ("token_id", "logp", "boundary_logmass")
 def same_batches(recipe_path: Path, overrides: list[str]) -> tuple[list[list[np.ndarray]], str]:
     """The padded batches `alm precompute` forms for this recipe, as lists of token-id arrays."""
     recipe = load_precompute_recipe(recipe_path, overrides)
-    documents, _, _ = load_documents(recipe, recipe_path)
+    selected = load_documents(recipe, recipe_path)
     model_path = resolve_teacher_path(recipe.teacher.model)
     tokenizer = load_tokenizer(model_path)
     vocab = vocab_from_tokenizer(tokenizer)
     family = resolve_family(recipe.teacher.family, tokenizer)
     batches = []
-    for start in range(0, len(documents), recipe.shard_size):
+    for shard_index in sorted(selected.shards):
         seqs = [
             render(d, tokenizer, vocab, family, max_length=recipe.max_length).token_id
-            for d in documents[start : start + recipe.shard_size]
+            for d in selected.shards[shard_index]
         ]
         for batch in plan_batches([len(s) for s in seqs], recipe.token_budget):
             batches.append([seqs[i] for i in batch])
