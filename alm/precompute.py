@@ -278,6 +278,29 @@ def _write_shard(
             )
 
 
+def _write_tokenizer(layout: StoreLayout, tokenizer: Any) -> None:
+    """Save the teacher tokenizer into `vocab/tokenizer/`, file by file and atomically, skipping identical files:
+    N workers starting at once (or a worker killed mid-save) never leave a half-written tokenizer file."""
+    import tempfile
+
+    from alm.store import schema
+
+    location = layout.location
+    with tempfile.TemporaryDirectory(prefix="alm-tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if not path.is_file():
+                continue
+            rel = path.relative_to(tmp).as_posix()
+            data = path.read_bytes()
+            if (
+                location.exists(schema.TOKENIZER_DIR, rel)
+                and location.read_bytes(schema.TOKENIZER_DIR, rel) == data
+            ):
+                continue
+            location.write_bytes(data, schema.TOKENIZER_DIR, rel)
+
+
 def _compact(score: TeacherScores, hidden_dtype: str) -> TeacherScores:
     """Hidden states in their 16-bit stored encoding right away: a shard's scores stay in memory until it is
     written (the batches run longest first, not in document order)."""
@@ -398,8 +421,7 @@ def run_precompute(
     )
     layout = prepare_store(recipe.output, plan, overwrite=overwrite)
     layout.write_vocab(vocab)
-    with layout.tokenizer_dir() as folder:
-        tokenizer.save_pretrained(folder)
+    _write_tokenizer(layout, tokenizer)
 
     mine = [j for j in range(num_shards) if worker.owns(j)]
     todo = [j for j in mine if not layout.shard_done(j)]
