@@ -100,6 +100,7 @@ def ensure_smollm2() -> Path:
     logger.info("converting %s to an HF folder in %s (once, ~20 s)", gguf_path.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_path.parent),
