@@ -484,7 +484,7 @@ def run_precompute(
     return (
         f"{wrote}.\nTeacher store {layout.url} is finished: {num_sequences} sequences, {num_tokens} teacher tokens, "
         f"{totals.get('num_text_bytes', 0)} text bytes in {num_shards} shard(s), "
-        f"{disk / max(num_tokens, 1):.1f} bytes/token on disk.\nManifest: {manifest_path}\n"
+        f"{disk / max(num_tokens, 1):.1f} bytes/token on disk (arrays and index with the text).\nManifest: {manifest_path}\n"
         f"Inspect it with: alm inspect {layout.url}"
     )
 

@@ -155,3 +155,17 @@ def test_auto_device_and_dtype_on_cpu() -> None:
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_weights_score_close_to_fp32_cpu(teacher_dir, boundary_class, sequences) -> None:
+    """On CUDA the weights are bf16 but the LM head and log-softmax run in fp32: close to the fp32 CPU scores."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    gpu = HFTeacher(str(teacher_dir), boundary_class, device="cuda", top_k=4, hidden_states=True)
+    assert gpu.dtype == torch.bfloat16 and gpu.use_head_path
+    cpu = HFTeacher(str(teacher_dir), boundary_class, device="cpu", top_k=4, hidden_states=True)
+    for a, b in zip(gpu.score(sequences), cpu.score(sequences), strict=True):
+        np.testing.assert_allclose(a.logp, b.logp, rtol=0, atol=0.05, equal_nan=True)
+        assert_close_with_inf(a.boundary_logmass, b.boundary_logmass, atol=0.05)
+        assert a.hidden.dtype == np.float32
