@@ -10,8 +10,11 @@ from alm.config import load_yaml_model
 from alm.config.train import TrainRecipe
 
 STAGES = Path(__file__).resolve().parents[2] / "stages"
+# Training recipes: `*train*.yaml` and the paper setups (`paper_*.yaml` that are not precompute recipes).
 TRAIN_RECIPES = sorted(
-    p for p in STAGES.glob("*.yaml") if "train" in p.name or p.name.startswith("paper_")
+    p
+    for p in STAGES.glob("*.yaml")
+    if "precompute" not in p.name and ("train" in p.name or p.name.startswith("paper_"))
 )
 
 
