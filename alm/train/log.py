@@ -119,3 +119,18 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
     return [
         json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
     ]
+
+
+def truncate_metrics(output_dir: Path, last_step: int) -> None:
+    """Drop records after `last_step` (written by an interrupted run past its last checkpoint) before resuming."""
+    path = output_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= last_step
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    tmp.replace(path)

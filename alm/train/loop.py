@@ -40,7 +40,7 @@ from alm.train.checkpoint import (
     save_checkpoint,
 )
 from alm.train.evaluate import eval_batches, evaluate
-from alm.train.log import METRICS_FILE, RunLog, read_metrics
+from alm.train.log import METRICS_FILE, RunLog, read_metrics, truncate_metrics
 from alm.train.step import (
     LossSettings,
     TrainModule,
@@ -274,6 +274,8 @@ def run_train(
             load_checkpoint(checkpoints[-1]), parallel.unwrap(model), optimizer, scheduler
         )
         logger.info("resumed from %s (step %d)", checkpoints[-1], start_step)
+    if resume and parallel.is_main():
+        truncate_metrics(out, start_step)
 
     family = (
         cfg.student.family
