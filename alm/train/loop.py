@@ -463,7 +463,10 @@ def run_train_cli(
             f"teacher tokenizer {info.teacher_fingerprint}"
         )
     student_dir = run_train(cfg, resume=resume, overwrite=overwrite)
+    main_process = parallel.is_main()
     parallel.shutdown()
+    if not main_process:
+        return ""  # under torchrun only rank 0 reports
     lines = [f"student: {student_dir}", f"metrics: {Path(cfg.output_dir) / METRICS_FILE}"]
     evals = [r for r in read_metrics(Path(cfg.output_dir)) if "eval/student_bpb" in r]
     if evals:
