@@ -249,6 +249,19 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path, stores, student_dir):
         and "missing-store" in result.stderr
         and "Traceback" not in result.stderr
     )
+    # an output folder that already holds a run: refused before any model loads
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "alm-run.json").write_text('{"kind": "alm-train-run", "config_hash": "0123"}')
+    busy = train_recipe(
+        tmp_path / "b.yaml",
+        store=stores["plain"],
+        output=taken,
+        student={"model": "/no/such/model"},
+    )
+    result = run_cli("train", str(busy))
+    assert result.returncode == 2 and "already holds a training run" in result.stderr
+    assert "--resume" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
