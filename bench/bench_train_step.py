@@ -1,6 +1,6 @@
 """Training step time with the ALM loss vs the SFT loss (same student, same batch), and data-path throughput.
 
-    .venv/bin/python bench/bench_train_step.py [--hidden 256] [--layers 4] [--batch 4] [--steps 8]
+    .venv/bin/python bench/bench_train_step.py [--hidden 256] [--layers 4] [--batch 4] [--steps 8] [--store DIR]
 
 Prints one line per figure:
 
@@ -76,6 +76,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument(
+        "--store", help="a teacher store: also time the loader's whole-shard reads on it"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher_tok, student_tok = bpe_tokenizer(512), bpe_tokenizer(2048)
@@ -100,6 +103,27 @@ def main() -> None:
             collate_examples([builder(s) for s in stored[i : i + args.batch]])
         rounds += 1
     data_seq_per_s = rounds * len(stored) / (time.perf_counter() - start)
+
+    store_seq_per_s = None
+    if args.store:
+        from alm.data.loader import MicroBatches
+        from alm.store.reader import open_store
+
+        store_builder = StudentExampleBuilder(
+            teacher_vocab=open_store(args.store).vocab,
+            student_tokenizer=student_tok,
+            student_vocab=student_vocab,
+            student_family="auto",
+            max_length=args.length,
+            boundary_class_ids=[0, 1, 2, 4],
+            gamma=0.1,
+        )
+        loader = MicroBatches([args.store], store_builder, micro_batch_size=args.batch, seed=0)
+        num_batches = max(1, loader.order.epoch_size // args.batch)
+        start = time.perf_counter()
+        for k in range(num_batches):
+            loader[k]
+        store_seq_per_s = num_batches * args.batch / (time.perf_counter() - start)
 
     batch = collate_examples([builder(s) for s in stored[: args.batch]])
     vocab_size = len(student_vocab.token_bytes)
@@ -149,6 +173,11 @@ def main() -> None:
         f"data path / step consumption: {data_seq_per_s / step_seq_per_s:.2f}x (one worker builds "
         f"{data_seq_per_s:.0f} seq/s, the ALM step consumes {step_seq_per_s:.1f} seq/s; target >= 1x)"
     )
+    if store_seq_per_s is not None:
+        print(
+            f"loader from store / step consumption: {store_seq_per_s / step_seq_per_s:.2f}x (one worker "
+            f"reads shards and builds {store_seq_per_s:.0f} seq/s from {args.store}; target >= 1x)"
+        )
 
 
 if __name__ == "__main__":
