@@ -352,6 +352,7 @@ def run_precompute(
     overrides: list[str] | None = None,
     shard: str = "0/1",
     overwrite: bool = False,
+    stats: dict[str, float] | None = None,
 ) -> str:
     """Run the teacher over the recipe's data and write (this worker's part of) the teacher store.
 
@@ -360,6 +361,8 @@ def run_precompute(
         overrides: `key.sub=value` strings (`--set`).
         shard: `i/N`: this worker is i of N; it writes shards j with j % N == i.
         overwrite: replace an alm store in the output folder that was made with other settings.
+        stats: if given, filled with this worker's `num_tokens`, `seconds` and `cpu_seconds` spent rendering,
+            scoring and writing (model loading excluded), for benchmarks.
 
     Returns:
         A one-paragraph summary: where the store is, what this worker wrote, totals when finished.
@@ -435,7 +438,7 @@ def run_precompute(
     elapsed = 0.0
     if todo:
         teacher = load_teacher(recipe, model_path, vocab.boundary_class)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         num_docs_todo = sum(len(selected.shards[j]) for j in todo)
         progress = _Progress(num_docs_todo, f"precompute {worker.worker}/{worker.num_workers}")
         try:
@@ -460,6 +463,12 @@ def run_precompute(
         finally:
             progress.close()
         elapsed = time.perf_counter() - started
+        if stats is not None:
+            stats.update(
+                num_tokens=num_tokens_written,
+                seconds=elapsed,
+                cpu_seconds=time.process_time() - started_cpu,
+            )
     manifest_path = try_finalize(layout)
     wrote = (
         f"worker {worker.worker}/{worker.num_workers} wrote {len(todo)} shard(s), {num_tokens_written} teacher tokens "
