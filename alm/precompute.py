@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from alm.config.precompute import PrecomputeRecipe, load_precompute_recipe
-from alm.errors import ConfigError, DataError
+from alm.errors import ConfigError, DataError, TokenizerRefusedError
 from alm.store.finalize import try_finalize
 from alm.store.writer import (
     ShardWriter,
@@ -223,19 +223,49 @@ def _backend_settings(recipe: PrecomputeRecipe) -> tuple[str, str]:
 # The run
 
 
-def _render_shard(
-    documents: list[Document], tokenizer: Any, vocab: Any, family: str, max_length: int
-) -> list[TokenizedSequence]:
-    sequences = []
-    for document in documents:
-        seq = render(document, tokenizer, vocab, family, max_length=max_length)
-        if seq.num_tokens == 0:
-            raise DataError(
-                f"document {document.doc_id!r} renders to no teacher tokens; this should not happen for a non-empty "
-                "document, please report it"
-            )
-        sequences.append(seq)
-    return sequences
+def _render_shards(
+    shards: dict[int, list[Document]],
+    tokenizer: Any,
+    vocab: Any,
+    family: str,
+    max_length: int,
+    *,
+    skip_untokenizable: bool,
+) -> tuple[dict[int, list[TokenizedSequence]], int]:
+    """Render every document of this worker's shards with the teacher tokenizer, before the model loads, so
+    that a document the tokenizer cannot encode stops the run with nothing written.
+
+    Returns:
+        shard index -> its sequences, and the number of documents skipped as untokenizable.
+
+    Raises:
+        TokenizerRefusedError: a document cannot be encoded byte-exactly and `skip_untokenizable` is off.
+    """
+    rendered: dict[int, list[TokenizedSequence]] = {}
+    num_skipped = 0
+    for j, documents in shards.items():
+        sequences = []
+        for document in documents:
+            try:
+                seq = render(document, tokenizer, vocab, family, max_length=max_length)
+            except TokenizerRefusedError as err:
+                if skip_untokenizable:
+                    num_skipped += 1
+                    logger.warning("skipping document %r: %s", document.doc_id, err)
+                    continue
+                raise TokenizerRefusedError(
+                    f"document {document.doc_id!r} (source {document.source}, row {document.row}): {err}\n"
+                    "Fix or drop that document, or skip such documents with --set skip_untokenizable=true "
+                    "(each one is logged and counted)."
+                ) from None
+            if seq.num_tokens == 0:
+                raise DataError(
+                    f"document {document.doc_id!r} renders to no teacher tokens; this should not happen for a "
+                    "non-empty document, please report it"
+                )
+            sequences.append(seq)
+        rendered[j] = sequences
+    return rendered, num_skipped
 
 
 def _score_shard(
@@ -314,30 +344,23 @@ def _compact(score: TeacherScores, hidden_dtype: str) -> TeacherScores:
 
 
 class _Progress:
-    """tqdm bar over this worker's share, in teacher tokens (total estimated until every shard is rendered)."""
+    """tqdm bar over this worker's share, in teacher tokens (known exactly: everything is rendered up front)."""
 
-    def __init__(self, num_documents: int, label: str) -> None:
+    def __init__(self, num_tokens: int, label: str) -> None:
         from tqdm.auto import tqdm
-
-        self.remaining_documents = num_documents
-        self.rendered_tokens = 0
-        self.rendered_documents = 0
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         # log lines go through tqdm.write, so they never break the bar
         self._redirect = logging_redirect_tqdm()
         self._redirect.__enter__()
         self.bar = tqdm(
-            total=0, unit="tok", unit_scale=True, desc=label, dynamic_ncols=True, smoothing=0.1
+            total=num_tokens,
+            unit="tok",
+            unit_scale=True,
+            desc=label,
+            dynamic_ncols=True,
+            smoothing=0.1,
         )
-
-    def add_shard(self, sequences: list[TokenizedSequence]) -> None:
-        self.rendered_documents += len(sequences)
-        self.remaining_documents -= len(sequences)
-        self.rendered_tokens += sum(seq.num_tokens for seq in sequences)
-        mean = self.rendered_tokens / max(1, self.rendered_documents)
-        self.bar.total = self.rendered_tokens + round(mean * self.remaining_documents)
-        self.bar.refresh()
 
     def update(self, num_tokens: int) -> None:
         self.bar.update(num_tokens)
@@ -386,6 +409,17 @@ def run_precompute(
     model_info = describe_model(model_path, recipe.teacher.revision)
     dtype_name, boundary_method = _backend_settings(recipe)
 
+    rendered, num_skipped = _render_shards(
+        selected.shards,
+        tokenizer,
+        vocab,
+        family,
+        recipe.max_length,
+        skip_untokenizable=recipe.skip_untokenizable,
+    )
+    if num_skipped:
+        logger.warning("skipped %d document(s) the teacher tokenizer cannot encode", num_skipped)
+
     shard_size = recipe.shard_size
     num_shards = math.ceil(selected.num_documents / shard_size)
     fields = ["token_id", "logp", "boundary_logmass"]
@@ -419,6 +453,7 @@ def run_precompute(
             "split": recipe.data.split,
             "limit": recipe.data.limit,
             "num_documents": selected.num_documents,
+            "skip_untokenizable": recipe.skip_untokenizable,
         },
         backend_versions=_versions(),
     )
@@ -439,18 +474,11 @@ def run_precompute(
     if todo:
         teacher = load_teacher(recipe, model_path, vocab.boundary_class)
         started, started_cpu = time.perf_counter(), time.process_time()
-        num_docs_todo = sum(len(selected.shards[j]) for j in todo)
-        progress = _Progress(num_docs_todo, f"precompute {worker.worker}/{worker.num_workers}")
+        num_tokens_todo = sum(seq.num_tokens for j in todo for seq in rendered[j])
+        progress = _Progress(num_tokens_todo, f"precompute {worker.worker}/{worker.num_workers}")
         try:
             for j in todo:
-                sequences = _render_shard(
-                    selected.shards.pop(j),
-                    tokenizer,
-                    vocab,
-                    family,
-                    recipe.max_length,
-                )
-                progress.add_shard(sequences)
+                sequences = rendered.pop(j)
                 scores: list[TeacherScores | None] = [None] * len(sequences)
                 for k, score in _score_shard(
                     teacher, sequences, recipe.token_budget, progress.update

@@ -320,8 +320,10 @@ def _check_normalizer(tokenizer: Any, normalizer: Any) -> bool:
             fix = "A tokenizer that rewrites text cannot reproduce its exact bytes (ALM_SPEC §2)."
             if kind in _UNICODE_NORMALIZERS:
                 fix = (
-                    "Normalize your data once up front and pass "
-                    "alm.vocab.without_unicode_normalizer(tokenizer), as tokenkit does (ALM_SPEC §2)."
+                    "Normalize your data once up front and drop the normalizer, as tokenkit does "
+                    "(ALM_SPEC §2): set `student.strip_unicode_normalizer: true` in a train recipe, or pass "
+                    "alm.vocab.without_unicode_normalizer(tokenizer) in your own code. Every encode still "
+                    "checks the bytes, so a text that would need normalizing is refused, never misaligned."
                 )
             if kind == "BertNormalizer" and not (
                 comp.get("lowercase") or comp.get("strip_accents") or comp.get("clean_text")

@@ -354,6 +354,35 @@ def test_refused_tokenizer_is_an_error_before_anything_is_written(
     assert not (tmp_path / "store").exists()
 
 
+def test_untokenizable_document_stops_before_writing_or_is_skipped_on_request(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    from tests.factories import SENTENCEPIECE_UNSAFE_TEXT, sentencepiece_tokenizer
+
+    teacher = tmp_path / "sp_teacher"
+    tokenizer = sentencepiece_tokenizer()
+    tokenizer.save_pretrained(teacher)
+    tiny_llama(len(tokenizer), seed=0).save_pretrained(teacher)
+    texts = ["A fine first document.", SENTENCEPIECE_UNSAFE_TEXT, "A fine third one."]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    spec = {
+        "name": "unsafe",
+        "split": "all",
+        "sources": [{"type": "jsonl", "path": str(tmp_path / "docs.jsonl")}],
+    }
+    recipe = write_recipe(tmp_path, teacher, spec, tmp_path / "store", hidden_states=False, top_k=0)
+    result = run_alm_in_process(["precompute", str(recipe)], capsys, monkeypatch)
+    assert_user_error(result, "skip_untokenizable")
+    assert not (tmp_path / "store").exists()  # refused before the store or the model
+
+    run_precompute(recipe, overrides=["skip_untokenizable=true"])
+    store = open_store(tmp_path / "store")
+    assert store.num_sequences == 2
+    assert sorted(seq.text for seq in store) == sorted(
+        t.encode() for t in texts if "\u2581" not in t
+    )
+
+
 def test_foreign_output_folder_is_refused_even_with_overwrite(
     tmp_path, teacher_dir, data_dir
 ) -> None:

@@ -124,6 +124,13 @@ class PrecomputeRecipe(StrictModel):
         ge=1,
         description="Sequences per shard; shard j holds documents [j*shard_size, (j+1)*shard_size).",
     )
+    skip_untokenizable: bool = Field(
+        False,
+        description=(
+            "Skip (and count in the log) documents the teacher tokenizer cannot encode byte-exactly, e.g. "
+            "characters it has no token for; by default such a document stops the run before the model loads."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> PrecomputeRecipe:

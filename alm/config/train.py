@@ -77,6 +77,13 @@ class StudentConfig(StrictModel):
     max_length: int = Field(
         512, ge=2, description="Student sequence length in tokens (byte students: ~4x)."
     )
+    strip_unicode_normalizer: bool = Field(
+        False,
+        description=(
+            "Drop an NFC/NFD/NFKC/NFKD normalizer from the student tokenizer (e.g. Qwen2's NFC), as tokenkit "
+            "does (ALM_SPEC §2). Each encode still checks that the tokens reproduce the text's bytes."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:

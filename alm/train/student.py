@@ -24,7 +24,13 @@ from torch import nn
 
 from alm.config.train import LoraConfig, StudentConfig
 from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
-from alm.vocab import Vocab, build_byte_tokenizer, encode_text, vocab_from_tokenizer
+from alm.vocab import (
+    Vocab,
+    build_byte_tokenizer,
+    encode_text,
+    vocab_from_tokenizer,
+    without_unicode_normalizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -288,6 +294,8 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
     if cfg.transfer is None:
         assert cfg.model is not None
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        if cfg.strip_unicode_normalizer:
+            tokenizer = without_unicode_normalizer(tokenizer)
         model = load_causal_lm(cfg.model)
         vocab = vocab_from_tokenizer(tokenizer)
         if model.get_input_embeddings().weight.shape[0] < len(vocab.token_bytes):
@@ -310,6 +318,8 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
         student_tokenizer = byte_tokenizer_like(teacher_tokenizer)
     else:
         student_tokenizer = load_tokenizer(cfg.transfer.tokenizer)
+        if cfg.strip_unicode_normalizer:
+            student_tokenizer = without_unicode_normalizer(student_tokenizer)
     transfer_model(
         model,
         teacher_tokenizer,

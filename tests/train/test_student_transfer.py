@@ -167,3 +167,28 @@ def test_transfer_leaves_shared_tokenizers_untouched():
         seed=0,
     )
     assert teacher_tok.get_vocab() == before
+
+
+def test_student_with_an_nfc_normalizer_is_refused_unless_stripped(tmp_path):
+    import copy as _copy
+
+    from tokenizers import normalizers
+
+    from alm.config.train import StudentConfig
+    from alm.errors import TokenizerRefusedError
+    from alm.train.student import load_student
+
+    tokenizer = _copy.deepcopy(bpe_tokenizer(512))
+    tokenizer.backend_tokenizer.normalizer = normalizers.NFC()  # as Qwen2's tokenizer has
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+
+    with pytest.raises(TokenizerRefusedError, match="strip_unicode_normalizer"):
+        load_student(StudentConfig(model=str(tmp_path / "student")), teacher_model=None, seed=0)
+    student = load_student(
+        StudentConfig(model=str(tmp_path / "student"), strip_unicode_normalizer=True),
+        teacher_model=None,
+        seed=0,
+    )
+    assert student.tokenizer.backend_tokenizer.normalizer is None
+    assert student.vocab.fingerprint() == vocab_from_tokenizer(bpe_tokenizer(512)).fingerprint()
