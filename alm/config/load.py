@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from alm.errors import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
+_EXPONENT_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 class StrictModel(BaseModel):
@@ -42,25 +44,49 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
             problems.append(f"--set {item!r}: expected key=value, e.g. --set optim.lr=3e-4")
             continue
         try:
-            parsed[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
-            parsed[key.strip()] = raw
+            value = raw
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        parsed[key.strip()] = value
     if problems:
         raise ConfigError("\n".join(problems))
     return parsed
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a deep copy of `data` with dotted-path overrides set (intermediate dicts are created)."""
+    """Return a deep copy of `data` with dotted-path overrides set (intermediate dicts are created).
+
+    A numeric path part indexes into a list: `stores.0.path=...` sets the first store's path.
+
+    Raises:
+        ConfigError: a numeric part is out of range for its list.
+    """
     out = json.loads(json.dumps(data, default=str))
     for dotted, value in overrides.items():
-        node = out
+        node: Any = out
         parts = dotted.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"--set {dotted}: {'.'.join(parts[:i]) or 'the recipe'} is a list of {len(node)} "
+                        f"item(s); use an index 0..{len(node) - 1} in place of {part!r}"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    if not isinstance(node[int(part)], (dict, list)):
+                        node[int(part)] = {}
+                    node = node[int(part)]
+            elif last:
+                node[part] = value
+            else:
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                node = node[part]
     return out
 
 
@@ -86,7 +112,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: file not found. Pass the path of a YAML recipe, e.g. stages/demo_precompute.yaml")
+        raise ConfigError(
+            f"{p}: file not found. Pass the path of a YAML recipe, e.g. stages/demo_precompute.yaml"
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -96,7 +124,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of keys to values at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: expected a mapping of keys to values at the top level, got {type(data).__name__}"
+        )
     return data
 
 

@@ -264,7 +264,6 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path, stores, student_dir):
     assert "--resume" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
     tmp_path, stores, student_dir, parallel
