@@ -223,7 +223,46 @@ def _backend_settings(recipe: PrecomputeRecipe) -> tuple[str, str]:
 # The run
 
 
-def _render_shards(
+def _render_shard(
+    documents: list[Document],
+    tokenizer: Any,
+    vocab: Any,
+    family: str,
+    max_length: int,
+    *,
+    skip_untokenizable: bool,
+) -> tuple[list[TokenizedSequence], list[str]]:
+    """Render a shard's documents with the teacher tokenizer.
+
+    Returns:
+        The sequences, and the ids of documents skipped as untokenizable (only with `skip_untokenizable`).
+
+    Raises:
+        TokenizerRefusedError: a document cannot be encoded byte-exactly and `skip_untokenizable` is off.
+    """
+    sequences, skipped = [], []
+    for document in documents:
+        try:
+            seq = render(document, tokenizer, vocab, family, max_length=max_length)
+        except TokenizerRefusedError as err:
+            if skip_untokenizable:
+                skipped.append(f"{document.doc_id}: {err}")
+                continue
+            raise TokenizerRefusedError(
+                f"document {document.doc_id!r} (source {document.source}, row {document.row}): {err}\n"
+                "Fix or drop that document, or skip such documents with --set skip_untokenizable=true "
+                "(each one is logged and counted)."
+            ) from None
+        if seq.num_tokens == 0:
+            raise DataError(
+                f"document {document.doc_id!r} renders to no teacher tokens; this should not happen for a "
+                "non-empty document, please report it"
+            )
+        sequences.append(seq)
+    return sequences, skipped
+
+
+def _check_shards(
     shards: dict[int, list[Document]],
     tokenizer: Any,
     vocab: Any,
@@ -231,41 +270,27 @@ def _render_shards(
     max_length: int,
     *,
     skip_untokenizable: bool,
-) -> tuple[dict[int, list[TokenizedSequence]], int]:
-    """Render every document of this worker's shards with the teacher tokenizer, before the model loads, so
-    that a document the tokenizer cannot encode stops the run with nothing written.
+) -> dict[int, int]:
+    """Render every document of this worker's shards once before the model loads (and before anything is
+    written), so that a document the tokenizer cannot encode stops the run at once. The sequences are not
+    kept (shards are rendered again as they are scored, which keeps memory at the size of the text).
 
     Returns:
-        shard index -> its sequences, and the number of documents skipped as untokenizable.
-
-    Raises:
-        TokenizerRefusedError: a document cannot be encoded byte-exactly and `skip_untokenizable` is off.
+        shard index -> number of teacher tokens it will score (for the progress bar).
     """
-    rendered: dict[int, list[TokenizedSequence]] = {}
+    tokens_per_shard = {}
     num_skipped = 0
     for j, documents in shards.items():
-        sequences = []
-        for document in documents:
-            try:
-                seq = render(document, tokenizer, vocab, family, max_length=max_length)
-            except TokenizerRefusedError as err:
-                if skip_untokenizable:
-                    num_skipped += 1
-                    logger.warning("skipping document %r: %s", document.doc_id, err)
-                    continue
-                raise TokenizerRefusedError(
-                    f"document {document.doc_id!r} (source {document.source}, row {document.row}): {err}\n"
-                    "Fix or drop that document, or skip such documents with --set skip_untokenizable=true "
-                    "(each one is logged and counted)."
-                ) from None
-            if seq.num_tokens == 0:
-                raise DataError(
-                    f"document {document.doc_id!r} renders to no teacher tokens; this should not happen for a "
-                    "non-empty document, please report it"
-                )
-            sequences.append(seq)
-        rendered[j] = sequences
-    return rendered, num_skipped
+        sequences, skipped = _render_shard(
+            documents, tokenizer, vocab, family, max_length, skip_untokenizable=skip_untokenizable
+        )
+        for reason in skipped:
+            logger.warning("skipping document %s", reason)
+        num_skipped += len(skipped)
+        tokens_per_shard[j] = sum(seq.num_tokens for seq in sequences)
+    if num_skipped:
+        logger.warning("skipping %d document(s) the teacher tokenizer cannot encode", num_skipped)
+    return tokens_per_shard
 
 
 def _score_shard(
@@ -344,7 +369,7 @@ def _compact(score: TeacherScores, hidden_dtype: str) -> TeacherScores:
 
 
 class _Progress:
-    """tqdm bar over this worker's share, in teacher tokens (known exactly: everything is rendered up front)."""
+    """tqdm bar over this worker's share, in teacher tokens (known exactly from the check before the model)."""
 
     def __init__(self, num_tokens: int, label: str) -> None:
         from tqdm.auto import tqdm
@@ -409,7 +434,8 @@ def run_precompute(
     model_info = describe_model(model_path, recipe.teacher.revision)
     dtype_name, boundary_method = _backend_settings(recipe)
 
-    rendered, num_skipped = _render_shards(
+    check_started, check_started_cpu = time.perf_counter(), time.process_time()
+    tokens_per_shard = _check_shards(
         selected.shards,
         tokenizer,
         vocab,
@@ -417,8 +443,8 @@ def run_precompute(
         recipe.max_length,
         skip_untokenizable=recipe.skip_untokenizable,
     )
-    if num_skipped:
-        logger.warning("skipped %d document(s) the teacher tokenizer cannot encode", num_skipped)
+    check_seconds = time.perf_counter() - check_started
+    check_cpu_seconds = time.process_time() - check_started_cpu
 
     shard_size = recipe.shard_size
     num_shards = math.ceil(selected.num_documents / shard_size)
@@ -474,11 +500,18 @@ def run_precompute(
     if todo:
         teacher = load_teacher(recipe, model_path, vocab.boundary_class)
         started, started_cpu = time.perf_counter(), time.process_time()
-        num_tokens_todo = sum(seq.num_tokens for j in todo for seq in rendered[j])
+        num_tokens_todo = sum(tokens_per_shard[j] for j in todo)
         progress = _Progress(num_tokens_todo, f"precompute {worker.worker}/{worker.num_workers}")
         try:
             for j in todo:
-                sequences = rendered.pop(j)
+                sequences, _ = _render_shard(
+                    selected.shards.pop(j),
+                    tokenizer,
+                    vocab,
+                    family,
+                    recipe.max_length,
+                    skip_untokenizable=recipe.skip_untokenizable,
+                )
                 scores: list[TeacherScores | None] = [None] * len(sequences)
                 for k, score in _score_shard(
                     teacher, sequences, recipe.token_budget, progress.update
@@ -492,10 +525,11 @@ def run_precompute(
             progress.close()
         elapsed = time.perf_counter() - started
         if stats is not None:
+            # the tokenizer check before the model loads counts as precompute work too
             stats.update(
                 num_tokens=num_tokens_written,
-                seconds=elapsed,
-                cpu_seconds=time.process_time() - started_cpu,
+                seconds=elapsed + check_seconds,
+                cpu_seconds=time.process_time() - started_cpu + check_cpu_seconds,
             )
     manifest_path = try_finalize(layout)
     wrote = (

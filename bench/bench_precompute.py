@@ -81,8 +81,8 @@ def bare_forward(model: torch.nn.Module, batches: list[list[np.ndarray]]) -> tup
 def precompute_seconds(
     recipe_path: Path, overrides: list[str], out: Path
 ) -> tuple[float, float, int]:
-    """Run `alm precompute` into `out`: (wall s, CPU s, tokens) of rendering, scoring and writing (its own timer;
-    model loading excluded)."""
+    """Run `alm precompute` into `out`: (wall s, CPU s, tokens) of the tokenizer check, rendering, scoring and
+    writing (its own timer; model loading excluded)."""
     stats: dict[str, float] = {}
     run_precompute(recipe_path, overrides=[*overrides, f"output={out}"], stats=stats)
     return stats["seconds"], stats["cpu_seconds"], int(stats["num_tokens"])
