@@ -5,8 +5,10 @@ folder name and renamed when complete, so a killed run never leaves a half-writt
 position is the optimizer step: the loader's batches are a pure function of (seed, step), so restoring the step,
 the RNG states and the optimizer gives a run that continues bit for bit on CPU (STYLE.md §4).
 
-Never imports `torch.distributed`: the loop saves on the main process only, with full state dicts from
-`alm.train.parallel`.
+Never imports `torch.distributed`: the loop saves on the main process only, with full (unsharded) model and
+optimizer state dicts from `alm.train.parallel`, and loads them back through `parallel.load_full_state`. Under
+FSDP2 the optimizer state is keyed by parameter name (DCP's full state dict, gathered onto rank 0); on one process
+and under DDP it is `optimizer.state_dict()`, keyed by parameter index.
 """
 
 from __future__ import annotations
@@ -51,13 +53,23 @@ def save_checkpoint(
     step: int,
     *,
     model_state: dict[str, torch.Tensor],
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     config_hash: str,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
     """Write the checkpoint of `step` atomically and keep only the newest `keep` checkpoints.
+
+    Args:
+        output_dir: the run folder.
+        step: optimizer steps done (the data position to continue from).
+        model_state: the full model state dict (`parallel.full_state_dict`).
+        optimizer_state: the full optimizer state dict (`parallel.full_optimizer_state_dict`).
+        scheduler: the learning-rate scheduler.
+        config_hash: the recipe's hash.
+        extra: anything else to keep.
+        keep: how many checkpoints to keep, newest first.
 
     Returns:
         the checkpoint folder.
@@ -72,7 +84,7 @@ def save_checkpoint(
         "step": step,
         "config_hash": config_hash,
         "model": model_state,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
         "extra": extra or {},
@@ -102,12 +114,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
 
 
-def restore_checkpoint(
-    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> int:
-    """Load model, optimizer, scheduler and RNG states from `state`; return the step to continue from."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def restore_checkpoint(state: dict[str, Any], scheduler: Any) -> int:
+    """Load the scheduler and RNG states from `state`; return the step to continue from.
+
+    Model and optimizer states go through `parallel.load_full_state`, which knows how they are sharded.
+    """
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"])

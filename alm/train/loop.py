@@ -264,15 +264,11 @@ def run_train(
     )
     start_step = 0
     checkpoints = list_checkpoints(out) if resume else []
-    if checkpoints and cfg.parallel == "fsdp2" and parallel.world_size() > 1:
-        raise ConfigError(
-            "--resume with parallel: fsdp2 on several processes is not supported yet (checkpoints hold rank 0's "
-            "optimizer shard only); resume with parallel: ddp, or start a new run"
-        )
     if checkpoints:
-        start_step = restore_checkpoint(
-            load_checkpoint(checkpoints[-1]), parallel.unwrap(model), optimizer, scheduler
-        )
+        state = load_checkpoint(checkpoints[-1])
+        parallel.load_full_state(model, optimizer, state["model"], state["optimizer"])
+        start_step = restore_checkpoint(state, scheduler)
+        del state
         logger.info("resumed from %s (step %d)", checkpoints[-1], start_step)
     if resume and parallel.is_main():
         truncate_metrics(out, start_step)
@@ -406,13 +402,14 @@ def run_train(
             stop_after_steps is not None and done >= stop_after_steps and done < total_steps
         )
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or interrupted:
-            state = parallel.full_state_dict(model)
+            state = parallel.full_state_dict(model)  # both collective under FSDP2
+            optimizer_state = parallel.full_optimizer_state_dict(model, optimizer)
             if parallel.is_main():
                 save_checkpoint(
                     out,
                     done,
                     model_state=state,
-                    optimizer=optimizer,
+                    optimizer_state=optimizer_state,
                     scheduler=scheduler,
                     config_hash=config_hash(cfg),
                     keep=cfg.keep_checkpoints,

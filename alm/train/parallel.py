@@ -8,6 +8,9 @@ recipe says `parallel: fsdp2`.
 Gradients: DDP and FSDP2 *average* gradients over ranks. The ALM/SFT losses are already normalised by global counts
 (ALM_SPEC §6.3), so the loop multiplies each micro-batch loss by `world_size()` to turn that average into a sum.
 
+Checkpoints: `full_state_dict` and `full_optimizer_state_dict` gather FSDP2 shards onto rank 0's CPU (DCP's full
+state dicts), and `load_full_state` gives each rank its shards back, so resume is exact under DDP and FSDP2 alike.
+
     torchrun --nproc-per-node 2 -m alm.cli train stages/demo_train.yaml   # 2 CPU processes, gloo
 """
 
@@ -17,11 +20,13 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from alm.errors import ConfigError
 
 
 def init() -> torch.device:
@@ -114,13 +119,73 @@ def no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
         yield
 
 
+def _is_sharded(model: nn.Module) -> bool:
+    return dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A full (unsharded) CPU state dict on every rank, for checkpoints and the final save."""
+    """A full (unsharded) CPU state dict for checkpoints and the final save.
+
+    Under FSDP2 this is a collective (every rank calls it) and only rank 0 receives the tensors.
+    """
     inner = unwrap(model)
-    if dist.is_initialized() and any(type(p).__name__ == "DTensor" for p in inner.parameters()):
+    if _is_sharded(inner):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(
             inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
+
+
+def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The whole optimizer state for a checkpoint.
+
+    Under FSDP2: every rank's shards gathered onto rank 0's CPU, keyed by parameter name (a collective; the
+    other ranks receive `{}`). Otherwise `optimizer.state_dict()`, as every rank holds all of it.
+    """
+    inner = unwrap(model)
+    if _is_sharded(inner):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        return get_optimizer_state_dict(
+            inner, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+) -> None:
+    """Load full state dicts written from `full_state_dict` and `full_optimizer_state_dict`.
+
+    Every rank passes the whole checkpoint; under FSDP2 each keeps only its own shards (a collective).
+
+    Raises:
+        ConfigError: an FSDP2 run on several processes is given a checkpoint of a DDP or one-process run.
+    """
+    inner = unwrap(model)
+    if not _is_sharded(inner):
+        inner.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    if any(isinstance(key, int) for key in optimizer_state["state"]):
+        raise ConfigError(
+            "this checkpoint was written by a parallel: ddp (or one-process) run, whose optimizer state is keyed "
+            "by parameter index; resume it with parallel: ddp, or start a new run"
+        )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        inner,
+        optimizer,
+        model_state_dict=model_state,
+        optim_state_dict=optimizer_state,
+        options=StateDictOptions(full_state_dict=True),
+    )
