@@ -38,16 +38,22 @@ SetOption = Annotated[
 
 def _setup_logging() -> None:
     level = os.environ.get("ALM_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @app.command()
 def precompute(
-    recipe: Annotated[Path, typer.Argument(help="Precompute recipe (YAML), e.g. stages/demo_precompute.yaml.")],
+    recipe: Annotated[
+        Path, typer.Argument(help="Precompute recipe (YAML), e.g. stages/demo_precompute.yaml.")
+    ],
     set_: SetOption = None,
-    shard: Annotated[str, typer.Option(help="Write part i of N (0-based), e.g. --shard 0/4.")] = "0/1",
+    shard: Annotated[
+        str, typer.Option(help="Write part i of N (0-based), e.g. --shard 0/4.")
+    ] = "0/1",
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing teacher store made with different settings.")
     ] = False,
@@ -61,18 +67,27 @@ def precompute(
 
 @app.command()
 def train(
-    recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML), e.g. stages/demo_train.yaml.")],
+    recipe: Annotated[
+        Path, typer.Argument(help="Training recipe (YAML), e.g. stages/demo_train.yaml.")
+    ],
     set_: SetOption = None,
     dry_run: Annotated[
-        bool, typer.Option(help="Validate the recipe and the store, print the resolved config, exit.")
+        bool,
+        typer.Option(help="Validate the recipe and the store, print the resolved config, exit."),
     ] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in the output folder.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace a finished run in the output folder.")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest checkpoint in the output folder.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a finished run in the output folder.")
+    ] = False,
 ) -> None:
     """Train a student from a teacher store."""
     from alm.train.loop import run_train_cli
 
-    out = run_train_cli(recipe, overrides=set_ or [], dry_run=dry_run, resume=resume, overwrite=overwrite)
+    out = run_train_cli(
+        recipe, overrides=set_ or [], dry_run=dry_run, resume=resume, overwrite=overwrite
+    )
     print(out)
 
 
@@ -90,7 +105,9 @@ def inspect(
 
 
 @store_app.command("finalize")
-def store_finalize(store: Annotated[str, typer.Argument(help="Teacher store folder or URL.")]) -> None:
+def store_finalize(
+    store: Annotated[str, typer.Argument(help="Teacher store folder or URL.")],
+) -> None:
     """Check every shard of a store (counts, checksums, fingerprints) and write its manifest."""
     from alm.store.finalize import finalize_store
 
