@@ -5,7 +5,8 @@
 - `metrics.jsonl`: one JSON object per logged step (`step`, `loss`, per-loss values, `lr`, `grad_norm`,
   `tokens_per_s`, ...) and per evaluation (`eval/*`);
 - `train.log`: the readable log (the `alm` loggers, INFO and above);
-- `tensorboard/`: the same scalars, when `tensorboard` is installed.
+- `tensorboard/`: the same scalars, when `tensorboard` is installed;
+- `metrics.png`: losses and held-out bits per byte, drawn at the end when `matplotlib` is installed.
 """
 
 from __future__ import annotations
@@ -134,3 +135,47 @@ def truncate_metrics(output_dir: Path, last_step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
+
+
+PLOT_FILE = "metrics.png"
+
+
+def plot_metrics(output_dir: Path) -> Path | None:
+    """Draw `metrics.png` from a run's `metrics.jsonl`: the training losses per step and, when the run was
+    evaluated, the held-out bits per byte of the student against the teacher's.
+
+    Returns:
+        the image's path, or None when matplotlib is not installed or there is nothing to draw.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_metrics(output_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/student_bpb" in r]
+    if not train and not evals:
+        return None
+    fig, (ax_loss, ax_bpb) = plt.subplots(1, 2, figsize=(11, 4), layout="constrained")
+    steps = [r["step"] for r in train]
+    for key in ("loss", "alm", "sft", "hidden"):
+        values = [r.get(key) for r in train]
+        if any(isinstance(v, (int, float)) for v in values):
+            ax_loss.plot(steps, values, marker=".", label=key)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="training loss")
+    ax_loss.legend()
+    if evals:
+        eval_steps = [r["step"] for r in evals]
+        ax_bpb.plot(eval_steps, [r["eval/student_bpb"] for r in evals], marker="o", label="student")
+        ax_bpb.axhline(evals[-1]["eval/teacher_bpb"], color="gray", linestyle="--", label="teacher")
+        ax_bpb.set(xlabel="optimizer step", ylabel="bits per byte", title="held-out bits per byte")
+        ax_bpb.legend()
+    else:
+        ax_bpb.set_axis_off()
+    path = output_dir / PLOT_FILE
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -40,7 +40,7 @@ from alm.train.checkpoint import (
     save_checkpoint,
 )
 from alm.train.evaluate import eval_batches, evaluate
-from alm.train.log import METRICS_FILE, RunLog, read_metrics, truncate_metrics
+from alm.train.log import METRICS_FILE, RunLog, plot_metrics, read_metrics, truncate_metrics
 from alm.train.step import (
     LossSettings,
     TrainModule,
@@ -473,4 +473,7 @@ def run_train_cli(
             f"{last['eval/student_bpb']:.3f} (step {last['step']}); teacher {last['eval/teacher_bpb']:.3f}; "
             f"chunk |log p_T - log p_S| {first['eval/chunk_abs_logp_diff']:.3f} -> {last['eval/chunk_abs_logp_diff']:.3f}"
         )
+    plot = plot_metrics(Path(cfg.output_dir))
+    if plot is not None:
+        lines.append(f"plot: {plot}")
     return "\n".join(lines)
