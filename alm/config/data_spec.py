@@ -25,24 +25,26 @@ LossRegion = Literal["all", "assistant", "last_assistant"]
 class ChatFormat(StrictModel):
     """How a chat record is laid out, and which part of it is trained on."""
 
-    messages_field: str = Field("messages", description="Field holding the list of messages.")
-    role_field: str = Field("role", description="Key of a message's role.")
-    content_field: str = Field("content", description="Key of a message's text.")
+    messages_field: str = Field(
+        default="messages", description="Field holding the list of messages."
+    )
+    role_field: str = Field(default="role", description="Key of a message's role.")
+    content_field: str = Field(default="content", description="Key of a message's text.")
     role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
         default_factory=dict,
         description="Renames of roles, e.g. {human: user, gpt: assistant, model: assistant}; `system`, `user` "
         "and `assistant` are always accepted.",
     )
     loss: LossRegion = Field(
-        "assistant",
+        default="assistant",
         description="Loss region: `all` text, `assistant` turns, or only the `last_assistant` turn.",
     )
     prompt_field: str | None = Field(
-        None,
+        default=None,
         description="Instead of a messages list: field of a single user prompt (with `response_field`).",
     )
     response_field: str | None = Field(
-        None, description="Field of the single assistant response (with `prompt_field`)."
+        default=None, description="Field of the single assistant response (with `prompt_field`)."
     )
 
     @model_validator(mode="after")
@@ -56,16 +58,18 @@ class ChatFormat(StrictModel):
 
 class _SourceBase(StrictModel):
     name: str | None = Field(
-        None,
+        default=None,
         description="Name recorded as each document's `source` (default: derived from the path/name).",
     )
-    kind: Literal["text", "chat"] = Field("text", description="`text` (plain documents) or `chat`.")
+    kind: Literal["text", "chat"] = Field(
+        default="text", description="`text` (plain documents) or `chat`."
+    )
     text_field: str = Field(
-        "text", description="Field holding the text (kind `text`, tabular sources)."
+        default="text", description="Field holding the text (kind `text`, tabular sources)."
     )
     chat: ChatFormat = Field(default_factory=ChatFormat, description="Chat layout (kind `chat`).")
     max_documents: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="Read at most this many documents from this source (before the split).",
     )
@@ -92,9 +96,9 @@ class TextSource(_SourceBase):
 
     type: Literal["text"]
     path: str = Field(description="A text file or a folder (files matched by `glob`, sorted).")
-    glob: str = Field("**/*.txt", description="Files to read when `path` is a folder.")
+    glob: str = Field(default="**/*.txt", description="Files to read when `path` is a folder.")
     unit: Literal["file", "line"] = Field(
-        "file", description="One document per `file` or per `line`."
+        default="file", description="One document per `file` or per `line`."
     )
 
     @model_validator(mode="after")
@@ -114,7 +118,8 @@ class HfDiskSource(_SourceBase):
         description="Folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."
     )
     split: str | None = Field(
-        None, description="Split of a DatasetDict to read (default: `train`, or the only one)."
+        default=None,
+        description="Split of a DatasetDict to read (default: `train`, or the only one).",
     )
 
 
@@ -123,13 +128,13 @@ class HfHubSource(_SourceBase):
 
     type: Literal["hf_hub"]
     dataset: str = Field(description="Hub dataset id, e.g. allenai/tulu-3-sft-mixture.")
-    config: str | None = Field(None, description="Dataset configuration (subset) name.")
-    split: str = Field("train", description="Hub split to read.")
+    config: str | None = Field(default=None, description="Dataset configuration (subset) name.")
+    split: str = Field(default="train", description="Hub split to read.")
     revision: str | None = Field(
-        None, description="Hub revision (branch, tag, commit) for reproducibility."
+        default=None, description="Hub revision (branch, tag, commit) for reproducibility."
     )
     streaming: bool = Field(
-        True, description="Stream rows instead of downloading the whole dataset."
+        default=True, description="Stream rows instead of downloading the whole dataset."
     )
 
 
@@ -137,12 +142,14 @@ class StdlibSource(_SourceBase):
     """The built-in offline corpus: docstrings and comments of this Python's standard library (read with `ast`)."""
 
     type: Literal["stdlib"]
-    min_chars: int = Field(64, ge=1, description="Skip blocks shorter than this (characters).")
+    min_chars: int = Field(
+        default=64, ge=1, description="Skip blocks shorter than this (characters)."
+    )
     max_bytes: int | None = Field(
-        4_000_000, ge=1, description="Stop after this many UTF-8 bytes of text (size cap)."
+        default=4_000_000, ge=1, description="Stop after this many UTF-8 bytes of text (size cap)."
     )
     seed: int | None = Field(
-        0,
+        default=0,
         description="Order in which files are visited (None: sorted by path; an int: seeded shuffle).",
     )
 
@@ -163,13 +170,14 @@ class DataSpec(StrictModel):
     """A data spec: named sources, read in order, split deterministically into train / held-out."""
 
     name: str = Field(description="Name recorded in teacher stores.")
-    description: str = Field("", description="Free text.")
+    description: str = Field(default="", description="Free text.")
     sources: list[Source] = Field(min_length=1, description="Sources, read in order.")
     split: Split = Field(
-        "train", description="Split read when the recipe names none: `train`, `heldout` or `all`."
+        default="train",
+        description="Split read when the recipe names none: `train`, `heldout` or `all`.",
     )
     heldout_fraction: float = Field(
-        0.0,
+        default=0.0,
         ge=0.0,
         lt=1.0,
         description="Fraction of documents (by a hash of their id; stdlib: of files by path) held out.",

@@ -20,33 +20,33 @@ from alm.config.load import StrictModel, load_yaml_model
 class VllmOptions(StrictModel):
     """Engine settings for `teacher.backend: vllm` (GPU machines; `pip install 'alm[vllm]'`)."""
 
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model replica.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per model replica.")
     gpu_memory_utilization: float = Field(
-        0.80,
+        default=0.80,
         gt=0.0,
         le=0.95,
         description="Fraction of GPU memory vLLM may take; prompt log-probs are not counted in vLLM's sizing, so "
         "leave headroom.",
     )
     max_num_batched_tokens: int = Field(
-        8192, ge=16, description="Tokens per engine step (bounds log-prob memory)."
+        default=8192, ge=16, description="Tokens per engine step (bounds log-prob memory)."
     )
-    max_num_seqs: int = Field(64, ge=1, description="Sequences scheduled at once.")
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences scheduled at once.")
     num_logprobs: int = Field(
-        20,
+        default=20,
         ge=0,
         description="k of vLLM's prompt/sample log-probs (`max_logprobs`); top-k fallback bounds use it.",
     )
     boundary_method: Literal["token_ids", "hidden", "topk_lower", "topk_upper"] = Field(
-        "token_ids",
+        default="token_ids",
         description="How `boundary_logmass` is obtained with vLLM: `token_ids` (fixed token-id scoring of every "
         "boundary-class token, V2 model runner; exact), `hidden` (vLLM's experimental hidden-state extraction, "
         "final norm + LM head applied in alm; exact), or a top-k bound `topk_lower`/`topk_upper` from "
         "`num_logprobs` (approximate; error in docs/vllm-fidelity.md). Recorded in the store.",
     )
-    enforce_eager: bool = Field(False, description="Disable CUDA graphs (debugging).")
+    enforce_eager: bool = Field(default=False, description="Disable CUDA graphs (debugging).")
     seed: int = Field(
-        0, description="Engine seed (scoring is deterministic; recorded for completeness)."
+        default=0, description="Engine seed (scoring is deterministic; recorded for completeness)."
     )
 
 
@@ -57,18 +57,20 @@ class TeacherConfig(StrictModel):
         description="HF model id, local folder, or `builtin:smollm2-135m-instruct` (the embedded default teacher)."
     )
     revision: str | None = Field(
-        None, description="Hub revision (branch, tag, commit) of an HF id."
+        default=None, description="Hub revision (branch, tag, commit) of an HF id."
     )
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="`hf` (transformers, CPU or GPU) or `vllm` (GPU)."
+        default="hf", description="`hf` (transformers, CPU or GPU) or `vllm` (GPU)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto",
+        default="auto",
         description="Weights' dtype: `auto` is bf16 on GPU, fp32 on CPU. Log-softmax is always fp32.",
     )
-    device: str = Field("auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`.")
+    device: str = Field(
+        default="auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."
+    )
     family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
-        "auto",
+        default="auto",
         description="Template family used to render documents for this teacher; `auto` detects it.",
     )
     vllm: VllmOptions = Field(
@@ -84,10 +86,12 @@ class DataConfig(StrictModel):
         "recipe's folder or its parent) or the spec inline as a mapping."
     )
     split: str | None = Field(
-        None, description="Split to read (e.g. `train`, `heldout`); default: the spec's."
+        default=None, description="Split to read (e.g. `train`, `heldout`); default: the spec's."
     )
     limit: int | None = Field(
-        None, ge=1, description="Read at most this many documents (after empty ones are skipped)."
+        default=None,
+        ge=1,
+        description="Read at most this many documents (after empty ones are skipped).",
     )
 
 
@@ -98,34 +102,39 @@ class PrecomputeRecipe(StrictModel):
     data: DataConfig
     output: str = Field(description="Teacher store folder or fsspec URL to write.")
     max_length: int = Field(
-        1024, ge=2, description="Teacher tokens per sequence; longer documents are truncated."
+        default=1024,
+        ge=2,
+        description="Teacher tokens per sequence; longer documents are truncated.",
     )
     token_budget: int = Field(
-        8192,
+        default=8192,
         ge=1,
         description="Padded tokens per forward pass (sequences x longest sequence in the batch).",
     )
     row_chunk: int = Field(
-        1024,
+        default=1024,
         ge=1,
         description="Positions per fp32 [rows, vocab] log-softmax buffer (memory bound, not results).",
     )
     top_k: int = Field(
-        0, ge=0, le=1024, description="Store the top-k next-token ids and log-probs (0 = off)."
+        default=0,
+        ge=0,
+        le=1024,
+        description="Store the top-k next-token ids and log-probs (0 = off).",
     )
     hidden_states: bool = Field(
-        False, description="Store final-norm hidden states (for the hidden-state loss)."
+        default=False, description="Store final-norm hidden states (for the hidden-state loss)."
     )
     hidden_dtype: Literal["bfloat16", "float16"] = Field(
-        "bfloat16", description="16-bit encoding of stored hidden states."
+        default="bfloat16", description="16-bit encoding of stored hidden states."
     )
     shard_size: int = Field(
-        1024,
+        default=1024,
         ge=1,
         description="Sequences per shard; shard j holds documents [j*shard_size, (j+1)*shard_size).",
     )
     skip_untokenizable: bool = Field(
-        False,
+        default=False,
         description=(
             "Skip (and count in the log) documents the teacher tokenizer cannot encode byte-exactly, e.g. "
             "characters it has no token for; by default such a document stops the run before the model loads."

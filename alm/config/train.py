@@ -30,11 +30,12 @@ class StoreRef(StrictModel):
         description="Teacher store folder (or fsspec URL) written by `alm precompute`."
     )
     teacher_tokenizer_fingerprint: str | None = Field(
-        None,
+        default=None,
         description="Expected teacher-tokenizer fingerprint (sha256 hex); a different store is refused.",
     )
     data_fingerprint: str | None = Field(
-        None, description="Expected data-spec fingerprint; a store made from other data is refused."
+        default=None,
+        description="Expected data-spec fingerprint; a store made from other data is refused.",
     )
 
 
@@ -44,16 +45,16 @@ class TransferConfig(StrictModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     from_: str = Field(
-        "teacher",
+        default="teacher",
         alias="from",
         description="`teacher` (the model recorded in the store's manifest) or an HF id/path of the model to move.",
     )
     tokenizer: str = Field(
-        "bytes",
+        default="bytes",
         description="`bytes` (a pure byte tokenizer keeping the teacher's special tokens) or a tokenizer id/path.",
     )
     untie_embeddings: bool = Field(
-        False,
+        default=False,
         description="Give the student separate input and output embeddings (ALM_SPEC §8, byte students).",
     )
 
@@ -62,23 +63,24 @@ class StudentConfig(StrictModel):
     """Which student to train: an HF causal LM, or the teacher moved to a new tokenizer."""
 
     model: str | None = Field(
-        None, description="HF model id or local folder of the student (omit with `transfer`)."
+        default=None,
+        description="HF model id or local folder of the student (omit with `transfer`).",
     )
     tokenizer: str | None = Field(
-        None, description="Tokenizer id/path; defaults to the model's own tokenizer."
+        default=None, description="Tokenizer id/path; defaults to the model's own tokenizer."
     )
     transfer: TransferConfig | None = Field(
-        None, description="Build the student by tokenizer transfer instead."
+        default=None, description="Build the student by tokenizer transfer instead."
     )
     family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
-        "auto",
+        default="auto",
         description="Template family used to render the student's sequences; `auto` detects it.",
     )
     max_length: int = Field(
-        512, ge=2, description="Student sequence length in tokens (byte students: ~4x)."
+        default=512, ge=2, description="Student sequence length in tokens (byte students: ~4x)."
     )
     strip_unicode_normalizer: bool = Field(
-        False,
+        default=False,
         description=(
             "Drop an NFC/NFD/NFKC/NFKD normalizer from the student tokenizer (e.g. Qwen2's NFC), as tokenkit "
             "does (ALM_SPEC §2). Each encode still checks that the tokens reproduce the text's bytes."
@@ -103,25 +105,30 @@ class LossConfig(StrictModel):
     """Which losses to train with and their options (ALM_SPEC §6-§7)."""
 
     kind: Literal["alm", "sft", "alm+sft"] = Field(
-        "alm", description="`alm` (default), `sft`, or `alm+sft` combined with GradMag."
+        default="alm", description="`alm` (default), `sft`, or `alm+sft` combined with GradMag."
     )
     hidden: float = Field(
-        0.0,
+        default=0.0,
         ge=0.0,
         description="Weight of the hidden-state loss (0 = off); needs `hidden` in the store.",
     )
     gamma: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Teacher boundary-probability threshold for merging."
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Teacher boundary-probability threshold for merging.",
     )
-    temperature: float = Field(100.0, gt=0.0, description="Binarisation temperature tau.")
-    divergence: Divergence = Field("binary_ce", description="Binarised divergence per chunk group.")
+    temperature: float = Field(default=100.0, gt=0.0, description="Binarisation temperature tau.")
+    divergence: Divergence = Field(
+        default="binary_ce", description="Binarised divergence per chunk group."
+    )
     boundary_classes: list[BoundaryClass] = Field(
         default_factory=lambda: ["space", "newline", "tab", "special"],
         min_length=1,
         description="First-byte classes that count as a pretoken boundary (debiasing and merging).",
     )
     combine: Literal["gradmag", "sum"] = Field(
-        "gradmag",
+        default="gradmag",
         description="How several losses are combined: GradMag (paper default) or a plain sum.",
     )
 
@@ -145,19 +152,23 @@ class LossConfig(StrictModel):
 class OptimConfig(StrictModel):
     """AdamW with linear warmup then linear decay to zero (ALM_SPEC §8, §11)."""
 
-    lr: float = Field(1e-5, gt=0.0, description="Peak learning rate.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
-    eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
-    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    lr: float = Field(default=1e-5, gt=0.0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(default=1e-8, gt=0.0, description="AdamW epsilon.")
+    weight_decay: float = Field(default=0.01, ge=0.0, description="AdamW weight decay.")
     steps: int = Field(..., ge=1, description="Total optimizer steps.")
     warmup_steps: int = Field(
-        0, ge=0, description="Linear warmup steps (then linear decay to 0 at `steps`)."
+        default=0, ge=0, description="Linear warmup steps (then linear decay to 0 at `steps`)."
     )
     grad_clip: float | None = Field(
-        1.0, gt=0.0, description="Global gradient-norm clip; null disables it."
+        default=1.0, gt=0.0, description="Global gradient-norm clip; null disables it."
     )
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (per process).")
-    micro_batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (per process).")
+    grad_accum: int = Field(
+        default=1, ge=1, description="Micro-batches per optimizer step (per process)."
+    )
+    micro_batch_size: int = Field(
+        default=8, ge=1, description="Sequences per micro-batch (per process)."
+    )
 
     @field_validator("betas")
     @classmethod
@@ -170,9 +181,9 @@ class OptimConfig(StrictModel):
 class LoraConfig(StrictModel):
     """LoRA adapters via peft (ALM_SPEC §8: q/k/v/o + MLP, r = alpha = 64, embeddings trained fully)."""
 
-    r: int = Field(64, ge=1, description="LoRA rank.")
-    alpha: float = Field(64.0, gt=0.0, description="LoRA alpha (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
+    r: int = Field(default=64, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=64.0, gt=0.0, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     targets: list[str] = Field(
         default_factory=lambda: [
             "q_proj",
@@ -187,7 +198,7 @@ class LoraConfig(StrictModel):
         description="Module names that get adapters.",
     )
     train_embeddings: bool = Field(
-        True, description="Train input/output embeddings fully (needed after transfer)."
+        default=True, description="Train input/output embeddings fully (needed after transfer)."
     )
 
 
@@ -198,10 +209,12 @@ class EvalConfig(StrictModel):
         ..., description="Held-out teacher store (same teacher tokenizer as the training stores)."
     )
     every: int = Field(
-        0, ge=0, description="Evaluate every N optimizer steps (0: only before and after training)."
+        default=0,
+        ge=0,
+        description="Evaluate every N optimizer steps (0: only before and after training).",
     )
     max_sequences: int | None = Field(
-        None, ge=1, description="Evaluate on at most this many sequences."
+        default=None, ge=1, description="Evaluate on at most this many sequences."
     )
 
 
@@ -214,22 +227,28 @@ class TrainRecipe(StrictModel):
     student: StudentConfig
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig
-    lora: LoraConfig | None = Field(None, description="LoRA settings; omit for full fine-tuning.")
-    eval: EvalConfig | None = Field(None, description="Held-out evaluation; omit to skip.")
-    output_dir: str = Field(..., description="Run folder: checkpoints, metrics, the final student.")
-    seed: int = Field(0, description="Seed for data order, init draws and dropout.")
-    checkpoint_every: int = Field(
-        0, ge=0, description="Save a resumable checkpoint every N steps (0: only at end)."
+    lora: LoraConfig | None = Field(
+        default=None, description="LoRA settings; omit for full fine-tuning."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
+    eval: EvalConfig | None = Field(default=None, description="Held-out evaluation; omit to skip.")
+    output_dir: str = Field(..., description="Run folder: checkpoints, metrics, the final student.")
+    seed: int = Field(default=0, description="Seed for data order, init draws and dropout.")
+    checkpoint_every: int = Field(
+        default=0, ge=0, description="Save a resumable checkpoint every N steps (0: only at end)."
+    )
+    keep_checkpoints: int = Field(
+        default=2, ge=1, description="How many recent checkpoints to keep."
+    )
+    log_every: int = Field(default=1, ge=1, description="Write metrics every N steps.")
     num_workers: int = Field(
-        0, ge=0, description="DataLoader worker processes building student batches."
+        default=0, ge=0, description="DataLoader worker processes building student batches."
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
+        default="auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
     )
-    parallel: Literal["ddp", "fsdp2"] = Field("ddp", description="Data parallelism under torchrun.")
+    parallel: Literal["ddp", "fsdp2"] = Field(
+        default="ddp", description="Data parallelism under torchrun."
+    )
 
     @field_validator("stores", mode="before")
     @classmethod
