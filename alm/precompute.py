@@ -327,8 +327,11 @@ def _write_shard(
                 doc_id=seq.doc_id,
                 source=seq.source,
                 row=seq.row,
-                topk_id=score.topk_id[:, :top_k] if top_k else None,
-                topk_logp=score.topk_logp[:, :top_k] if top_k else None,
+                # a missing top-k (None) is refused by the writer when the store has the field
+                topk_id=score.topk_id[:, :top_k] if top_k and score.topk_id is not None else None,
+                topk_logp=score.topk_logp[:, :top_k]
+                if top_k and score.topk_logp is not None
+                else None,
                 hidden=score.hidden if hidden else None,
             )
 
@@ -517,8 +520,10 @@ def run_precompute(
                     teacher, sequences, recipe.token_budget, progress.update
                 ):
                     scores[k] = _compact(score, recipe.hidden_dtype)
+                scored = [score for score in scores if score is not None]
+                assert len(scored) == len(sequences)  # _score_shard scores every sequence
                 _write_shard(
-                    layout, j, j * shard_size, sequences, scores, recipe.top_k, recipe.hidden_states
+                    layout, j, j * shard_size, sequences, scored, recipe.top_k, recipe.hidden_states
                 )
                 num_tokens_written += sum(seq.num_tokens for seq in sequences)
         finally:

@@ -118,7 +118,8 @@ def _side(tokens: Any, name: str) -> _Side:
         raise AlignmentError(
             f"{name} tokens: {len(role)} roles for {n} tokens; give one role (or None) per token."
         )
-    is_block = np.not_equal(role, None)
+    # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
+    is_block = np.not_equal(role, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
     block_pos = np.flatnonzero(is_block).astype(_INT)
     # A block starts where the previous token is not a block token or has another role; roles are compared
     # only among block tokens (a handful per sequence).

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from alm.data.student import StudentExampleBuilder, collate_examples
-from alm.store.reader import open_store
+from alm.store.reader import TeacherStore, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class MicroBatches(Dataset):
         self.order = SequenceOrder(list_shards(self.store_paths), seed)
         self.max_cached_shards = max_cached_shards
         self.fields = list(fields)
-        self._stores: dict[int, object] = {}
+        self._stores: dict[int, TeacherStore] = {}
         self._shards: OrderedDict[tuple[int, int], list] = OrderedDict()
 
     def __getstate__(self) -> dict:

@@ -33,7 +33,10 @@ logger = logging.getLogger(__name__)
 
 
 def token_in_loss(
-    start_byte: np.ndarray, end_byte: np.ndarray, role: Sequence[Any], loss_spans: np.ndarray
+    start_byte: np.ndarray,
+    end_byte: np.ndarray,
+    role: Sequence[Any] | np.ndarray | None,
+    loss_spans: np.ndarray,
 ) -> np.ndarray:
     """Bool [n]: which tokens are in the loss region (team rule, docs/architecture.md).
 

@@ -86,7 +86,7 @@ class _TokenStats(torch.autograd.Function):
                 boundary_mass = exps @ mask_weight  # [R], relative to exp(row_max)
                 boundary_lse[rows] = row_max + boundary_mass.log()
                 boundary_tiny[rows] = boundary_mass < 1e-30
-        if mask_weight is not None and bool(
+        if boundary_mask is not None and bool(
             boundary_tiny.any()
         ):  # one device sync per call; rare rows
             tiny_rows = boundary_tiny.nonzero()[:, 0]
@@ -115,9 +115,8 @@ class _TokenStats(torch.autograd.Function):
         return raw_logp.clamp(max=0.0), raw_boundary.clamp(max=0.0)
 
     @staticmethod
-    def backward(
-        ctx: Any, grad_logp: torch.Tensor, grad_boundary: torch.Tensor
-    ) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_logp, grad_boundary = grad_outputs
         logits, safe_target, logp_live, boundary_live, lse, boundary_lse, boundary_mask = (
             ctx.saved_tensors
         )

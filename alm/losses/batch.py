@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from alm.align.targets import AlmTargets
@@ -23,7 +24,7 @@ _GROUP_FIELDS = (
 _CHUNK_FIELDS = ("teacher_chunk_last_pos", "student_chunk_last_pos")
 
 
-def _pad(arrays: list[np.ndarray], width: int, fill: float, dtype: np.dtype) -> torch.Tensor:
+def _pad(arrays: list[np.ndarray], width: int, fill: float, dtype: npt.DTypeLike) -> torch.Tensor:
     out = np.full((len(arrays), width), fill, dtype=dtype)
     for row, values in enumerate(arrays):
         out[row, : len(values)] = values

@@ -10,6 +10,7 @@ the total is `Σ w_i L_i / Σ w_i`. Cost: one extra backward through the last bl
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -76,10 +77,11 @@ def gradmag_combine(
         name: torch.where(norm > 0, 1.0 / (norm + 1e-8), 0.0).detach()
         for name, norm in norms.items()
     }
-    total_weight = sum(weights.values())
+    # `sum` of tensors is a tensor (its typing adds the `0` start)
+    total_weight = cast(torch.Tensor, sum(weights.values()))
     if not bool(total_weight > 0):
-        return sum(losses.values()), dict.fromkeys(losses, 1.0)
-    total = sum(weights[name] * loss for name, loss in losses.items())
+        return cast(torch.Tensor, sum(losses.values())), dict.fromkeys(losses, 1.0)
+    total = cast(torch.Tensor, sum(weights[name] * loss for name, loss in losses.items()))
     if preserve_magnitude:
         total = total / total_weight
     return total, {name: float(weight) for name, weight in weights.items()}

@@ -208,7 +208,7 @@ def _sequences_by_id(st: TeacherStore) -> dict[str, Any]:
     offsets = np.concatenate([[0], np.cumsum(lens)])
     order = np.argsort(ids, kind="stable")
     tok_order = (
-        np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in order])
+        np.concatenate([np.arange(int(offsets[i]), int(offsets[i + 1])) for i in order])
         if len(order)
         else np.zeros(0, int)
     )

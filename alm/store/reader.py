@@ -189,9 +189,9 @@ def _read_raw_chunks(
         if location.is_local:
             try:
                 with open(location.path(key), "rb", buffering=0) as fh:
-                    got = fh.readinto(memoryview(view))
+                    got = fh.readinto(view.data)
                     while got < len(view):  # readinto may return short reads
-                        more = fh.readinto(memoryview(view[got:]))
+                        more = fh.readinto(view[got:].data)
                         if not more:
                             break
                         got += more

@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -92,7 +93,16 @@ def local_revision(model_path: str) -> str:
     return "local-" + digest.hexdigest()[:16]
 
 
-def describe_model(model_path: str, revision: str | None = None) -> dict[str, object]:
+class ModelInfo(TypedDict):
+    """What the store plan records about a model (`describe_model`)."""
+
+    revision: str
+    config_hash: str
+    hidden_size: int
+    vocab_size: int
+
+
+def describe_model(model_path: str, revision: str | None = None) -> ModelInfo:
     """What the store plan records about a model, read from its config only (no weights are loaded).
 
     Returns:
@@ -180,7 +190,8 @@ class HFTeacher:
                 f"teacher.model {model_path!r}: cannot load it as a causal LM ({exc}). Give a local model folder "
                 "or a Hugging Face id"
             ) from None
-        self.model = model.to(self.device).eval()
+        # transformers wraps `to` in functools.wraps(nn.Module.to), which hides the method binding from checkers
+        self.model = model.to(self.device).eval()  # pyright: ignore[reportArgumentType]
         described = describe_model(model_path, revision)
         self.model_config_hash = str(described["config_hash"])
         self.model_revision = str(described["revision"])
@@ -194,6 +205,7 @@ class HFTeacher:
         self.decoder = self.model.get_decoder()
         self.use_head_path = self._probe_head_path(head)
         if self.use_head_path:
+            assert isinstance(head, torch.nn.Linear)  # checked by _probe_head_path
             # fp32 copy of the output layer: bf16 logits would lose ~0.1 nats on large logits
             self.head_weight = head.weight.detach().to(torch.float32)
             self.head_bias = None if head.bias is None else head.bias.detach().to(torch.float32)

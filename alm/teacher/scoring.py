@@ -88,8 +88,7 @@ def score_rows(
         targets = next_token[r0:r1]
         has_target = targets >= 0
         target_logit = x.gather(1, targets.clamp(min=0)[:, None])[:, 0]  # [R]
-        if top_k:
-            top_val, top_idx = torch.topk(x, top_k, dim=-1)  # [R, k]
+        top = torch.topk(x, top_k, dim=-1) if top_k else None  # values, indices [R, k]
         x.sub_(row_max[:, None]).exp_()  # [R, V] probabilities, unnormalised
         mass = x @ mass_matrix  # [R, 6]: five classes, then the total
         del x
@@ -101,16 +100,16 @@ def score_rows(
             blm = _exact_boundary_rows(rows_of, r0, r1, blm, underflow, mass_matrix, log_norm)
         boundary_logmass[r0:r1] = blm
         next_logp[r0:r1] = torch.where(has_target, target_logit - log_norm, float("nan"))
-        if top_k:
-            topk_id[r0:r1] = top_idx
-            topk_logp[r0:r1] = top_val - log_norm[:, None]
+        if top is not None and topk_id is not None and topk_logp is not None:
+            topk_id[r0:r1] = top.indices
+            topk_logp[r0:r1] = top.values - log_norm[:, None]
     # logp[q] is what row q-1 predicted; first positions stay NaN
     logp = torch.full((num_rows,), float("nan"), dtype=torch.float32, device=device)
     if num_rows > 1:
         logp[1:] = next_logp[:-1]
     logp[seq_start] = float("nan")
     out = {"logp": logp, "boundary_logmass": boundary_logmass}
-    if top_k:
+    if topk_id is not None and topk_logp is not None:
         out["topk_id"] = topk_id
         out["topk_logp"] = topk_logp
     return out

@@ -236,7 +236,8 @@ class VLLMTeacher:
 
     def score(self, batch_token_ids: list[np.ndarray]) -> list[TeacherScores]:
         """Score sequences with teacher forcing; output order = input order (vLLM schedules the batch itself)."""
-        from vllm.inputs import TokensPrompt
+        # vllm is optional (the vllm extra); __init__ has already imported it
+        from vllm.inputs import TokensPrompt  # pyright: ignore[reportMissingImports]
 
         prompts = []
         for ids in batch_token_ids:
@@ -264,7 +265,7 @@ class VLLMTeacher:
         return results
 
     def _score_hidden(self, out: Any) -> TeacherScores:
-        from vllm.distributed.kv_transfer.kv_connector.v1 import (
+        from vllm.distributed.kv_transfer.kv_connector.v1 import (  # pyright: ignore[reportMissingImports]
             example_hidden_states_connector as conn,
         )
 

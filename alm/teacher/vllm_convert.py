@@ -123,7 +123,9 @@ def _split_entry(
     return actual_logp, top_ids[order], top_logp[order]
 
 
-def _positions(container: Any, k: int, actual_ids: Sequence[int], first: int, where: str):
+def _positions(
+    container: Any, k: int, actual_ids: Sequence[int] | np.ndarray, first: int, where: str
+):
     """Yield (actual_logp, top_ids, top_logp) for positions first..len(actual_ids)-1 of a logprobs container."""
     if _is_flat(container):
         starts = np.asarray(container.start_indices, np.int64)
@@ -460,7 +462,7 @@ def teacher_scores_from_request_output(
                 )
             blm = boundary_logmass_from_token_scores(scores, candidate_ids, boundary_class, n)
         case "topk_lower" | "topk_upper":
-            if arrays.topk_id is None:
+            if arrays.topk_id is None or arrays.topk_logp is None:
                 raise ValueError("a top-k boundary bound needs num_logprobs >= 1")
             bound: TopkBound = "lower" if boundary_method == "topk_lower" else "upper"
             blm = boundary_logmass_from_topk(

@@ -19,7 +19,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -201,7 +201,15 @@ def teacher_hidden_second_moment(store_path: str) -> torch.Tensor:
     shard = store.read_shard(
         store.shard_indices[0], ["token_id", "logp", "boundary_logmass", "hidden"]
     )
-    values = np.concatenate([seq.hidden_float32() for seq in shard.sequences()])  # [N, d_T]
+    rows = []
+    for seq in shard.sequences():
+        hidden = seq.hidden_float32()
+        if hidden is None:
+            raise StoreError(
+                f"store {store_path} has no `hidden` field, which the hidden-state loss needs"
+            )
+        rows.append(hidden)
+    values = np.concatenate(rows)  # [N, d_T]
     return torch.from_numpy(np.square(values.astype(np.float64)).mean(axis=0).astype(np.float32))
 
 
@@ -311,7 +319,9 @@ def run_train(
         second_moment,
     )
     uses_gradmag = len(names) > 1 and cfg.loss.combine == "gradmag"
-    gradmag_params = last_block_params(parallel.unwrap(model).student) if uses_gradmag else []
+    train_module = parallel.unwrap(model)
+    assert isinstance(train_module, TrainModule)
+    gradmag_params = last_block_params(train_module.student) if uses_gradmag else []
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -350,14 +360,15 @@ def run_train(
     for step in range(start_step, total_steps):
         micro_batches = [next(batches) for _ in range(accum)]
         # §6.3: normalise by the valid groups (and SFT tokens, hidden chunks) of the whole step, all ranks.
+        # (`sum` of tensors is a tensor; its typing adds the `0` start)
         local = torch.stack(
             [
-                sum(mb["num_groups"] for mb in micro_batches),
-                sum(mb["num_sft_tokens"] for mb in micro_batches),
-                sum(mb["chunk_mask"].sum() for mb in micro_batches),
+                cast(torch.Tensor, sum(mb["num_groups"] for mb in micro_batches)),
+                cast(torch.Tensor, sum(mb["num_sft_tokens"] for mb in micro_batches)),
+                cast(torch.Tensor, sum(mb["chunk_mask"].sum() for mb in micro_batches)),
             ]
         ).to(device)
-        counts = dict(
+        counts: dict[str, torch.Tensor] = dict(
             zip(
                 ("num_groups", "num_sft_tokens", "num_hidden"),
                 parallel.all_reduce_sum(local),
@@ -385,7 +396,7 @@ def run_train(
                 step_metrics[key] = step_metrics.get(key, 0.0) + value
             log.count_tokens(int(micro_batch["attention_mask"].sum()) * world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
-        lr = scheduler.get_last_lr()[0]  # the rate this step uses
+        lr = float(scheduler.get_last_lr()[0])  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -431,7 +442,7 @@ def run_train(
     state = parallel.full_state_dict(model)  # collective under FSDP2: every rank takes part
     if parallel.is_main():
         save_student(
-            parallel.unwrap(model).student,
+            train_module.student,
             student.tokenizer,
             student_dir,
             state_dict={

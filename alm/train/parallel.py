@@ -20,7 +20,7 @@ import contextlib
 import datetime
 import os
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -106,14 +106,16 @@ def wrap(model: nn.Module, mode: Literal["ddp", "fsdp2"], device: torch.device) 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The HF model inside a DDP wrapper (FSDP2 shards in place, so it is the model itself)."""
-    return model.module if hasattr(model, "module") and hasattr(model, "no_sync") else model
+    inner = getattr(model, "module", None)
+    return inner if isinstance(inner, nn.Module) and hasattr(model, "no_sync") else model
 
 
 @contextlib.contextmanager
 def no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
     """Skip DDP's gradient all-reduce for a micro-batch that is not the step's last (when `skip`)."""
-    if skip and hasattr(model, "no_sync"):
-        with model.no_sync():
+    model_no_sync = getattr(model, "no_sync", None)
+    if skip and model_no_sync is not None:
+        with model_no_sync():
             yield
     else:
         yield
@@ -132,8 +134,12 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if _is_sharded(inner):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(
-            inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # full_state_dict=True: plain (unsharded) tensors, though the signature admits DTensors
+        return cast(
+            dict[str, torch.Tensor],
+            get_model_state_dict(
+                inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            ),
         )
     return {k: v.detach().cpu() for k, v in inner.state_dict().items()}
 
@@ -180,12 +186,16 @@ def load_full_state(
             "this checkpoint was written by a parallel: ddp (or one-process) run, whose optimizer state is keyed "
             "by parameter index; resume it with parallel: ddp, or start a new run"
         )
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        ValueType,
+        set_state_dict,
+    )
 
     set_state_dict(
         inner,
         optimizer,
-        model_state_dict=model_state,
+        model_state_dict=cast(dict[str, ValueType], model_state),  # Tensor is a ValueType
         optim_state_dict=optimizer_state,
         options=StateDictOptions(full_state_dict=True),
     )

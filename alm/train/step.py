@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alm.losses.alm import alm_loss
+from alm.losses.alm import Divergence, alm_loss
 from alm.losses.gradmag import gradmag_combine, last_block_parameters
 from alm.losses.hidden import hidden_state_loss, make_hidden_projection
 from alm.losses.sft import sft_loss
@@ -61,7 +61,7 @@ class LossSettings:
 
     names: tuple[str, ...]  # subset of ("alm", "sft", "hidden"), in this order
     temperature: float
-    divergence: str
+    divergence: Divergence
     hidden_weight: float
     combine: str  # "gradmag" or "sum"
     teacher_second_moment: torch.Tensor | None = (

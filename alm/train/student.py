@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ from alm.vocab import (
     without_unicode_normalizer,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 logger = logging.getLogger(__name__)
 
 
@@ -39,7 +42,7 @@ logger = logging.getLogger(__name__)
 class Student:
     """A student ready to train: the model, its tokenizer, the tokenizer as bytes, and where it came from."""
 
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: Any
     vocab: Vocab
     source: str
@@ -72,7 +75,7 @@ def load_tokenizer(name: str) -> Any:
         ) from None
 
 
-def load_causal_lm(name: str) -> nn.Module:
+def load_causal_lm(name: str) -> PreTrainedModel:
     """Load an HF causal LM in fp32 from an id or a local folder.
 
     Raises:
@@ -201,8 +204,15 @@ def _decompose(
     return ids if ids and all(i < num_old for i in ids) else []
 
 
+def _embedding_weight(module: nn.Module) -> torch.Tensor:
+    """The `weight` of an embedding or LM-head module (`nn.Module.__getattr__` types it `Tensor | Module`)."""
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
 def transfer_model(
-    model: nn.Module,
+    model: PreTrainedModel,
     teacher_tokenizer: Any,
     student_tokenizer: Any,
     *,
@@ -217,9 +227,9 @@ def transfer_model(
     teacher_vocab = vocab_from_tokenizer(teacher_tokenizer)
     student_vocab = vocab_from_tokenizer(student_tokenizer)
     generator = torch.Generator().manual_seed(seed)
-    old_in = model.get_input_embeddings().weight
+    old_in = _embedding_weight(model.get_input_embeddings())
     old_out_module = model.get_output_embeddings()
-    was_tied = old_out_module is not None and old_out_module.weight is old_in
+    was_tied = old_out_module is not None and _embedding_weight(old_out_module) is old_in
     new_in, report = transfer_embeddings(
         old_in, teacher_tokenizer, teacher_vocab, student_vocab, generator
     )
@@ -227,17 +237,25 @@ def transfer_model(
     in_module = nn.Embedding(num_new, dim, dtype=old_in.dtype)
     in_module.weight.data.copy_(new_in)
     keep_tied = was_tied and not untie_embeddings
-    if old_out_module is not None and not keep_tied:
-        # Untie from the same start when the teacher was tied; else transfer its own output matrix.
-        new_out = (
-            new_in.clone()
-            if was_tied
-            else transfer_embeddings(
-                old_out_module.weight, teacher_tokenizer, teacher_vocab, student_vocab, generator
-            )[0]
-        )
+    out_module = None
+    if old_out_module is not None:
         out_module = nn.Linear(dim, num_new, bias=False, dtype=old_in.dtype)
-        out_module.weight.data.copy_(new_out)
+        if keep_tied:
+            out_module.weight = in_module.weight
+        else:
+            # Untie from the same start when the teacher was tied; else transfer its own output matrix.
+            new_out = (
+                new_in.clone()
+                if was_tied
+                else transfer_embeddings(
+                    _embedding_weight(old_out_module),
+                    teacher_tokenizer,
+                    teacher_vocab,
+                    student_vocab,
+                    generator,
+                )[0]
+            )
+            out_module.weight.data.copy_(new_out)
     model.set_input_embeddings(in_module)
     for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         config.vocab_size = num_new
@@ -252,10 +270,7 @@ def transfer_model(
                 setattr(
                     config, attr, student_tokenizer.convert_tokens_to_ids(value) if value else None
                 )
-    if old_out_module is not None:
-        if keep_tied:
-            out_module = nn.Linear(dim, num_new, bias=False, dtype=old_in.dtype)
-            out_module.weight = in_module.weight
+    if out_module is not None:
         model.set_output_embeddings(out_module)
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None:
@@ -298,10 +313,11 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
             tokenizer = without_unicode_normalizer(tokenizer)
         model = load_causal_lm(cfg.model)
         vocab = vocab_from_tokenizer(tokenizer)
-        if model.get_input_embeddings().weight.shape[0] < len(vocab.token_bytes):
+        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
+        if num_embeddings < len(vocab.token_bytes):
             raise ConfigError(
                 f"student tokenizer has {len(vocab.token_bytes)} tokens but the model only "
-                f"{model.get_input_embeddings().weight.shape[0]} embeddings; use student.transfer to move a "
+                f"{num_embeddings} embeddings; use student.transfer to move a "
                 "model to a new tokenizer"
             )
         return Student(model, tokenizer, vocab, cfg.model)
@@ -330,7 +346,7 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
     return Student(model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source)
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
     """Wrap `model` with LoRA adapters (embeddings trained fully when `cfg.train_embeddings`).
 
     Raises:
@@ -358,7 +374,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
                 to_save.append(by_id[id(module)].rsplit(".", 1)[-1])
     lora_config = peft.LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        # peft annotates lora_alpha as int but only uses it in the scale alpha / r: a float works
+        lora_alpha=cfg.alpha,  # pyright: ignore[reportArgumentType]
         lora_dropout=cfg.dropout,
         target_modules=[t for t in cfg.targets if t in module_names],
         modules_to_save=sorted(set(to_save)) or None,
@@ -374,13 +391,17 @@ def save_student(
 
     `state_dict` (full, unsharded) is used for FSDP2-sharded models; otherwise the model's own weights are saved.
     """
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    from transformers import PreTrainedModel
+
+    merge_and_unload = getattr(model, "merge_and_unload", None)
+    if merge_and_unload is not None:
+        model = merge_and_unload()
         state_dict = None
     elif state_dict is not None and not any(
         type(p).__name__ == "DTensor" for p in model.parameters()
     ):
         state_dict = None
+    assert isinstance(model, PreTrainedModel)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
