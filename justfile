@@ -21,6 +21,10 @@ lint: bootstrap
     {{venv}}/ruff check alm tests bench
     {{venv}}/lint-imports
 
+# basedpyright (standard mode on alm/, config in pyproject.toml)
+type: bootstrap
+    {{venv}}/basedpyright
+
 # fast test tier (what CI runs)
 test *ARGS: bootstrap
     bash scripts/test.sh {{ARGS}}
@@ -29,8 +33,8 @@ test *ARGS: bootstrap
 test-slow *ARGS: bootstrap
     bash scripts/test.sh -m slow {{ARGS}}
 
-# lint + tests, as CI
-check: lint test
+# lint + type check + tests
+check: lint type test
 
 # tiny precompute + train on CPU with the embedded default teacher
 demo *ARGS:
