@@ -32,6 +32,7 @@ from alm.teacher.vllm_convert import (
     scores_from_prenorm_hidden,
     teacher_scores_from_request_output,
 )
+from tests.tolerance import assert_fp32_close
 
 
 @dataclass
@@ -422,10 +423,10 @@ def test_arrays_from_model_outputs_equal_the_hf_scoring(model, boundary_class, l
         out = request_output_from_logp(_logp_rows(model, ids), ids, k, layout)
         arrays = logprob_arrays_from_request_output(out, k)
         exact = _exact(model, ids, boundary_class, k)
-        np.testing.assert_allclose(arrays.logp, exact.logp, atol=2e-6, equal_nan=True)
+        assert_fp32_close(arrays.logp, exact.logp, equal_nan=True)
         assert np.isnan(arrays.logp[0])
         np.testing.assert_array_equal(arrays.topk_id, exact.topk_id)
-        np.testing.assert_allclose(arrays.topk_logp, exact.topk_logp, atol=2e-6)
+        assert_fp32_close(arrays.topk_logp, exact.topk_logp)
 
 
 def test_a_dummy_last_token_gives_the_same_arrays_as_the_sampled_token(model):
@@ -441,7 +442,7 @@ def test_a_dummy_last_token_gives_the_same_arrays_as_the_sampled_token(model):
         )
         np.testing.assert_array_equal(via_dummy.logp, via_sample.logp)
         np.testing.assert_array_equal(via_dummy.topk_id, via_sample.topk_id)
-        np.testing.assert_allclose(via_dummy.topk_logp, via_sample.topk_logp, atol=2e-6)
+        assert_fp32_close(via_dummy.topk_logp, via_sample.topk_logp)
 
 
 def test_fixed_token_id_scoring_equals_the_exact_boundary_logmass(model, boundary_class):
@@ -460,8 +461,8 @@ def test_fixed_token_id_scoring_equals_the_exact_boundary_logmass(model, boundar
             dummy_last_token=True,
         )
         exact = _exact(model, ids, boundary_class, 0)
-        np.testing.assert_allclose(scores.boundary_logmass, exact.boundary_logmass, atol=2e-6)
-        np.testing.assert_allclose(scores.logp, exact.logp, atol=2e-6, equal_nan=True)
+        assert_fp32_close(scores.boundary_logmass, exact.boundary_logmass)
+        assert_fp32_close(scores.logp, exact.logp, equal_nan=True)
         assert scores.topk_id is None
 
 
@@ -486,7 +487,7 @@ def test_topk_bounds_enclose_the_exact_boundary_logmass(model, boundary_class, k
     assert np.all(total["exact"] <= total["upper"] + 1e-5)
     assert np.all(np.exp(total["upper"]) <= 1 + 1e-5)  # the missing mass is counted once
     if k == VOCAB:  # the whole distribution: both bounds are exact
-        np.testing.assert_allclose(lower, exact, atol=1e-5)
+        assert_fp32_close(lower, exact)
         np.testing.assert_allclose(upper, exact, atol=1e-4)
 
 
@@ -510,8 +511,8 @@ def test_prenorm_hidden_states_with_alms_norm_and_head_equal_the_full_model(mode
         _class_masks(boundary_class),
         top_k=4,
     )
-    np.testing.assert_allclose(scores.logp, exact.logp, atol=1e-5, equal_nan=True)
-    np.testing.assert_allclose(scores.boundary_logmass, exact.boundary_logmass, atol=1e-5)
+    assert_fp32_close(scores.logp, exact.logp, equal_nan=True)
+    assert_fp32_close(scores.boundary_logmass, exact.boundary_logmass)
     np.testing.assert_array_equal(scores.topk_id, exact.topk_id)
 
 
