@@ -3,6 +3,7 @@
     alm precompute stages/demo_precompute.yaml [--set key=value ...] [--shard i/N] [--overwrite]
     alm train stages/demo_train.yaml [--set key=value ...] [--dry-run] [--resume]
     alm inspect STORE [--compare OTHER]
+    alm verify STORE [--deep]
     alm store finalize STORE
 
 Every `AlmError` is printed as one message and exits with code 2; any other exception is a bug and keeps its
@@ -104,6 +105,19 @@ def inspect(
     print(compare_stores(store, compare) if compare else inspect_store(store))
 
 
+@app.command()
+def verify(
+    store: Annotated[str, typer.Argument(help="Teacher store folder or URL.")],
+    deep: Annotated[
+        bool, typer.Option(help="Also re-score a sample of sequences with the teacher.")
+    ] = False,
+) -> None:
+    """Check every file, checksum and value of a teacher store; exit 2 naming the first problem."""
+    from alm.verify import run_verify
+
+    print(run_verify(store, deep=deep))
+
+
 @store_app.command("finalize")
 def store_finalize(
     store: Annotated[str, typer.Argument(help="Teacher store folder or URL.")],
@@ -114,12 +128,22 @@ def store_finalize(
     print(finalize_store(store))
 
 
+def user_message(err: AlmError) -> str:
+    """The error's own message; an error raised in a DataLoader worker arrives wrapped in the worker's traceback
+    (`Caught StoreError in DataLoader worker process 0. Original Traceback ...`), which is unwrapped here."""
+    text = str(err)
+    marker = f"{type(err).__module__}.{type(err).__name__}: "
+    if text.startswith("Caught ") and marker in text:
+        text = text.rsplit(marker, 1)[1]
+    return text.strip()
+
+
 def main() -> None:
     _setup_logging()
     try:
         app()
     except AlmError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {user_message(err)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -32,6 +32,14 @@ class StoreError(AlmError):
     """A teacher store is missing, unfinished, corrupt, or its output folder is not ours to write."""
 
 
+class StoreCorruptError(StoreError):
+    """A teacher store file is missing, truncated or changed since it was written (names store, shard, file)."""
+
+
+class StoreBusyError(StoreError):
+    """Another worker holds the claim on a shard (names its host and process)."""
+
+
 class StoreMismatchError(StoreError):
     """A teacher store's fingerprints do not match what the recipe expects."""
 

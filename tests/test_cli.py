@@ -26,6 +26,7 @@ FROZEN_COMMANDS = {
         "--overwrite": ("--no-overwrite",),
     },
     "inspect": {"store": (), "--compare": ()},
+    "verify": {"store": (), "--deep": ("--no-deep",)},
     "store finalize": {"store": ()},
 }
 

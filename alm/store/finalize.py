@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from alm.errors import StoreError
-from alm.store import schema
+from alm.store import integrity, schema
 from alm.store._fs import Location, locate
-from alm.store.fingerprint import array_checksum, bytes_fingerprint
-from alm.store.reader import read_shard_arrays, read_shard_index
+from alm.store.fingerprint import array_checksum
+from alm.store.reader import ShardCheck, read_shard_arrays, read_shard_index
 from alm.store.writer import StoreLayout, StorePlan, read_plan, shard_dirname, utc_now
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,9 @@ def _check_shard(
     """Problems of one committed shard folder (empty list when it is sound)."""
     where = f"{schema.SHARDS_DIR}/{name}"
     problems = []
+    doc_problem = integrity.document_problem(doc)
+    if doc_problem:
+        return [f"{where}/{schema.SHARD_FILE} {doc_problem}"]
     expected = {
         "format": schema.FORMAT_NAME,
         "format_version": schema.FORMAT_VERSION,
@@ -43,13 +46,18 @@ def _check_shard(
             problems.append(f"{where}: {key} is {doc.get(key)!r}, the plan says {want!r}")
     if problems:
         return problems
-    index_bytes = location.read_bytes(where, schema.INDEX_FILE)
-    if bytes_fingerprint(index_bytes) != doc["index"]["sha256"]:
-        problems.append(f"{where}/{schema.INDEX_FILE}: checksum differs from {schema.SHARD_FILE}")
-        return problems
-    index = read_shard_index(
-        location, where, ["token_start", "token_end", "num_tokens", "num_bytes"]
+    check = ShardCheck(
+        location.url,
+        where,
+        int(doc["shard_index"]),
+        plan.num_shards,
+        doc.get("files"),
+        doc.get("index", {}).get("sha256"),
     )
+    try:
+        index = read_shard_index(location, where, check=check)
+    except StoreError as err:
+        return [getattr(err, "summary", str(err))]
     num_tokens = int(doc["num_tokens"])
     if index.num_rows != doc["num_sequences"]:
         problems.append(
@@ -74,9 +82,14 @@ def _check_shard(
         )
         return problems
     try:
-        arrays = read_shard_arrays(location, where, list(specs)) if verify_arrays else {}
-    except Exception as err:  # a corrupt or missing Zarr array is a user-visible store problem
-        problems.append(f"{where}: cannot read its arrays ({err})")
+        arrays = read_shard_arrays(location, where, list(specs), check) if verify_arrays else {}
+        if (
+            verify_arrays
+        ):  # the files no array read touched (the group's zarr.json): sizes and hashes
+            for rel in sorted(set(check.files or ()) - check.seen):
+                check.read(location, rel)
+    except StoreError as err:
+        problems.append(getattr(err, "summary", str(err)))
         return problems
     for name, spec in specs.items():
         want_shape = [num_tokens, *spec.trailing_shape]
@@ -114,6 +127,7 @@ def build_manifest(
             "seq_id_max": d["seq_id_max"],
             "arrays": d["arrays"],
             "index_sha256": d["index"]["sha256"],
+            "checksum": d.get("checksum"),  # of its shard.json, which lists every file of the shard
         }
         for d in sorted(shard_docs, key=lambda d: int(d["shard_index"]))
     ]
@@ -153,7 +167,21 @@ def build_manifest(
             "num_disk_bytes": sum(s["num_disk_bytes"] for s in shards),
         },
         "shards": shards,
+        "files": store_file_entries(location),
         "created_at": utc_now(),
+    }
+
+
+def store_file_entries(location: Location) -> dict[str, dict[str, Any]]:
+    """Inventory (`num_bytes`, `sha256`) of the store-level files: the plan, the vocabulary table and every
+    file of the saved teacher tokenizer."""
+    rels = [schema.PLAN_FILE, schema.VOCAB_TABLE_FILE] + [
+        f"{schema.TOKENIZER_DIR}/{name}" for name in location.listdir(schema.TOKENIZER_DIR)
+    ]
+    return {
+        rel: integrity.file_entry(location.read_bytes(rel))
+        for rel in rels
+        if location.exists(rel) and not location.isdir(rel)
     }
 
 
@@ -229,7 +257,7 @@ def finalize_store(
             + ". The manifest was not written; fix the shards (delete a bad shard folder and rerun its precompute) "
             "and run `alm store finalize` again"
         )
-    manifest = build_manifest(location, plan, list(docs.values()))
+    manifest = integrity.with_checksum(build_manifest(location, plan, list(docs.values())))
     location.write_bytes(json.dumps(manifest, indent=2).encode(), schema.MANIFEST_FILE)
     logger.info(
         "finalized %s: %d shards, %d sequences, %d tokens",

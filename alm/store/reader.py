@@ -9,10 +9,12 @@ more than reading the shard. Trusts only shards listed in the manifest; refuses 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -20,9 +22,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+import zarr.storage
+from zarr.core.buffer import cpu
 
 from alm.errors import StoreError
-from alm.store import schema
+from alm.store import integrity, schema
 from alm.store._fs import Location, locate
 
 logger = logging.getLogger(__name__)
@@ -147,14 +151,91 @@ class ShardData:
             )
 
 
+@dataclass(frozen=True)
+class ShardCheck:
+    """What the reads of one shard are checked against: its `shard.json` inventory (or, for stores written
+    before inventories, nothing here; the caller compares the recorded array checksums instead).
+
+    Attributes:
+        url: the store, for messages.
+        shard_path: the shard folder inside the store (`shards/shard-XXXXX`).
+        shard_index: the shard's index, for messages; None when unknown.
+        num_shards: the store's number of shards, for the fix in messages.
+        files: relative path inside the shard -> `{num_bytes, sha256}`; None when the shard has no inventory.
+    """
+
+    url: str
+    shard_path: str
+    shard_index: int | None = None
+    num_shards: int | None = None
+    files: dict[str, dict[str, Any]] | None = None
+    index_sha256: str | None = None  # stores without inventories record the index's hash only
+    seen: set[str] = field(default_factory=set)  # files checked so far
+
+    def error(self, rel: str, problem: str) -> StoreError:
+        err = integrity.corrupt(
+            self.url,
+            f"{self.shard_path}/{rel}" if rel else self.shard_path,
+            problem,
+            shard_index=self.shard_index,
+            num_shards=self.num_shards,
+        )
+        err.summary = f"{self.shard_path}/{rel} {problem}"  # pyright: ignore[reportAttributeAccessIssue]
+        return err
+
+    def check(self, rel: str, data: bytes | memoryview) -> None:
+        """Raise unless `data` are exactly the bytes the writer recorded for file `rel`."""
+        self.seen.add(rel)
+        if self.files is None:
+            return
+        entry = self.files.get(rel)
+        if entry is None:
+            raise self.error(rel, "is not listed in the shard's shard.json")
+        problem = integrity.entry_problem(data, entry)
+        if problem:
+            raise self.error(rel, problem)
+
+    def check_parts(self, rel: str, parts: tuple[bytes | memoryview, ...]) -> None:
+        """`check` for a file read in pieces (a chunk read into its array, then its padding)."""
+        self.seen.add(rel)
+        if self.files is None:
+            return
+        entry = self.files.get(rel)
+        if entry is None:
+            raise self.error(rel, "is not listed in the shard's shard.json")
+        hasher = hashlib.sha256()
+        for part in parts:
+            hasher.update(part)
+        if hasher.hexdigest() != entry["sha256"]:
+            raise self.error(
+                rel, "has the right size but different bytes than were written (sha256 differs)"
+            )
+
+    def read(self, location: Location, rel: str) -> bytes:
+        """A whole file of the shard, checked."""
+        try:
+            data = location.read_bytes(self.shard_path, rel)
+        except StoreError:
+            raise self.error(rel, "is missing") from None
+        self.check(rel, data)
+        return data
+
+    def read_json(self, location: Location, rel: str) -> Any:
+        data = self.read(location, rel)
+        try:
+            return json.loads(data)
+        except ValueError as err:
+            raise self.error(rel, f"is not valid JSON ({err})") from None
+
+
 def _read_raw_chunks(
-    location: Location, array_path: str, meta: dict[str, Any]
+    location: Location, check: ShardCheck, array_rel: str, meta: dict[str, Any]
 ) -> np.ndarray | None:
     """Read an uncompressed, token-chunked Zarr v3 array straight from its chunk files into one buffer.
 
     The fast path for alm's own layout (codecs = little-endian `bytes` only, regular chunks over the token axis,
-    default "/" chunk keys): one file read per chunk, into the output, like a memmap copy. Returns None for any
-    other layout, which then goes through zarr.
+    default "/" chunk keys): one file read per chunk, into the output, like a memmap copy, each chunk hashed as it
+    lands. A missing or short chunk file is an error (never the fill value). Returns None for any other layout.
     """
     try:
         shape = tuple(meta["shape"])
@@ -177,85 +258,140 @@ def _read_raw_chunks(
     chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
     suffix = "/0" * (len(shape) - 1)
     offsets = list(range(0, flat.nbytes, chunk_bytes))
-    keys = [f"{array_path}/c/{c}{suffix}" for c in range(len(offsets))]
+    keys = [f"{array_rel}/c/{c}{suffix}" for c in range(len(offsets))]
     fetched: dict[str, bytes] = {}
     if not location.is_local and keys:
         # one batched request: async filesystems (s3, gcs, http) fetch the chunks concurrently
-        paths = [location.path(k) for k in keys]
+        paths = [location.path(check.shard_path, k) for k in keys]
         fetched = location.fs.cat(paths, on_error="omit")
         fetched = {k: fetched[p] for k, p in zip(keys, paths) if p in fetched}
     for key, offset in zip(keys, offsets):
         view = flat[offset : offset + chunk_bytes]
+        # the last chunk is padded to a whole chunk on disk: its file holds `chunk_bytes`, the array less
         if location.is_local:
             try:
-                with open(location.path(key), "rb", buffering=0) as fh:
+                with open(location.path(check.shard_path, key), "rb", buffering=0) as fh:
+                    size = os.fstat(fh.fileno()).st_size
+                    if size != chunk_bytes:
+                        raise check.error(
+                            key,
+                            f"has {size} bytes, its chunk has {chunk_bytes} (truncated or extended)",
+                        )
                     got = fh.readinto(view.data)
                     while got < len(view):  # readinto may return short reads
                         more = fh.readinto(view[got:].data)
                         if not more:
                             break
                         got += more
+                    padding = fh.read() if got == len(view) else b""
             except FileNotFoundError:
-                view[:] = 0  # a chunk never written holds the fill value (0)
-                continue
+                raise check.error(key, "is missing (a chunk of the array)") from None
+            if got < len(view):
+                raise check.error(key, f"is shorter than its chunk ({got} < {len(view)} bytes)")
+            check.check_parts(key, (view.data, padding))
         elif key in fetched:
             data = fetched[key]
-            got = min(len(data), len(view))
-            view[:got] = np.frombuffer(data, dtype=np.uint8, count=got)
+            if len(data) != chunk_bytes:
+                raise check.error(
+                    key,
+                    f"has {len(data)} bytes, its chunk has {chunk_bytes} (truncated or extended)",
+                )
+            check.check(key, data)
+            view[:] = np.frombuffer(data, dtype=np.uint8, count=len(view))
         else:
-            view[:] = 0
-            continue
-        if got < len(view):
-            raise StoreError(
-                f"{location.url}/{key}: chunk file is shorter than its chunk ({got} < {len(view)} bytes)"
-            )
+            raise check.error(key, "is missing (a chunk of the array)")
     return out
 
 
+def _read_array_via_zarr(
+    location: Location, check: ShardCheck, array_rel: str, meta_bytes: bytes
+) -> np.ndarray:
+    """Any other Zarr layout (compressed, rechunked): with an inventory, the array's files are read and checked
+    into memory and decoded from there (one read); without one, zarr reads the files itself."""
+    if check.files is None:
+        store = location.zarr_store(check.shard_path, array_rel, read_only=True)
+        return np.asarray(zarr.open_array(store, mode="r")[...])
+    prefix = f"{array_rel}/"
+    contents: dict[str, Any] = {"zarr.json": cpu.Buffer.from_bytes(meta_bytes)}
+    for rel in check.files:
+        if rel.startswith(prefix) and rel != f"{prefix}zarr.json":
+            contents[rel[len(prefix) :]] = cpu.Buffer.from_bytes(check.read(location, rel))
+    store = zarr.storage.MemoryStore(contents, read_only=True)
+    return np.asarray(zarr.open_array(store, mode="r")[...])
+
+
 def read_shard_arrays(
-    location: Location, shard_path: str, names: list[str] | None = None
+    location: Location, shard_path: str, names: list[str], check: ShardCheck | None = None
 ) -> dict[str, np.ndarray]:
-    """Read the named per-token arrays of one shard folder, each in one go (see `_read_raw_chunks`)."""
-    arrays_path = f"{shard_path}/{schema.ARRAYS_DIR}"
-    if names is None:
-        group = zarr.open_group(location.zarr_store(arrays_path, read_only=True), mode="r")
-        names = sorted(k for k, _ in group.arrays())
+    """Read the named per-token arrays of one shard folder, each in one go, every file checked by `check`.
+
+    Raises:
+        StoreCorruptError: a file is missing, or differs from what `check` records.
+    """
+    check = check or ShardCheck(location.url, shard_path)
     out = {}
     for name in names:
+        array_rel = f"{schema.ARRAYS_DIR}/{name}"
+        meta_bytes = check.read(location, f"{array_rel}/zarr.json")
         try:
-            meta = location.read_json(arrays_path, name, "zarr.json")
-        except StoreError as err:
-            raise StoreError(f"{location.url}/{arrays_path}: no array `{name}` ({err})") from err
-        arr = _read_raw_chunks(location, f"{arrays_path}/{name}", meta)
-        if (
-            arr is None
-        ):  # another layout (compressed, rechunked): let zarr read the array's own metadata
-            store = location.zarr_store(arrays_path, name, read_only=True)
-            arr = np.asarray(zarr.open_array(store, mode="r")[...])
+            meta = json.loads(meta_bytes)
+        except ValueError as err:
+            raise check.error(f"{array_rel}/zarr.json", f"is not valid JSON ({err})") from None
+        try:
+            arr = _read_raw_chunks(location, check, array_rel, meta)
+            if arr is None:
+                arr = _read_array_via_zarr(location, check, array_rel, meta_bytes)
+        except StoreError:
+            raise
+        except (
+            Exception
+        ) as err:  # zarr or numpy refusing damaged metadata: a damaged file, not a bug
+            raise check.error(array_rel, f"cannot be read ({type(err).__name__}: {err})") from None
         out[name] = arr
     return out
 
 
 def read_shard_index(
-    location: Location, shard_path: str, columns: list[str] | None = None
+    location: Location,
+    shard_path: str,
+    columns: list[str] | None = None,
+    check: ShardCheck | None = None,
 ) -> pa.Table:
-    """A shard's per-sequence index (Arrow IPC file), optionally only some columns.
+    """A shard's per-sequence index (Arrow IPC file), optionally only some columns, its bytes checked.
 
     Local files are memory-mapped (zero copy; committed shard files are never modified in place, only replaced
-    by rename), remote ones read in one request.
+    by rename) and hashed from the map, remote ones read in one request.
+
+    Raises:
+        StoreCorruptError: the file is missing, differs from what `check` records, or is not an Arrow file.
     """
+    check = check or ShardCheck(location.url, shard_path)
     if location.is_local:
         path = location.path(shard_path, schema.INDEX_FILE)
         try:
-            table = pa.ipc.open_file(pa.memory_map(path)).read_all()
-        except FileNotFoundError as err:
-            raise StoreError(f"{location.url}: missing file {path}") from err
-        return table.select(columns) if columns is not None else table
-    return schema.index_from_ipc_bytes(location.read_bytes(shard_path, schema.INDEX_FILE), columns)
+            data: Any = pa.memory_map(path).read_buffer()
+        except FileNotFoundError:
+            raise check.error(schema.INDEX_FILE, "is missing") from None
+    else:
+        data = pa.py_buffer(check.read(location, schema.INDEX_FILE))
+    check.check(schema.INDEX_FILE, memoryview(data))
+    legacy = check.files is None and check.index_sha256 is not None
+    if legacy and hashlib.sha256(memoryview(data)).hexdigest() != check.index_sha256:
+        raise check.error(schema.INDEX_FILE, f"differs from what {schema.SHARD_FILE} records")
+    try:
+        table = pa.ipc.open_file(data).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise check.error(schema.INDEX_FILE, f"is not a readable Arrow file ({err})") from None
+    return table.select(columns) if columns is not None else table
 
 
 class TeacherStore:
-    """A finished (or, for inspection, unfinished) teacher store. Create with `open_store`."""
+    """A finished (or, for inspection, unfinished) teacher store. Create with `open_store`.
+
+    Every read is checked: opening a finished store checks the manifest's own checksum and the plan and
+    vocabulary files it lists; reading a shard checks its `shard.json` against the manifest and every file read
+    against `shard.json` (`alm.store.integrity`).
+    """
 
     def __init__(
         self, location: Location, manifest: dict[str, Any] | None, plan_doc: dict[str, Any]
@@ -275,6 +411,7 @@ class TeacherStore:
             self.field_specs = plan_doc["field_specs"]
         hidden = self.field_specs.get("hidden")
         self.hidden_encoding: str | None = hidden.get("encoding") if hidden else None
+        self._checked_shard_docs: dict[int, dict[str, Any]] = {}
 
     @staticmethod
     def _shard_path(j: int) -> str:
@@ -283,6 +420,11 @@ class TeacherStore:
     @property
     def url(self) -> str:
         return self.location.url
+
+    @property
+    def num_shards(self) -> int | None:
+        plan = (self._manifest or self.plan_doc).get("plan", {})
+        return int(plan["num_shards"]) if "num_shards" in plan else None
 
     @property
     def is_finished(self) -> bool:
@@ -303,10 +445,7 @@ class TeacherStore:
     def _shard_docs(self) -> dict[int, dict[str, Any]]:
         if self._manifest is not None:
             return {int(s["index"]): s for s in self._manifest["shards"]}
-        return {
-            j: self.location.read_json(self._shard_path(j), schema.SHARD_FILE)
-            for j in self.shard_indices
-        }
+        return {j: self.shard_doc(j) for j in self.shard_indices}
 
     @property
     def num_sequences(self) -> int:
@@ -319,14 +458,84 @@ class TeacherStore:
     def __len__(self) -> int:
         return self.num_sequences
 
+    def store_file_bytes(self, rel: str) -> bytes:
+        """A store-level file (plan, vocabulary), checked against the manifest's inventory when it lists it.
+
+        Raises:
+            StoreCorruptError: the file is missing or differs from what the manifest records.
+        """
+        return _store_file_bytes(self.location, self._manifest, rel)
+
+    def check_store_files(self) -> None:
+        """Check every store-level file the manifest lists (plan, vocabulary table, tokenizer files).
+
+        Raises:
+            StoreCorruptError: naming the first missing or changed file.
+        """
+        for rel in (self._manifest or {}).get("files", {}):
+            self.store_file_bytes(rel)
+
+    def shard_doc(self, shard_index: int) -> dict[str, Any]:
+        """The shard's `shard.json`, checked against its own checksum and the manifest's record of it.
+
+        Raises:
+            StoreCorruptError: the file is missing, not JSON, changed, or differs from the manifest.
+        """
+        if shard_index in self._checked_shard_docs:
+            return self._checked_shard_docs[shard_index]
+        check = ShardCheck(self.url, self._shard_path(shard_index), shard_index, self.num_shards)
+        if not self.location.isdir(self._shard_path(shard_index)):
+            raise check.error(
+                "", "is missing: the whole shard folder is gone (it is listed in alm-store.json)"
+            )
+        doc = check.read_json(self.location, schema.SHARD_FILE)
+        problem = integrity.document_problem(doc) if isinstance(doc, dict) else "is not an object"
+        if problem:
+            raise check.error(schema.SHARD_FILE, problem)
+        if self._manifest is not None:
+            entry = self._shard_docs[shard_index]
+            if "checksum" in entry:
+                same = doc.get("checksum") == entry["checksum"]
+            else:  # a store written before checksums: compare what the manifest copied
+                same = doc.get("arrays") == entry.get("arrays") and doc.get("index", {}).get(
+                    "sha256"
+                ) == entry.get("index_sha256")
+            if not same:
+                raise check.error(
+                    schema.SHARD_FILE,
+                    f"differs from the shard recorded in {schema.MANIFEST_FILE} (replaced by another write?)",
+                )
+        self._checked_shard_docs[shard_index] = doc
+        return doc
+
+    def shard_check(self, shard_index: int) -> ShardCheck:
+        """The checks reads of this shard must pass (from its verified `shard.json`)."""
+        doc = self.shard_doc(shard_index)
+        return ShardCheck(
+            self.url,
+            self._shard_path(shard_index),
+            shard_index,
+            self.num_shards,
+            doc.get("files"),
+            doc.get("index", {}).get("sha256"),
+        )
+
     @cached_property
     def vocab_table(self) -> pa.Table:
-        """The teacher's id->bytes table (`vocab/teacher_vocab.parquet`)."""
-        if not self.location.exists(schema.VOCAB_TABLE_FILE):
+        """The teacher's id->bytes table (`vocab/teacher_vocab.parquet`), checked against the manifest."""
+        if not self.location.exists(schema.VOCAB_TABLE_FILE) and schema.VOCAB_TABLE_FILE not in (
+            self._manifest or {}
+        ).get("files", {}):
             raise StoreError(
                 f"store {self.url} has no {schema.VOCAB_TABLE_FILE}; the precompute did not write it"
             )
-        return pq.read_table(pa.py_buffer(self.location.read_bytes(schema.VOCAB_TABLE_FILE)))
+        data = self.store_file_bytes(schema.VOCAB_TABLE_FILE)
+        try:
+            return pq.read_table(pa.py_buffer(data))
+        except (pa.ArrowInvalid, OSError) as err:
+            raise integrity.corrupt(
+                self.url, schema.VOCAB_TABLE_FILE, f"is not a readable Parquet file ({err})"
+            ) from None
 
     @cached_property
     def vocab(self) -> Any:
@@ -345,10 +554,15 @@ class TeacherStore:
         )
 
     def read_shard(self, shard_index: int, fields: list[str] | None = None) -> ShardData:
-        """Read one whole shard (index + arrays). `fields` limits the arrays read (default: all stored).
+        """Read one whole shard (index + arrays), checking every file read against `shard.json`.
+
+        Args:
+            shard_index: a finished shard of this store.
+            fields: limits the arrays read (default: all stored); `token_id` is always read.
 
         Raises:
-            StoreError: the shard is not part of this store.
+            StoreError: the shard is not part of this store, or a field is not stored.
+            StoreCorruptError: a file of the shard is missing or differs from what was written.
         """
         if shard_index not in self.shard_indices:
             raise StoreError(
@@ -363,10 +577,30 @@ class TeacherStore:
             )
         if "token_id" not in names:
             names.insert(0, "token_id")
+        doc = self.shard_doc(shard_index)
+        check = self.shard_check(shard_index)
+        if check.files is not None:
+            check.read(self.location, f"{schema.ARRAYS_DIR}/zarr.json")
+        index = read_shard_index(self.location, path, check=check)
+        arrays = read_shard_arrays(self.location, path, names, check)
+        if check.files is None:
+            _check_recorded_checksums(check, doc, arrays)
+        for name, arr in arrays.items():
+            recorded = doc.get("arrays", {}).get(name, {})
+            if "shape" in recorded and list(arr.shape) != list(recorded["shape"]):
+                raise check.error(
+                    f"{schema.ARRAYS_DIR}/{name}/zarr.json",
+                    f"gives shape {list(arr.shape)}, {schema.SHARD_FILE} records {recorded['shape']}",
+                )
+        if index.num_rows != int(doc.get("num_sequences", index.num_rows)):
+            raise check.error(
+                schema.INDEX_FILE,
+                f"has {index.num_rows} rows, {schema.SHARD_FILE} records {doc['num_sequences']}",
+            )
         return ShardData(
             shard_index=shard_index,
-            index=read_shard_index(self.location, path),
-            arrays=read_shard_arrays(self.location, path, names),
+            index=index,
+            arrays=arrays,
             hidden_encoding=self.hidden_encoding,
         )
 
@@ -384,10 +618,58 @@ class TeacherStore:
         return self.iter_sequences()
 
 
+def _check_recorded_checksums(
+    check: ShardCheck, doc: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> None:
+    """A shard without a file inventory (written before inventories): compare the recorded checksums of the
+    arrays (raw little-endian bytes; the index file's hash is checked as it is read)."""
+    from alm.store.fingerprint import array_checksum
+
+    for name, arr in arrays.items():
+        want = doc.get("arrays", {}).get(name, {}).get("sha256")
+        if want is not None and array_checksum(arr) != want:
+            raise check.error(
+                f"{schema.ARRAYS_DIR}/{name}",
+                f"holds values whose checksum differs from {schema.SHARD_FILE}",
+            )
+
+
+def _store_file_bytes(location: Location, manifest: dict[str, Any] | None, rel: str) -> bytes:
+    entry = (manifest or {}).get("files", {}).get(rel)
+    try:
+        data = location.read_bytes(rel)
+    except StoreError:
+        if entry is None:
+            raise
+        raise integrity.corrupt(location.url, rel, "is missing") from None
+    if entry is not None:
+        problem = integrity.entry_problem(data, entry)
+        if problem:
+            raise integrity.corrupt(location.url, rel, problem)
+    return data
+
+
 def read_manifest(location: Location) -> dict[str, Any] | None:
+    """The manifest, checked against its own checksum; None when the store is not finished.
+
+    Raises:
+        StoreCorruptError: the manifest is not valid JSON or its content changed since it was written.
+        StoreError: another format or a newer version.
+    """
     if not location.exists(schema.MANIFEST_FILE):
         return None
-    manifest = location.read_json(schema.MANIFEST_FILE)
+    data = location.read_bytes(schema.MANIFEST_FILE)
+    try:
+        manifest = json.loads(data)
+    except ValueError as err:
+        raise integrity.corrupt(
+            location.url, schema.MANIFEST_FILE, f"is not valid JSON ({err})"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise integrity.corrupt(location.url, schema.MANIFEST_FILE, "is not a JSON object")
+    problem = integrity.document_problem(manifest)
+    if problem:
+        raise integrity.corrupt(location.url, schema.MANIFEST_FILE, problem)
     schema.check_format(manifest, f"{location.url}/{schema.MANIFEST_FILE}")
     return manifest
 
@@ -397,12 +679,16 @@ def open_store(
 ) -> TeacherStore:
     """Open a teacher store folder or URL (`file://`, `memory://`, `s3://`, ... through fsspec).
 
+    A finished store's manifest, plan and vocabulary files are checked here (small files); shards are checked
+    as they are read (`TeacherStore.read_shard`).
+
     Args:
         path_or_url: the store root.
         allow_unfinished: open a store without a manifest (only its committed shards), for inspection.
 
     Raises:
         StoreError: no store there, another format or version, or an unfinished store.
+        StoreCorruptError: the manifest, plan or a vocabulary file is missing or changed.
     """
     location = locate(path_or_url)
     has_plan = location.exists(schema.PLAN_FILE)
@@ -417,7 +703,25 @@ def open_store(
             f"teacher store {location.url} is unfinished (no {schema.MANIFEST_FILE}); finish the precompute "
             f"(rerun the same command for the missing shards) or run `alm store finalize {location.url}`"
         )
-    plan_doc = location.read_json(schema.PLAN_FILE) if has_plan else {}
-    if plan_doc:
+    plan_doc: dict[str, Any] = {}
+    if has_plan or schema.PLAN_FILE in (manifest or {}).get("files", {}):
+        data = _store_file_bytes(location, manifest, schema.PLAN_FILE)
+        try:
+            plan_doc = json.loads(data)
+        except ValueError as err:
+            raise integrity.corrupt(
+                location.url, schema.PLAN_FILE, f"is not valid JSON ({err})"
+            ) from None
+        problem = integrity.document_problem(plan_doc)
+        if problem:
+            raise integrity.corrupt(location.url, schema.PLAN_FILE, problem)
         schema.check_format(plan_doc, f"{location.url}/{schema.PLAN_FILE}")
-    return TeacherStore(location, manifest, plan_doc)
+    try:
+        store = TeacherStore(location, manifest, plan_doc)
+    except (KeyError, TypeError, ValueError) as err:
+        damaged = schema.MANIFEST_FILE if manifest is not None else schema.PLAN_FILE
+        raise integrity.corrupt(
+            location.url, damaged, f"lacks a required entry ({err!r})"
+        ) from None
+    store.check_store_files()
+    return store

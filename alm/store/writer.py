@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from alm.errors import StoreError
-from alm.store import schema
+from alm.store import integrity, schema
 from alm.store._fs import Location, locate
 from alm.store.fingerprint import ArrayHasher, bytes_fingerprint, json_fingerprint
 
@@ -208,8 +208,21 @@ class StoreLayout:
                         self.location.write_bytes(fh.read(), schema.TOKENIZER_DIR, rel)
 
 
+def shard_file_entries(location: Location, shard_dir: str) -> dict[str, dict[str, Any]]:
+    """Inventory (`num_bytes`, `sha256`) of every file in a shard folder but `shard.json`, by relative path."""
+    if location.is_local:
+        return integrity.local_file_entries(location.path(shard_dir), exclude=(schema.SHARD_FILE,))
+    root = location.path(shard_dir)
+    out = {}
+    for path in sorted(location.fs.find(root)):
+        rel = path[len(root) :].lstrip("/")
+        if rel != schema.SHARD_FILE:
+            out[rel] = integrity.file_entry(location.fs.cat_file(path))
+    return out
+
+
 def plan_document(plan: StorePlan) -> dict[str, Any]:
-    """The content of `alm-store.plan.json`."""
+    """The content of `alm-store.plan.json` (without its `checksum`, added when written)."""
     specs = plan.field_specs()
     return {
         "format": schema.FORMAT_NAME,
@@ -233,6 +246,9 @@ def read_plan(location: Location) -> StorePlan:
             f"{location.url} has no {schema.PLAN_FILE}; it is not an alm teacher store"
         )
     doc = location.read_json(schema.PLAN_FILE)
+    problem = integrity.document_problem(doc) if isinstance(doc, dict) else "is not a JSON object"
+    if problem:
+        raise integrity.corrupt(location.url, schema.PLAN_FILE, problem)
     schema.check_format(doc, f"{location.url}/{schema.PLAN_FILE}")
     return StorePlan.from_json(doc["plan"])
 
@@ -294,7 +310,10 @@ def prepare_store(
         )
         for entry in _STORE_ENTRIES:
             location.remove(entry)
-    location.write_bytes(json.dumps(plan_document(plan), indent=2).encode(), schema.PLAN_FILE)
+    location.write_bytes(
+        json.dumps(integrity.with_checksum(plan_document(plan)), indent=2).encode(),
+        schema.PLAN_FILE,
+    )
     return StoreLayout(location, plan)
 
 
@@ -585,7 +604,10 @@ class ShardWriter:
             "num_disk_bytes": loc.size_bytes(self._dir),
             "backend_versions": dict(plan.backend_versions),
             "created_at": utc_now(),
+            # every file as written (whatever its codec), so each read can check what it reads
+            "files": shard_file_entries(loc, self._dir),
         }
+        doc = integrity.with_checksum(doc)
         loc.write_bytes(json.dumps(doc, indent=2).encode(), self._dir, schema.SHARD_FILE)
         self._open = False
         if loc.is_local:

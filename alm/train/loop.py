@@ -31,6 +31,7 @@ from alm.data.loader import MicroBatches, make_loader
 from alm.data.student import StudentExampleBuilder
 from alm.errors import ConfigError, StoreError, StoreMismatchError
 from alm.store.reader import open_store
+from alm.store.verify import check_store_files
 from alm.templates import family_for_tokenizer
 from alm.train import parallel
 from alm.train.checkpoint import (
@@ -88,6 +89,10 @@ def _plan_value(store: Any, key: str) -> Any:
     return None
 
 
+def _store_paths(cfg: TrainRecipe) -> list[str]:
+    return [ref.path for ref in cfg.stores] + ([cfg.eval.store] if cfg.eval else [])
+
+
 def check_stores(cfg: TrainRecipe) -> StoreInfo:
     """Open every store, compare fingerprints with the recipe, check the fields the losses need. No model loads.
 
@@ -97,7 +102,7 @@ def check_stores(cfg: TrainRecipe) -> StoreInfo:
     """
     problems: list[str] = []
     info: StoreInfo | None = None
-    paths = [ref.path for ref in cfg.stores] + ([cfg.eval.store] if cfg.eval else [])
+    paths = _store_paths(cfg)
     expected = {ref.path: ref for ref in cfg.stores}
     for path in paths:
         store = open_store(path)
@@ -465,10 +470,12 @@ def run_train_cli(
     cfg = load_yaml_model(TrainRecipe, recipe, overrides)
     info = check_stores(cfg)
     if dry_run:
+        checked = [check_store_files(path) for path in dict.fromkeys(_store_paths(cfg))]
         resolved = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
         return (
             f"{resolved}\n# recipe hash {config_hash(cfg)}; stores OK: {info.num_sequences} sequences, "
-            f"teacher tokenizer {info.teacher_fingerprint}"
+            f"teacher tokenizer {info.teacher_fingerprint}; every file of "
+            f"{sum(r.num_shards_checked for r in checked)} shard(s) matches its checksum"
         )
     student_dir = run_train(cfg, resume=resume, overwrite=overwrite)
     main_process = parallel.is_main()

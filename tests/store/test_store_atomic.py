@@ -19,6 +19,7 @@ from store_helpers import make_plan, random_sequence, random_store, write_store
 
 from alm.errors import StoreError
 from alm.store.finalize import finalize_store, try_finalize
+from alm.store.integrity import with_checksum
 from alm.store.reader import open_store
 from alm.store.writer import ShardWriter, prepare_store
 
@@ -134,7 +135,9 @@ def test_finalize_refuses_corrupt_array(tmp_path):
     data = bytearray(chunk.read_bytes())
     data[5] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    with pytest.raises(StoreError, match=r"shard-00001.*(checksum differs|cannot read its arrays)"):
+    with pytest.raises(
+        StoreError, match=r"shard-00001.*(sha256 differs|checksum differs|cannot read its arrays)"
+    ):
         finalize_store(tmp_path)
 
 
@@ -142,7 +145,7 @@ def test_finalize_refuses_modified_array(tmp_path):
     _three_shard_store(tmp_path)
     arr = zarr.open_array(tmp_path / "shards" / "shard-00001" / "arrays" / "logp", mode="r+")
     arr[1] = arr[1] + 1.0
-    with pytest.raises(StoreError, match=r"shard-00001/logp: checksum differs"):
+    with pytest.raises(StoreError, match=r"shard-00001/arrays/logp/c/0 .*sha256 differs"):
         finalize_store(tmp_path)
 
 
@@ -165,7 +168,7 @@ def test_finalize_refuses_count_mismatch(tmp_path):
     meta = tmp_path / "shards" / "shard-00002" / "shard.json"
     doc = json.loads(meta.read_text())
     doc["num_sequences"] += 1
-    meta.write_text(json.dumps(doc))
+    meta.write_text(json.dumps(with_checksum(doc)))  # a consistent but wrong record
     with pytest.raises(StoreError, match=r"index has 2 rows"):
         finalize_store(tmp_path)
 

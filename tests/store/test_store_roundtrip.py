@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -15,14 +16,17 @@ from hypothesis import strategies as st
 from store_helpers import TOPK_FIELDS, make_plan, random_sequence, random_store, write_store
 
 import alm
-from alm.errors import StoreError
+from alm.errors import StoreCorruptError, StoreError
+from alm.store._fs import locate
 from alm.store.finalize import finalize_store, try_finalize
+from alm.store.integrity import with_checksum
 from alm.store.reader import open_store
 from alm.store.writer import (
     ShardWriter,
     bfloat16_bits_to_float32,
     float32_to_bfloat16_bits,
     prepare_store,
+    shard_file_entries,
 )
 from alm.vocab import vocab_from_tokenizer
 
@@ -221,9 +225,25 @@ def test_reader_falls_back_to_zarr_for_compressed_or_rechunked_arrays(tmp_path):
             chunks=(5, *values.shape[1:]),
             compressors=zarr.codecs.BloscCodec(cname="zstd", clevel=3),
         )
+    # a re-encoded shard is a changed shard until its inventory is rewritten (as a re-encoding tool would)
+    with pytest.raises(StoreCorruptError, match=r"shard-00000/arrays"):
+        open_store(tmp_path).read_shard(0)
+    shard_json = tmp_path / "shards" / "shard-00000" / "shard.json"
+    doc = json.loads(shard_json.read_text())
+    doc["files"] = shard_file_entries(locate(tmp_path), "shards/shard-00000")
+    shard_json.write_text(json.dumps(with_checksum(doc)))
+    finalize_store(tmp_path)  # array checksums are over values, so they still match
     for got, want in zip(open_store(tmp_path), shards[0]):
         assert_sequence_equal(got, want)
-    finalize_store(tmp_path)  # checksums are over values, so they still match
+    # the compressed chunks are checked as they are read too
+    chunk = tmp_path / "shards" / "shard-00000" / "arrays" / "logp" / "c" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(
+        StoreCorruptError, match=r"shard 0, file shards/shard-00000/arrays/logp/c/1"
+    ):
+        open_store(tmp_path).read_shard(0)
 
 
 @dataclass

@@ -1,0 +1,161 @@
+"""`alm verify STORE [--deep]`: check a teacher store end to end (issue 9; `DESIGN.md` "Stores never lie").
+
+    alm verify out/store            # every file and checksum, every value's invariants, the text re-tokenized
+    alm verify out/store --deep     # and re-score a sample of sequences with the teacher: the largest difference
+
+What the store layer checks is in `alm.store.verify`; this module adds what needs the teacher tokenizer (saved in
+the store's `vocab/tokenizer/`): every sequence that was not truncated re-renders from its stored text bytes and
+segments to exactly the stored teacher ids (`alm.templates.render`, the precompute's own rule). `--deep` loads
+the teacher model the manifest names and re-scores a fixed sample of sequences; it reports the largest absolute
+difference of `logp` and `boundary_logmass` (the stored float16 masses round by about 2^-11 relative).
+
+Imports `alm.store`, `alm.templates`, `alm.vocab`, and `alm.teacher` for the tokenizer and `--deep`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import numpy as np
+
+from alm.errors import AlmError, StoreCorruptError
+from alm.store.reader import ShardData, TeacherStore
+from alm.store.verify import VerifyReport, shard_progress, verify_store
+
+logger = logging.getLogger(__name__)
+
+DEEP_SAMPLE_SEQUENCES = 16
+
+
+class _Retokenizer:
+    """Re-renders stored sequences with the store's own teacher tokenizer and template family."""
+
+    def __init__(self, store: TeacherStore) -> None:
+        from alm.teacher.hf import load_tokenizer
+
+        self.tokenizer = load_tokenizer(store.tokenizer_path)
+        self.vocab = store.vocab
+        self.family = store.manifest.get("settings", {}).get("family") or "plain"
+        self.max_length = int(store.manifest.get("max_length") or 0) or None
+
+    def __call__(self, store: TeacherStore, shard: ShardData) -> list[str]:
+        from alm.templates import document_from_stored, render
+
+        problems = []
+        for seq in shard.sequences():
+            if seq.truncated:
+                continue  # cut where the tokens stopped: the last token may merge differently
+            where = f"shards/shard-{shard.shard_index:05d}: sequence seq_id={seq.seq_id}, field token_id"
+            try:
+                rendered = render(
+                    document_from_stored(seq),
+                    self.tokenizer,
+                    self.vocab,
+                    self.family,
+                    self.max_length,
+                )
+            except AlmError as err:
+                problems.append(f"{where}: its text does not re-tokenize ({err})")
+                continue
+            if not np.array_equal(rendered.token_id, seq.token_id):
+                n = min(len(rendered.token_id), seq.num_tokens)
+                mismatch = np.flatnonzero(rendered.token_id[:n] != seq.token_id[:n])
+                first = int(mismatch[0]) if len(mismatch) else n
+                problems.append(
+                    f"{where}: the stored text re-tokenizes to other ids from token {first} on "
+                    f"({len(rendered.token_id)} tokens, {seq.num_tokens} stored)"
+                )
+        return problems
+
+
+def deep_rescore(store: TeacherStore, num_sequences: int = DEEP_SAMPLE_SEQUENCES) -> dict[str, Any]:
+    """Re-score a fixed sample of stored sequences with the teacher the manifest names.
+
+    Returns:
+        `num_sequences`, `num_tokens`, `max_abs_logp_diff`, `max_abs_boundary_logmass_diff` (nats; positions
+        where both are -inf count as equal) and where the largest `logp` difference is.
+
+    Raises:
+        ConfigError: the teacher model cannot be loaded.
+    """
+    from alm.teacher.default import resolve_teacher_path
+    from alm.teacher.hf import HFTeacher
+
+    manifest = store.manifest
+    settings = manifest.get("settings", {})
+    teacher = HFTeacher(
+        resolve_teacher_path(manifest["teacher"]["model"]),
+        store.vocab.boundary_class,
+        revision=manifest["teacher"].get("revision"),
+        dtype=settings.get("teacher_dtype", "auto"),
+        device="auto",
+    )
+    sequences = []
+    rng = np.random.default_rng(0)
+    total = store.num_sequences
+    wanted = set(rng.choice(total, size=min(num_sequences, total), replace=False).tolist())
+    position = 0
+    for shard in store.iter_shards(["token_id", "logp", "boundary_logmass"]):
+        for seq in shard.sequences():
+            if position in wanted:
+                sequences.append(seq)
+            position += 1
+    scores = teacher.score([seq.token_id for seq in sequences])
+    worst_logp, worst_bm, where = 0.0, 0.0, ""
+    for seq, score in zip(sequences, scores, strict=True):
+        diff = np.abs(score.logp[1:].astype(np.float64) - seq.logp[1:].astype(np.float64))
+        if len(diff) and float(diff.max()) > worst_logp:
+            worst_logp = float(diff.max())
+            where = f"seq_id={seq.seq_id} token {int(diff.argmax()) + 1}"
+        stored = seq.boundary_logmass.astype(np.float64)
+        fresh = score.boundary_logmass.astype(np.float64)
+        both_zero = np.isneginf(stored) & np.isneginf(fresh)
+        bm_diff = np.where(both_zero, 0.0, np.abs(fresh - stored))
+        worst_bm = max(worst_bm, float(np.nan_to_num(bm_diff, nan=np.inf).max(initial=0.0)))
+    return {
+        "num_sequences": len(sequences),
+        "num_tokens": int(sum(seq.num_tokens for seq in sequences)),
+        "max_abs_logp_diff": worst_logp,
+        "max_abs_boundary_logmass_diff": worst_bm,
+        "where": where,
+    }
+
+
+def run_verify(path_or_url: str | os.PathLike[str], *, deep: bool = False) -> str:
+    """The `alm verify` command: check the store; with `deep`, also re-score a sample with the teacher.
+
+    Returns:
+        The report to print when the store is sound.
+
+    Raises:
+        StoreCorruptError: a file or value is wrong; the message names the first bad shard, sequence and field
+            and lists the others.
+        StoreError: there is no finished store at that path.
+    """
+    from alm.store.reader import open_store
+
+    retokenize = None
+    try:
+        retokenize = _Retokenizer(open_store(path_or_url))
+    except StoreCorruptError:
+        pass  # verify_store reports it
+    except AlmError as err:
+        logger.warning("not re-tokenizing the stored text: %s", err)
+    report: VerifyReport = verify_store(
+        path_or_url, values=True, on_shard=shard_progress("verify"), on_values=retokenize
+    )
+    if not report.ok:
+        raise StoreCorruptError(report.summary())
+    lines = [report.summary()]
+    if retokenize is not None:
+        lines.append("  every untruncated sequence re-tokenizes to its stored teacher ids")
+    if deep:
+        figures = deep_rescore(open_store(path_or_url))
+        lines.append(
+            f"  --deep: re-scored {figures['num_sequences']} sequences ({figures['num_tokens']} tokens) with the "
+            f"teacher: largest |logp difference| {figures['max_abs_logp_diff']:.3g} nats ({figures['where']}), "
+            f"largest |boundary_logmass difference| {figures['max_abs_boundary_logmass_diff']:.3g} nats"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,179 @@
+"""Fault injection over every file kind of a teacher store written by `alm precompute`: `alm verify`,
+`alm train --dry-run` and `alm train` each stop with exit 2 and one message naming the damaged file (issue 9).
+
+The default tier runs every fault through `alm verify` and `alm train --dry-run` (the CLI entry point, in this
+process) and one fault per file kind through `alm train`; the `slow` test runs the whole matrix as real `alm`
+processes. Both print the fault x command table.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from train_helpers import REPO, train_recipe
+
+SHARD = "shards/shard-00001"
+FILE_KINDS = (
+    "alm-store.json",
+    "alm-store.plan.json",
+    "vocab/teacher_vocab.parquet",
+    "vocab/tokenizer/tokenizer.json",
+    "vocab/tokenizer/tokenizer_config.json",
+    f"{SHARD}/shard.json",
+    f"{SHARD}/index.arrow",
+    f"{SHARD}/arrays/zarr.json",
+    f"{SHARD}/arrays/token_id/zarr.json",
+    f"{SHARD}/arrays/token_id/c/0",
+    f"{SHARD}/arrays/logp/zarr.json",
+    f"{SHARD}/arrays/logp/c/0",
+    f"{SHARD}/arrays/boundary_logmass/zarr.json",
+    f"{SHARD}/arrays/boundary_logmass/c/0/0",
+)
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+FAULTS: dict[str, Callable[[Path], None]] = {
+    "flip": _flip,
+    "truncate": _truncate,
+    "delete": lambda p: shutil.rmtree(p) if p.is_dir() else p.unlink(),
+}
+ALL_FAULTS = [(rel, fault) for rel in FILE_KINDS for fault in FAULTS] + [(SHARD, "delete")]
+# one fault per file kind for `alm train` in the default tier (each run loads a student)
+TRAIN_FAULTS = [(rel, list(FAULTS)[i % 3]) for i, rel in enumerate(FILE_KINDS)] + [
+    (SHARD, "delete")
+]
+
+
+def _damaged_copy(store: Path, root: Path, rel: str, fault: str) -> Path:
+    copy = root / f"store-{rel.replace('/', '_')}-{fault}"
+    shutil.copytree(store, copy)
+    FAULTS[fault](copy / rel)
+    return copy
+
+
+def _run_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    from alm.cli import main
+
+    old = sys.argv
+    sys.argv = ["alm", *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def _run_process(argv: list[str]) -> tuple[int, str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "ALM_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "alm.cli", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def _commands(store: Path, root: Path, student_dir: Path, name: str) -> dict[str, list[str]]:
+    recipe = train_recipe(
+        root / f"{name}.yaml",
+        store=store,
+        output=root / f"run-{name}",
+        student={"model": str(student_dir)},
+        optim__steps=3,
+    )
+    return {
+        "alm verify": ["verify", str(store)],
+        "alm train --dry-run": ["train", str(recipe), "--dry-run"],
+        "alm train": ["train", str(recipe)],
+    }
+
+
+def _matrix(
+    stores, student_dir, root: Path, runs: dict[str, list], run
+) -> tuple[list[str], list[str]]:
+    """Run each command on a damaged copy per fault; return the failures (one per uncaught fault) and the
+    fault x command table."""
+    failures, table = [], {}
+    for command, faults in runs.items():
+        for rel, fault in faults:
+            copy = _damaged_copy(stores["plain"], root, rel, fault)
+            argv = _commands(copy, root, student_dir, f"{rel.replace('/', '_')}-{fault}")[command]
+            code, text = run(argv)
+            named = rel in text
+            caught = code == 2 and named and "Traceback" not in text
+            table[(rel, fault, command)] = "caught" if caught else f"exit {code}"
+            if not caught:
+                failures.append(
+                    f"{command} on {fault} {rel}: exit {code}, names file: {named}\n{text[-1500:]}"
+                )
+            shutil.rmtree(copy)
+    commands = list(runs)
+    lines = ["", f"{'fault':58s}" + "".join(f"{c:>22s}" for c in commands)]
+    for rel, fault in ALL_FAULTS:
+        cells = [table.get((rel, fault, c), "-") for c in commands]
+        lines.append(f"{fault + ' ' + rel:58s}" + "".join(f"{c:>22s}" for c in cells))
+    for command in commands:
+        caught = sum(1 for (_, _, c), v in table.items() if c == command and v == "caught")
+        lines.append(f"{command}: {caught}/{len(runs[command])} faults caught")
+    return failures, lines
+
+
+def test_the_intact_store_passes_every_command(stores, student_dir, tmp_path, capsys):
+    commands = _commands(stores["plain"], tmp_path, student_dir, "intact")
+    for name in ("alm verify", "alm train --dry-run"):
+        code, text = _run_in_process(commands[name], capsys)
+        assert code == 0, text
+    assert "OK" in _run_in_process(commands["alm verify"], capsys)[1]
+
+
+def test_every_fault_is_caught_by_verify_dry_run_and_train(stores, student_dir, tmp_path, capsys):
+    runs = {
+        "alm verify": ALL_FAULTS,
+        "alm train --dry-run": ALL_FAULTS,
+        "alm train": TRAIN_FAULTS,
+    }
+
+    def run(argv: list[str]) -> tuple[int, str]:
+        return _run_in_process(argv, capsys)
+
+    failures, lines = _matrix(stores, student_dir, tmp_path, runs, run)
+    with capsys.disabled():
+        print("\n".join(lines))
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.slow
+def test_every_fault_is_caught_by_real_alm_processes(stores, student_dir, tmp_path):
+    runs = dict.fromkeys(("alm verify", "alm train --dry-run", "alm train"), ALL_FAULTS)
+    failures, lines = _matrix(stores, student_dir, tmp_path, runs, _run_process)
+    print("\n".join(lines))
+    assert not failures, "\n\n".join(failures)
