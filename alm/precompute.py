@@ -37,6 +37,7 @@ from alm.config.precompute import PrecomputeRecipe, load_precompute_recipe
 from alm.errors import ConfigError, DataError, TokenizerRefusedError
 from alm.store.finalize import try_finalize
 from alm.store.writer import (
+    ShardClaim,
     ShardWriter,
     StoreLayout,
     StorePlan,
@@ -398,6 +399,37 @@ class _Progress:
         self._redirect.__exit__(None, None, None)
 
 
+def _precompute_shard(
+    layout: StoreLayout,
+    j: int,
+    documents: list[Document],
+    recipe: PrecomputeRecipe,
+    teacher: TeacherBackend,
+    tokenizer: Any,
+    vocab: Any,
+    family: str,
+    on_batch: Any,
+) -> int:
+    """Render, score and write shard j (the caller holds its claim); return its number of teacher tokens."""
+    sequences, _ = _render_shard(
+        documents,
+        tokenizer,
+        vocab,
+        family,
+        recipe.max_length,
+        skip_untokenizable=recipe.skip_untokenizable,
+    )
+    scores: list[TeacherScores | None] = [None] * len(sequences)
+    for k, score in _score_shard(teacher, sequences, recipe.token_budget, on_batch):
+        scores[k] = _compact(score, recipe.hidden_dtype)
+    scored = [score for score in scores if score is not None]
+    assert len(scored) == len(sequences)  # _score_shard scores every sequence
+    _write_shard(
+        layout, j, j * recipe.shard_size, sequences, scored, recipe.top_k, recipe.hidden_states
+    )
+    return sum(seq.num_tokens for seq in sequences)
+
+
 def run_precompute(
     recipe_path: str | Path,
     overrides: list[str] | None = None,
@@ -507,25 +539,20 @@ def run_precompute(
         progress = _Progress(num_tokens_todo, f"precompute {worker.worker}/{worker.num_workers}")
         try:
             for j in todo:
-                sequences, _ = _render_shard(
-                    selected.shards.pop(j),
-                    tokenizer,
-                    vocab,
-                    family,
-                    recipe.max_length,
-                    skip_untokenizable=recipe.skip_untokenizable,
-                )
-                scores: list[TeacherScores | None] = [None] * len(sequences)
-                for k, score in _score_shard(
-                    teacher, sequences, recipe.token_budget, progress.update
-                ):
-                    scores[k] = _compact(score, recipe.hidden_dtype)
-                scored = [score for score in scores if score is not None]
-                assert len(scored) == len(sequences)  # _score_shard scores every sequence
-                _write_shard(
-                    layout, j, j * shard_size, sequences, scored, recipe.top_k, recipe.hidden_states
-                )
-                num_tokens_written += sum(seq.num_tokens for seq in sequences)
+                with ShardClaim(layout, j):  # before scoring: a second worker on j stops at once
+                    if layout.shard_done(j):  # another worker finished it meanwhile
+                        continue
+                    num_tokens_written += _precompute_shard(
+                        layout,
+                        j,
+                        selected.shards.pop(j),
+                        recipe,
+                        teacher,
+                        tokenizer,
+                        vocab,
+                        family,
+                        progress.update,
+                    )
         finally:
             progress.close()
         elapsed = time.perf_counter() - started

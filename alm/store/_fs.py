@@ -8,6 +8,8 @@ and a Zarr store for a sub-path. Imports fsspec and zarr only.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -62,16 +64,26 @@ class Location:
             ) from err
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
-        """Write a whole file; atomic on local disks (temp + rename), one PUT on object stores."""
+        """Write a whole file; atomic on local disks (temp + rename), one PUT on object stores.
+
+        Raises:
+            StoreError: the write failed (full disk, quota, permissions): the previous file is intact and the
+                temp file removed.
+        """
         p = self.path(*parts)
         if self.is_local:
-            os.makedirs(os.path.dirname(p), exist_ok=True)
             tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, p)
+            try:
+                os.makedirs(os.path.dirname(p), exist_ok=True)
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, p)
+            except OSError as err:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise write_error(err, f"{len(data):,} bytes to {p}", self.url) from None
         else:
             parent = p.rsplit("/", 1)[0]
             self.fs.makedirs(parent, exist_ok=True)
@@ -128,6 +140,21 @@ class Location:
         if self.is_local:
             return zarr.storage.LocalStore(p, read_only=read_only)
         return zarr.storage.FsspecStore.from_url(self.fs.unstrip_protocol(p), read_only=read_only)
+
+
+def write_error(err: OSError, what: str, url: str) -> StoreError:
+    """A failed write as a user message: what ran out (disk space, quota) or what failed, and what to do."""
+    reason = {
+        errno.ENOSPC: "no space left on the device",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+    }.get(err.errno or 0, err.strerror or str(err))
+    return StoreError(
+        f"writing {what} failed: {reason} ({type(err).__name__} {err.errno}). Nothing partial was kept (the "
+        f"previous state of {url} is intact, temp files were removed); free space or fix the location and rerun "
+        "the same command: finished shards are kept"
+    )
 
 
 def locate(path_or_url: str | os.PathLike[str]) -> Location:

@@ -39,6 +39,7 @@ import datetime as dt
 import json
 import logging
 import os
+import socket
 import tempfile
 import uuid
 import warnings
@@ -51,9 +52,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
 
-from alm.errors import StoreError
+from alm.errors import StoreBusyError, StoreError
 from alm.store import integrity, schema
-from alm.store._fs import Location, locate
+from alm.store._fs import Location, locate, write_error
 from alm.store.fingerprint import ArrayHasher, bytes_fingerprint, json_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -186,7 +187,12 @@ class StoreLayout:
         table = vocab if isinstance(vocab, pa.Table) else vocab.to_arrow()
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
-        self.location.write_bytes(sink.getvalue().to_pybytes(), schema.VOCAB_TABLE_FILE)
+        data = sink.getvalue().to_pybytes()
+        # written once: a resumed or later worker finds the same bytes there and leaves the file alone
+        loc = self.location
+        if loc.exists(schema.VOCAB_TABLE_FILE) and loc.read_bytes(schema.VOCAB_TABLE_FILE) == data:
+            return
+        loc.write_bytes(data, schema.VOCAB_TABLE_FILE)
 
     @contextlib.contextmanager
     def tokenizer_dir(self) -> Iterator[str]:
@@ -338,6 +344,127 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def _claim_path(shard_index: int) -> str:
+    return f"{schema.SHARDS_DIR}/.claim-{shard_dirname(shard_index)}.json"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class ShardClaim:
+    """The one-writer-per-shard claim: `shards/.claim-shard-XXXXX.json` with host, pid and start time, created
+    atomically (a complete temp file hard-linked to the claim name, which fails if the name exists).
+
+    A claim whose process is gone on this host is stale and taken over; a live claim, or one from another host
+    (whose process cannot be checked from here), is refused with `StoreBusyError` naming its holder. Object stores
+    have no atomic create, so there claims are not taken (one worker per shard is then the user's to ensure).
+    Re-entrant within one process: `ShardWriter` takes the claim itself unless the caller already holds it.
+    """
+
+    def __init__(self, layout: StoreLayout, shard_index: int) -> None:
+        self.layout = layout
+        self.shard_index = shard_index
+        self.rel = _claim_path(shard_index)
+        self.held = False
+
+    def __enter__(self) -> ShardClaim:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def _describe(self, holder: Mapping[str, Any]) -> str:
+        return f"host {holder.get('host')!r} pid {holder.get('pid')} (since {holder.get('started_at')})"
+
+    def acquire(self) -> None:
+        """Take the claim.
+
+        Raises:
+            StoreBusyError: another live worker (or a worker on another host) holds it.
+        """
+        loc = self.layout.location
+        if not loc.is_local:
+            return
+        path = loc.path(self.rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now()}
+        for _ in range(3):
+            holder = self._read(path)
+            if (
+                holder is not None
+                and holder.get("host") == me["host"]
+                and holder.get("pid") == me["pid"]
+            ):
+                return  # this process holds it already (re-entrant)
+            if holder is not None and not self._stale(holder):
+                raise StoreBusyError(
+                    f"shard {self.shard_index} of teacher store {self.layout.url} is being written by "
+                    f"{self._describe(holder)}: two workers were given the same shard (check each worker's "
+                    f"--shard i/N). If that worker is gone (e.g. on another machine), remove {path} and rerun"
+                )
+            if holder is not None:
+                logger.warning(
+                    "taking over the stale claim on shard %d of %s (%s is gone)",
+                    self.shard_index,
+                    self.layout.url,
+                    self._describe(holder),
+                )
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(path, f"{path}.stale-{uuid.uuid4().hex[:8]}")
+                    for name in os.listdir(os.path.dirname(path)):
+                        if name.startswith(os.path.basename(path) + ".stale-"):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.remove(os.path.join(os.path.dirname(path), name))
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    json.dump(me, fh)
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    continue  # someone else was faster: look at who
+                self.held = True
+                return
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+        raise StoreBusyError(
+            f"could not claim shard {self.shard_index} of {self.layout.url}: other workers keep taking it"
+        )
+
+    @staticmethod
+    def _read(path: str) -> dict[str, Any] | None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {"host": None, "pid": None, "started_at": "?", "unreadable": True}
+
+    @staticmethod
+    def _stale(holder: Mapping[str, Any]) -> bool:
+        if holder.get("unreadable"):
+            return True  # claims are written whole before they are linked: only a foreign file is unreadable
+        return holder.get("host") == socket.gethostname() and not _pid_alive(int(holder["pid"]))
+
+    def release(self) -> None:
+        """Drop the claim if this object took it."""
+        if not self.held:
+            return
+        self.held = False
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self.layout.location.path(self.rel))
+
+
 class ShardWriter:
     """Writes shard j of a store: one Zarr v3 group of per-token arrays, `index.arrow`, then `shard.json`.
 
@@ -391,6 +518,7 @@ class ShardWriter:
         self._open = False
         self._dir = ""
         self._arrays: dict[str, Any] = {}
+        self._claim = ShardClaim(layout, shard_index)
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def __enter__(self) -> ShardWriter:
@@ -399,13 +527,33 @@ class ShardWriter:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except OSError as err:  # a full disk while committing: nothing partial is left
+                self.abort()
+                raise self._write_error(err) from None
         else:
             self.abort()
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from None
+
+    def _write_error(self, err: OSError) -> StoreError:
+        return write_error(
+            err,
+            f"shard {self.shard_index} ({self._written_tokens + self._buffered_tokens:,} tokens, "
+            f"{err.filename or self.layout.location.path(self._dir)})",
+            self.layout.url,
+        )
 
     def open(self) -> None:
+        """Claim the shard (unless this process holds its claim already) and start its temp folder.
+
+        Raises:
+            StoreBusyError: another worker holds the shard's claim.
+        """
         loc = self.layout.location
         final = self.layout.shard_path(self.shard_index)
+        self._claim.acquire()
         if loc.is_local:
             self._dir = (
                 f"{schema.SHARDS_DIR}/.tmp-{shard_dirname(self.shard_index)}-{uuid.uuid4().hex[:8]}"
@@ -559,6 +707,7 @@ class ShardWriter:
             loc.remove(self._dir)
         except OSError:  # best effort: the folder is never trusted without shard.json anyway
             logger.warning("could not remove the aborted shard folder %s", loc.path(self._dir))
+        self._claim.release()
 
     def close(self) -> None:
         """Flush, write `index.arrow` and `shard.json`, and commit the shard (rename on local disks)."""
@@ -618,6 +767,7 @@ class ShardWriter:
                     self.shard_index,
                 )
                 loc.remove(self._dir)
+        self._claim.release()
         logger.info(
             "shard %d/%d committed: %d sequences, %d tokens",
             self.shard_index,
