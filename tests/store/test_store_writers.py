@@ -136,10 +136,9 @@ def test_a_full_disk_ends_in_a_message_and_leaves_the_previous_state_intact(tmp_
             writer.add(**random_sequence(rng, 0, plan, n=20))
         with pytest.raises(
             StoreError, match=r"no space left on the device.*rerun the same command"
-        ):
-            with ShardWriter(layout, 1, chunk_tokens=1024) as writer:
-                for i in range(400):  # ~2 MB of arrays: more than the disk holds
-                    writer.add(**random_sequence(rng, 1000 + i, plan, n=39))
+        ), ShardWriter(layout, 1, chunk_tokens=1024) as writer:
+            for i in range(400):  # ~2 MB of arrays: more than the disk holds
+                writer.add(**random_sequence(rng, 1000 + i, plan, n=39))
         # nothing partial: no temp shard, no temp file, no claim; shard 0 still reads back
         leftovers = [p.name for p in store.rglob("*") if ".tmp" in p.name or ".claim" in p.name]
         assert leftovers == []
