@@ -80,8 +80,10 @@ def parse_shard(shard: str) -> ShardSpec:
 
 
 def is_empty_document(document: Document) -> bool:
-    """A document with no content bytes (only template blocks, or empty text) is skipped."""
-    return not any(seg.text for seg in document.segments if seg.role == "text")
+    """A document with no content (only template blocks, or text that is all whitespace) is skipped."""
+    from alm.data.specs import is_empty
+
+    return is_empty(document)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,7 +141,10 @@ def load_documents(
     shards: dict[int, list[Document]] = {}
     num_documents = 0
     stats = DocumentStats()
-    for document in iter_documents(spec, split=recipe.data.split, stats=stats):
+    documents = iter_documents(
+        spec, split=recipe.data.split, stats=stats, skip_invalid=recipe.skip_untokenizable
+    )
+    for document in documents:
         if is_empty_document(document):
             stats.num_empty += 1
             continue

@@ -53,7 +53,21 @@ class DocumentStats:
     num_documents: int = 0
     num_empty: int = 0
     num_other_split: int = 0
+    num_invalid: int = 0
     per_source: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InvalidRecord:
+    """A record whose text has no exact bytes (a lone surrogate such as JSON `"\\ud800"`, or a line that is
+    not UTF-8): refused by `iter_documents`, or skipped and counted with `skip_invalid`."""
+
+    where: str
+    reason: str
+
+
+class _UnencodableError(Exception):
+    """Internal: a string field with no UTF-8 bytes; becomes an `InvalidRecord`."""
 
 
 def _base_dir(spec: DataSpec) -> Path | None:
@@ -215,10 +229,26 @@ def _as_text(value: Any, where: str, field_name: str) -> bytes:
             f"{where}: field {field_name!r} should be a string, got {type(value).__name__}; set the "
             "source's text_field (kind text) or chat fields (kind chat) to the right column"
         )
-    return value.encode("utf-8")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = value[exc.start]
+        raise _UnencodableError(
+            f"field {field_name!r} holds a lone surrogate U+{ord(char):04X} at character {exc.start} "
+            "(not Unicode text, e.g. a JSON escape such as \\ud800 without its pair): it has no exact bytes"
+        ) from None
 
 
 def _record_document(
+    src: Any, record: Any, doc_id: str, name: str, row: int, where: str
+) -> Document | InvalidRecord:
+    try:
+        return _record_document_strict(src, record, doc_id, name, row, where)
+    except _UnencodableError as err:
+        return InvalidRecord(where, str(err))
+
+
+def _record_document_strict(
     src: Any, record: Any, doc_id: str, name: str, row: int, where: str
 ) -> Document:
     if not isinstance(record, Mapping):
@@ -265,7 +295,7 @@ def _record_document(
     return chat_document(doc_id, name, row, pairs, loss=chat.loss)
 
 
-def _iter_jsonl(spec: DataSpec, src: JsonlSource, name: str) -> Iterator[Document]:
+def _iter_jsonl(spec: DataSpec, src: JsonlSource, name: str) -> Iterator[Document | InvalidRecord]:
     path = _resolve_or_raise(spec, src.path)
     offset = 0
     with path.open("rb") as f:
@@ -273,7 +303,11 @@ def _iter_jsonl(spec: DataSpec, src: JsonlSource, name: str) -> Iterator[Documen
             line_offset = offset
             offset += len(raw)
             where = f"{path}:{line_no}"
-            text = _utf8(raw, str(path), line_offset).strip()
+            try:
+                text = _utf8(raw, str(path), line_offset).strip()
+            except DataError as err:
+                yield InvalidRecord(where, str(err).removeprefix(f"{path}: "))
+                continue
             if not text:
                 continue
             try:
@@ -291,7 +325,9 @@ def _parquet_files(path: Path) -> list[Path]:
     return [path]
 
 
-def _iter_parquet(spec: DataSpec, src: ParquetSource, name: str) -> Iterator[Document]:
+def _iter_parquet(
+    spec: DataSpec, src: ParquetSource, name: str
+) -> Iterator[Document | InvalidRecord]:
     import pyarrow.parquet as pq
 
     row = 0
@@ -344,12 +380,14 @@ def _datasets_module() -> Any:
     return datasets
 
 
-def _iter_rows(dataset: Any, src: Any, name: str, where: str) -> Iterator[Document]:
+def _iter_rows(dataset: Any, src: Any, name: str, where: str) -> Iterator[Document | InvalidRecord]:
     for row, record in enumerate(dataset):
         yield _record_document(src, record, f"{name}:{row}", name, row, f"{where} row {row}")
 
 
-def _iter_hf_disk(spec: DataSpec, src: HfDiskSource, name: str) -> Iterator[Document]:
+def _iter_hf_disk(
+    spec: DataSpec, src: HfDiskSource, name: str
+) -> Iterator[Document | InvalidRecord]:
     datasets = _datasets_module()
     path = _resolve_or_raise(spec, src.path)
     try:
@@ -371,7 +409,7 @@ def _iter_hf_disk(spec: DataSpec, src: HfDiskSource, name: str) -> Iterator[Docu
     yield from _iter_rows(loaded, src, name, str(path))
 
 
-def _iter_hf_hub(spec: DataSpec, src: HfHubSource, name: str) -> Iterator[Document]:
+def _iter_hf_hub(spec: DataSpec, src: HfHubSource, name: str) -> Iterator[Document | InvalidRecord]:
     datasets = _datasets_module()
     try:
         loaded = datasets.load_dataset(
@@ -399,12 +437,19 @@ def _iter_stdlib(spec: DataSpec, src: StdlibSource, name: str, split: str) -> It
 
 
 def is_empty(document: Document) -> bool:
-    """No text segment has any non-whitespace byte."""
-    return not any(s.text.strip() for s in document.segments if s.role == "text")
+    """No text segment has a non-whitespace character (Unicode whitespace: U+3000, U+00A0 and the like count)."""
+    return not any(
+        s.text.decode("utf-8", errors="replace").strip()
+        for s in document.segments
+        if s.role == "text"
+    )
 
 
 def iter_documents(
-    spec: DataSpec, split: str | None = None, stats: DocumentStats | None = None
+    spec: DataSpec,
+    split: str | None = None,
+    stats: DocumentStats | None = None,
+    skip_invalid: bool = False,
 ) -> Iterator[Document]:
     """Yield the spec's documents of `split`, deterministically (sources in order, rows in order).
 
@@ -414,10 +459,13 @@ def iter_documents(
         spec: from `load_data_spec`.
         split: `train`, `heldout` or `all` (None: the spec's `split`).
         stats: optional counters, filled while iterating.
+        skip_invalid: skip (log and count) a record with no exact bytes (a lone surrogate, a JSONL line that is
+            not UTF-8) instead of refusing it.
 
     Raises:
         ConfigError: an unknown split.
-        DataError: a missing or unreadable file, invalid UTF-8 or JSON, a record without the configured fields.
+        DataError: a missing or unreadable file, invalid UTF-8 or JSON, a record without the configured fields,
+            a lone surrogate (unless `skip_invalid`).
     """
     split = split or spec.split
     if split not in ("train", "heldout", "all"):
@@ -443,6 +491,15 @@ def iter_documents(
             if src.max_documents is not None and count >= src.max_documents:
                 break
             count += 1
+            if isinstance(document, InvalidRecord):
+                if not skip_invalid:
+                    raise DataError(
+                        f"{document.where}: {document.reason}. Fix or drop that record, or skip such records "
+                        "with --set skip_untokenizable=true (each one is logged and counted)"
+                    )
+                logger.warning("skipping %s: %s", document.where, document.reason)
+                stats.num_invalid += 1
+                continue
             if not isinstance(src, StdlibSource) and not _in_split(
                 document.doc_id, split, spec.heldout_fraction
             ):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ from alm.store import integrity, schema
 from alm.store._fs import Location, locate
 from alm.store.fingerprint import array_checksum
 from alm.store.reader import ShardCheck, read_shard_arrays, read_shard_index
+from alm.store.replace import remove_replaced
 from alm.store.writer import StoreLayout, StorePlan, read_plan, shard_dirname, utc_now
 
 logger = logging.getLogger(__name__)
@@ -108,6 +111,56 @@ def _check_shard(
                     f"{where}/{name}: checksum differs from {schema.SHARD_FILE} (corrupt or modified)"
                 )
     return problems
+
+
+_TEMP_SUFFIX = re.compile(r"\.(tmp|stale)-[0-9a-f]{8}$")
+
+
+def written_store_files(root: Path) -> set[str]:
+    """The files of a (replaced) store folder that alm wrote, by relative path: its JSON documents, every file
+    its manifest and its shards' `shard.json` list, the vocabulary, alm's temp files, claims and caches. Anything
+    else (a user's notes in `shards/`) is not alm's."""
+
+    def listed(folder: Path) -> set[str]:
+        return {p.relative_to(root).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+    out = {schema.PLAN_FILE, schema.MANIFEST_FILE, schema.VOCAB_TABLE_FILE}
+    try:
+        manifest = json.loads((root / schema.MANIFEST_FILE).read_text(encoding="utf-8"))
+        out.update(manifest.get("files", {}))
+    except (OSError, ValueError, AttributeError):
+        pass
+    tokenizer = root / schema.TOKENIZER_DIR
+    if tokenizer.is_dir():
+        out |= listed(tokenizer)  # written by the teacher tokenizer's save_pretrained
+    if (root / "alignments").is_dir():
+        out |= listed(root / "alignments")
+    shards = root / schema.SHARDS_DIR
+    for entry in sorted(shards.iterdir()) if shards.is_dir() else []:
+        if entry.is_dir() and entry.name.startswith(".tmp-shard-"):
+            out |= listed(entry)
+        elif entry.is_dir() and re.fullmatch(r"shard-\d{5}", entry.name):
+            where = f"{schema.SHARDS_DIR}/{entry.name}"
+            try:
+                doc = json.loads((entry / schema.SHARD_FILE).read_text(encoding="utf-8"))
+                files = doc.get("files")
+            except (OSError, ValueError, AttributeError):
+                files = None
+            if files is None:  # no inventory: the fixed names of a shard
+                files = [schema.INDEX_FILE] + [
+                    p.relative_to(entry).as_posix()
+                    for p in (entry / schema.ARRAYS_DIR).rglob("*")
+                    if p.is_file()
+                ]
+            out |= {f"{where}/{rel}" for rel in [schema.SHARD_FILE, *files]}
+        elif re.fullmatch(r"\.claim-shard-\d{5}\.json", entry.name):
+            out.add(f"{schema.SHARDS_DIR}/{entry.name}")
+    # temp and stale copies of alm's files (a write killed before its rename)
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and _TEMP_SUFFIX.search(rel) and _TEMP_SUFFIX.sub("", rel) in out | {rel}:
+            out.add(rel)
+    return out
 
 
 def build_manifest(
@@ -259,6 +312,8 @@ def finalize_store(
         )
     manifest = integrity.with_checksum(build_manifest(location, plan, list(docs.values())))
     location.write_bytes(json.dumps(manifest, indent=2).encode(), schema.MANIFEST_FILE)
+    if location.is_local:  # the replacement is complete: now the store it replaced may go
+        remove_replaced(location.root, written_store_files)
     logger.info(
         "finalized %s: %d shards, %d sequences, %d tokens",
         location.url,

@@ -56,10 +56,11 @@ from alm.errors import StoreBusyError, StoreError
 from alm.store import integrity, schema
 from alm.store._fs import Location, locate, write_error
 from alm.store.fingerprint import ArrayHasher, bytes_fingerprint, json_fingerprint
+from alm.store.replace import move_aside
 
 logger = logging.getLogger(__name__)
 
-# Folders and files an alm store may contain; `--overwrite` removes these and nothing else.
+# Folders and files an alm store may contain; `--overwrite` moves these aside and later deletes only alm's files.
 _STORE_ENTRIES = (
     schema.PLAN_FILE,
     schema.MANIFEST_FILE,
@@ -312,10 +313,15 @@ def prepare_store(
                 f"({'; '.join(diffs)}); pass --overwrite to replace it, or choose another folder"
             )
         logger.warning(
-            "--overwrite: removing the alm store in %s (%s)", location.url, "; ".join(diffs)
+            "--overwrite: replacing the alm store in %s (%s)", location.url, "; ".join(diffs)
         )
-        for entry in _STORE_ENTRIES:
-            location.remove(entry)
+        if location.is_local:
+            # moved aside, not deleted: its files go only once the new store is finished (finalize_store),
+            # and then only the files alm wrote (alm.store.replace)
+            move_aside(location.root, _STORE_ENTRIES)
+        else:  # object stores cannot rename: alm's entries are removed (a user's other keys are kept)
+            for entry in _STORE_ENTRIES:
+                location.remove(entry)
     location.write_bytes(
         json.dumps(integrity.with_checksum(plan_document(plan)), indent=2).encode(),
         schema.PLAN_FILE,

@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +30,7 @@ from alm.data.loader import MicroBatches, make_loader
 from alm.data.student import StudentExampleBuilder
 from alm.errors import ConfigError, StoreError, StoreMismatchError
 from alm.store.reader import open_store
+from alm.store.replace import move_aside, remove_replaced, written_run_files
 from alm.store.verify import check_store_files
 from alm.templates import family_for_tokenizer
 from alm.train import parallel
@@ -183,12 +183,8 @@ def prepare_output_dir(cfg: TrainRecipe, resume: bool, overwrite: bool) -> Path:
                 f"output_dir {out} already holds a training run (recipe hash {previous.get('config_hash')}); "
                 "pass --resume to continue it, --overwrite to replace it, or choose another output_dir"
             )
-        for name in _OUR_ENTRIES:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        # moved aside, not deleted: alm's files of the old run go once the new student is saved
+        move_aside(out, _OUR_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(
         yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
@@ -455,6 +451,7 @@ def run_train(
             },
         )
         logger.info("student saved to %s; metrics in %s", student_dir, out / METRICS_FILE)
+        remove_replaced(out, written_run_files)  # a run replaced with --overwrite: only alm's files
     parallel.barrier()
     return student_dir
 

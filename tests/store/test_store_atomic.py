@@ -65,8 +65,8 @@ def test_sigkill_mid_shard_leaves_no_shard_and_rerun_completes(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     leftovers = os.listdir(store / "shards")
-    # killed mid-shard: only a temp folder is left
-    assert leftovers and all(name.startswith(".tmp-") for name in leftovers)
+    # killed mid-shard: only a temp folder and the dead writer's (stale) claim are left
+    assert sorted(name.split("-")[0] for name in leftovers) == [".claim", ".tmp"]
     assert not (store / "shards" / "shard-00000").exists()
     with pytest.raises(StoreError, match="missing shard"):
         finalize_store(store)

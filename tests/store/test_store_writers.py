@@ -134,9 +134,10 @@ def test_a_full_disk_ends_in_a_message_and_leaves_the_previous_state_intact(tmp_
         layout = prepare_store(store, plan)
         with ShardWriter(layout, 0) as writer:  # a small shard fits
             writer.add(**random_sequence(rng, 0, plan, n=20))
-        with pytest.raises(
-            StoreError, match=r"no space left on the device.*rerun the same command"
-        ), ShardWriter(layout, 1, chunk_tokens=1024) as writer:
+        with (
+            pytest.raises(StoreError, match=r"no space left on the device.*rerun the same command"),
+            ShardWriter(layout, 1, chunk_tokens=1024) as writer,
+        ):
             for i in range(400):  # ~2 MB of arrays: more than the disk holds
                 writer.add(**random_sequence(rng, 1000 + i, plan, n=39))
         # nothing partial: no temp shard, no temp file, no claim; shard 0 still reads back
@@ -168,3 +169,44 @@ def test_a_writer_killed_mid_shard_leaves_a_stale_claim_the_next_writer_takes(tm
         writer.add(**random_sequence(np.random.default_rng(0), 0, layout.plan))
     assert open_store(tmp_path / "reference").num_sequences == 3
     assert layout.shard_done(0)
+
+
+def test_overwrite_moves_the_old_store_aside_and_deletes_only_alm_files_once_the_new_one_is_done(
+    tmp_path,
+):
+    from alm.store.finalize import finalize_store
+
+    old_plan, new_plan = (
+        make_plan(num_shards=2),
+        make_plan(num_shards=1, data_spec_fingerprint="new"),
+    )
+    random_store(tmp_path, old_plan, num_per_shard=2)
+    user_files = {
+        "shards/user_notes.txt": b"my notes",
+        "shards/shard-00000/README.txt": b"shard notes",
+        "vocab/NOTES.md": b"vocab notes",
+        "mine.txt": b"top-level file of mine",
+    }
+    for rel, data in user_files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    old_chunk = (tmp_path / "shards/shard-00001/arrays/logp/c/0").read_bytes()
+    layout = prepare_store(tmp_path, new_plan, overwrite=True)
+    # nothing is deleted before the replacement is complete: the old store sits in one aside folder
+    (aside,) = tmp_path.glob(".alm-replaced-*")
+    assert (aside / "shards/shard-00001/arrays/logp/c/0").read_bytes() == old_chunk
+    assert layout.done_shards() == []
+    with ShardWriter(layout, 0) as writer:
+        writer.add(**random_sequence(np.random.default_rng(5), 0, new_plan))
+    finalize_store(tmp_path)
+    assert not list(tmp_path.glob(".alm-replaced-*"))  # alm's old files are gone
+    for rel, data in user_files.items():  # the user's files are back where they were
+        assert (tmp_path / rel).read_bytes() == data, rel
+    assert not (tmp_path / "shards/shard-00001").exists()
+    assert sorted(p.name for p in (tmp_path / "shards/shard-00000").iterdir()) == [
+        "README.txt",
+        "arrays",
+        "index.arrow",
+        "shard.json",
+    ]
+    assert open_store(tmp_path).num_sequences == 1

@@ -1,0 +1,115 @@
+"""`--overwrite` that never loses data: move the old store (or run) aside, delete only what alm wrote, and only
+after the replacement is complete (`DESIGN.md` "Stores never lie", issue 9 item 4).
+
+`move_aside(root, entries)` renames alm's entries of a folder (a store's plan, manifest, `shards/`, `vocab/`,
+`alignments/`; a run's `student/`, `checkpoints/`, ...) into `root/.alm-replaced-<time>-<random>/` (a rename on the
+same disk: instant, nothing deleted). When the new store is finished (`finalize_store`) or the new run has saved
+its student, `remove_replaced(root, owned)` deletes from each aside folder exactly the files `owned` says alm
+wrote, moves every other file (a user's notes, a model card) back to its old place (or leaves it in the aside
+folder when that place is taken, with a warning), and removes the aside folder once it is empty.
+
+Local folders only (object stores have no rename; `--overwrite` there refuses). Imports the standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+REPLACED_PREFIX = ".alm-replaced-"
+
+
+def move_aside(root: str | os.PathLike[str], entries: Iterable[str]) -> Path | None:
+    """Rename the existing `entries` of `root` into a new aside folder; None when none exists."""
+    root = Path(root)
+    present = [name for name in entries if os.path.lexists(root / name)]
+    if not present:
+        return None
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    aside = root / f"{REPLACED_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}"
+    aside.mkdir()
+    for name in present:
+        os.rename(root / name, aside / name)
+    logger.info("--overwrite: moved the previous %s aside to %s", ", ".join(present), aside)
+    return aside
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()
+    )
+
+
+def remove_replaced(root: str | os.PathLike[str], owned: Callable[[Path], set[str]]) -> list[str]:
+    """Delete alm's files from every aside folder of `root`; move the others back. Returns the kept files.
+
+    Args:
+        root: the store or run folder.
+        owned: given an aside folder, the "/"-separated relative paths of the files alm wrote there.
+    """
+    root = Path(root)
+    kept: list[str] = []
+    for aside in sorted(root.glob(f"{REPLACED_PREFIX}*")):
+        if not aside.is_dir():
+            continue
+        mine = owned(aside)
+        for rel in _files(aside):
+            path = aside / rel
+            if rel in mine:
+                path.unlink()
+                continue
+            target = root / rel
+            if os.path.lexists(target):
+                kept.append(str(path))
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, target)
+            logger.info("--overwrite: kept %s (not written by alm)", target)
+        for dirpath, _, _ in sorted(os.walk(aside), key=lambda e: -len(e[0])):
+            with contextlib.suppress(
+                OSError
+            ):  # not empty: a user's file stayed, its old place is taken
+                os.rmdir(dirpath)
+    if kept:
+        logger.warning(
+            "--overwrite: %d file(s) not written by alm could not go back (their place is taken): %s",
+            len(kept),
+            ", ".join(kept[:5]),
+        )
+    return kept
+
+
+# What `alm train` writes in a run folder (alm.train.loop, checkpoint, log; student/ is `save_pretrained` of the
+# model and tokenizer). A file of another name under these folders is a user's and is kept.
+_RUN_FILES = ("alm-run.json", "config.yaml", "metrics.jsonl", "train.log", "metrics.png")
+_STUDENT_FILE = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|"
+    r"adapter_config|chat_template|preprocessor_config)\.json|merges\.txt|vocab\.txt|tokenizer\.model|"
+    r"spiece\.model|chat_template\.jinja|(model|adapter_model)(-\d{5}-of-\d{5})?\.safetensors|"
+    r"model\.safetensors\.index\.json|pytorch_model\.bin|README\.md"
+)
+_CHECKPOINT_FILE = re.compile(r"checkpoints/(\.tmp-)?step-\d{8}/state\.pt")
+
+
+def written_run_files(root: Path) -> set[str]:
+    """The files of a (replaced) training run folder that alm wrote, by relative path."""
+    out = set()
+    for rel in _files(root):
+        if (
+            rel in _RUN_FILES
+            or rel.startswith("tensorboard/")
+            or _CHECKPOINT_FILE.fullmatch(rel)
+            or (
+                rel.startswith("student/") and _STUDENT_FILE.fullmatch(rel.removeprefix("student/"))
+            )
+        ):
+            out.add(rel)
+    return out
