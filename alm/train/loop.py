@@ -32,7 +32,6 @@ from alm.errors import ConfigError, StoreError, StoreMismatchError
 from alm.store.reader import open_store
 from alm.store.replace import move_aside, remove_replaced, written_run_files
 from alm.store.verify import check_store_files
-from alm.templates import family_for_tokenizer
 from alm.train import parallel
 from alm.train.checkpoint import (
     list_checkpoints,
@@ -282,11 +281,7 @@ def run_train(
     if resume and parallel.is_main():
         truncate_metrics(out, start_step)
 
-    family = (
-        cfg.student.family
-        if cfg.student.family != "auto"
-        else family_for_tokenizer(student.tokenizer)
-    )
+    family = student.family
     boundary_ids = cfg.loss.boundary_class_ids()
     builder_args = {
         "teacher_vocab": stores.teacher_vocab,
