@@ -8,7 +8,8 @@ its student, `remove_replaced(root, owned)` deletes from each aside folder exact
 wrote, moves every other file (a user's notes, a model card) back to its old place (or leaves it in the aside
 folder when that place is taken, with a warning), and removes the aside folder once it is empty.
 
-Local folders only (object stores have no rename; `--overwrite` there refuses). Imports the standard library only.
+Also `output_write_error`: a full disk while a run writes its outputs, as one message. Local folders only.
+Imports the standard library and `alm.errors` only.
 """
 
 from __future__ import annotations
@@ -16,11 +17,15 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import errno
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from alm.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -113,3 +118,39 @@ def written_run_files(root: Path) -> set[str]:
         ):
             out.add(rel)
     return out
+
+
+_DISK_FULL_TEXT = (
+    "no space left on device",
+    "os error 28",
+    "code: 28",
+    "storagefull",
+    "disk quota",
+)
+
+
+def output_write_error(err: BaseException, folder: str | os.PathLike[str]) -> StoreError | None:
+    """A failed write of a run's outputs (checkpoint, student) as a user message, or None for other errors.
+
+    A full disk shows up as `OSError` (errno 28), safetensors' `SafetensorError` ("No space left on device") or
+    torch's `RuntimeError` (a stream error, recognised by the disk having under 1 MiB free); alm's half-written checkpoint temp folders are removed so the
+    space comes back.
+    """
+    text = str(err).lower()
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or any(
+        t in text for t in _DISK_FULL_TEXT
+    )
+    folder = Path(folder)
+    if not full and isinstance(err, RuntimeError | OSError) and folder.exists():
+        # torch.save reports a full disk as a bare stream error ("unexpected pos", "file write failed")
+        full = shutil.disk_usage(folder).free < (1 << 20)
+    if not full:
+        return None
+    for tmp in folder.glob("checkpoints/.tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    return StoreError(
+        f"writing the run's outputs in {folder} failed: no space left on the device ({free:,} bytes free now; "
+        f"{type(err).__name__}). The checkpoints written before are intact and the half-written one was removed; "
+        "free space (or set output_dir elsewhere) and rerun with --resume"
+    )

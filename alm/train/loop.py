@@ -30,7 +30,12 @@ from alm.data.loader import MicroBatches, make_loader
 from alm.data.student import StudentExampleBuilder
 from alm.errors import ConfigError, StoreError, StoreMismatchError
 from alm.store.reader import open_store
-from alm.store.replace import move_aside, remove_replaced, written_run_files
+from alm.store.replace import (
+    move_aside,
+    output_write_error,
+    remove_replaced,
+    written_run_files,
+)
 from alm.store.verify import check_store_files
 from alm.train import parallel
 from alm.train.checkpoint import (
@@ -469,7 +474,13 @@ def run_train_cli(
             f"teacher tokenizer {info.teacher_fingerprint}; every file of "
             f"{sum(r.num_shards_checked for r in checked)} shard(s) matches its checksum"
         )
-    student_dir = run_train(cfg, resume=resume, overwrite=overwrite)
+    try:
+        student_dir = run_train(cfg, resume=resume, overwrite=overwrite)
+    except Exception as err:  # a full disk while saving a checkpoint or the student: one message
+        message = output_write_error(err, cfg.output_dir)
+        if message is None:
+            raise
+        raise message from None
     main_process = parallel.is_main()
     parallel.shutdown()
     if not main_process:

@@ -45,3 +45,36 @@ def test_overwrite_keeps_the_users_files_and_replaces_alms(stores, student_dir, 
         "step-00000001",
     ]
     assert (out / "student" / "model.safetensors").read_bytes() != old_weights
+
+
+def test_a_full_disk_while_training_ends_in_a_message(stores, student_dir, tmp_path):
+    import subprocess
+    import uuid
+
+    import pytest
+
+    from alm.errors import StoreError
+
+    disk = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(disk)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()})")
+    try:
+        recipe = train_recipe(
+            tmp_path / "full.yaml",
+            store=stores["plain"],
+            output=disk / "run",
+            student={"model": str(student_dir)},
+            optim__steps=2,
+            checkpoint_every=1,
+        )
+        with pytest.raises(StoreError, match=r"no space left on the device.*rerun with --resume"):
+            run_train_cli(recipe, [], dry_run=False, resume=False, overwrite=False)
+        assert not list((disk / "run").glob("checkpoints/.tmp-*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
