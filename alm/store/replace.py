@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import logging
 import errno
+import logging
 import os
 import re
 import shutil
