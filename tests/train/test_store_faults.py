@@ -177,3 +177,25 @@ def test_every_fault_is_caught_by_real_alm_processes(stores, student_dir, tmp_pa
     failures, lines = _matrix(stores, student_dir, tmp_path, runs, _run_process)
     print("\n".join(lines))
     assert not failures, "\n\n".join(failures)
+
+
+def test_a_damaged_shard_read_in_a_dataloader_worker_is_one_message(
+    stores, student_dir, tmp_path, capsys
+):
+    rel = f"{SHARD}/arrays/logp/c/0"
+    copy = _damaged_copy(stores["plain"], tmp_path, rel, "delete")
+    recipe = train_recipe(
+        tmp_path / "workers.yaml",
+        store=copy,
+        output=tmp_path / "run-workers",
+        student={"model": str(student_dir)},
+        optim__steps=3,
+        num_workers=1,
+    )
+    code, text = _run_in_process(["train", str(recipe)], capsys)
+    assert code == 2, text
+    error = text[text.index("error: ") :]
+    assert error.startswith(
+        f"error: teacher store {copy} is damaged: shard 1, file {rel} is missing"
+    )
+    assert "Traceback" not in error and "DataLoader worker" not in error
