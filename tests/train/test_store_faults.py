@@ -199,3 +199,15 @@ def test_a_damaged_shard_read_in_a_dataloader_worker_is_one_message(
         f"error: teacher store {copy} is damaged: shard 1, file {rel} is missing"
     )
     assert "Traceback" not in error and "DataLoader worker" not in error
+
+
+def test_verify_deep_rescores_a_sample_within_float16_rounding(stores, capsys):
+    from alm.store.reader import open_store
+    from alm.verify import deep_rescore
+
+    figures = deep_rescore(open_store(stores["plain"]))
+    assert figures["num_sequences"] == 8 and figures["num_tokens"] > 0
+    assert figures["max_abs_logp_diff"] <= 1e-4  # fp32 both times, same CPU kernels
+    assert figures["max_abs_boundary_logmass_diff"] <= 2e-2  # stored float16 (2^-11 relative)
+    code, text = _run_in_process(["verify", str(stores["plain"]), "--deep"], capsys)
+    assert code == 0 and "--deep: re-scored 8 sequences" in text, text
