@@ -347,7 +347,7 @@ def test_invalid_utf8_and_json_in_jsonl_name_the_place(tmp_path):
             "sources": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}],
         }
     )
-    with pytest.raises(DataError, match=r"a\.jsonl: invalid UTF-8 at byte offset 25"):
+    with pytest.raises(DataError, match=r"a\.jsonl:2: invalid UTF-8 at byte offset 25"):
         list(iter_documents(spec))
     (tmp_path / "a.jsonl").write_text('{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"a\.jsonl:2: not valid JSON"):
