@@ -146,8 +146,10 @@ def test_logit_transform_is_read_from_text_configs_and_ignores_other_models() ->
     from transformers import Gemma3Config, Gemma3TextConfig, LlamaConfig
 
     assert logit_transform_of(LlamaConfig()) == LogitTransform()
-    assert logit_transform_of(Gemma3TextConfig()) == LogitTransform()  # Gemma 3 dropped the cap by default
-    nested = Gemma3Config(text_config={"final_logit_softcapping": 30.0}.copy())
+    assert (
+        logit_transform_of(Gemma3TextConfig()) == LogitTransform()
+    )  # Gemma 3 dropped the cap by default
+    nested = Gemma3Config(text_config={"final_logit_softcapping": 30.0})
     assert logit_transform_of(nested) == LogitTransform(softcap=30.0)
 
 
