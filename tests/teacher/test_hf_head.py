@@ -200,3 +200,29 @@ def test_bf16_gemma2_is_scored_from_an_fp32_head_and_cap_closer_to_the_fp32_mode
     # the bf16 trunk's own error stays; what the bf16 head and cap added is gone
     assert fp32_head.mean() < bf16_logits.mean() and np.median(fp32_head) < np.median(bf16_logits)
     assert rounding.mean() > 0.01  # the bf16 head + cap did round by that much: the test can fail
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_gemma2_takes_the_fp32_head_path_closer_to_fp32_than_its_bf16_logits(
+    tmp_path, boundary_class, sequences
+) -> None:
+    """On CUDA (bf16 weights) the probe must pass bit for bit and the fp32 head + cap must beat bf16 logits."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from transformers import AutoModelForCausalLM
+
+    fp32_model = tiny_model("gemma2", len(bpe_tokenizer()))
+    fp32_model.save_pretrained(tmp_path)
+    gpu = HFTeacher(str(tmp_path), boundary_class, device="cuda")
+    assert gpu.dtype == torch.bfloat16 and gpu.use_head_path
+    bf16_model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).cuda().eval()
+    masks = boundary_class_masks(boundary_class, gpu.vocab_size)
+    fp32_head, bf16_logits = [], []
+    for ids, got in zip(sequences, gpu.score(sequences), strict=True):
+        logp_fp32 = reference_scores(model_logits(fp32_model, ids).numpy(), ids, masks)[0]
+        with torch.no_grad():
+            logits = bf16_model(torch.as_tensor(ids[None, :], device="cuda")).logits[0]
+        logp_bf16 = reference_scores(logits.float().cpu().numpy(), ids, masks)[0]
+        fp32_head.append(np.abs(got.logp[1:] - logp_fp32[1:]))
+        bf16_logits.append(np.abs(logp_bf16[1:] - logp_fp32[1:]))
+    assert np.concatenate(fp32_head).mean() < np.concatenate(bf16_logits).mean()
