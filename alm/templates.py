@@ -161,7 +161,7 @@ def chat_document(
     messages: Sequence[tuple[str, bytes]],
     loss: LossRegion = "assistant",
 ) -> Document:
-    """`[bos, header:<role>, text, eot, ..., eos]` from `(role, content)` messages.
+    """`[bos, header:<role>, text, eot, ...]` from `(role, content)` messages; no eos after the final eot.
 
     Args:
         doc_id, source, row: provenance.
@@ -186,7 +186,9 @@ def chat_document(
             case "last_assistant":
                 in_loss = bool(assistant_turns) and i == assistant_turns[-1]
         segments += [Segment(f"header:{role}"), Segment("text", content, in_loss), Segment("eot")]
-    segments.append(Segment("eos"))
+    # No eos after the final end-of-turn: tokenkit's `direct_encode` appends eos only to text that does not already
+    # end with eot (ALM_SPEC §3). The teacher gives an eos there a log-prob near -20, and training on it would pull
+    # ALM and SFT in opposite directions.
     return Document(doc_id, source, row, tuple(segments))
 
 

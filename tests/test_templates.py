@@ -123,7 +123,7 @@ def test_chatml_render_equals_template_string_tokenized_whole():
         "<|im_start|>user\nHi there, what is 2+2?<|im_end|>\n"
         "<|im_start|>assistant\nIt is 4.<|im_end|>\n"
         "<|im_start|>user\nAnd 3+3?<|im_end|>\n"
-        "<|im_start|>assistant\n6.<|im_end|>\n<|endoftext|>"
+        "<|im_start|>assistant\n6.<|im_end|>\n"
     )
     assert seq.token_id.tolist() == ids_of(tok, expected)
     assert seq.text == b"".join(m for _, m in MESSAGES)
@@ -144,7 +144,7 @@ def test_no_system_prompt_is_injected():
     seq = render(doc, tok, vocab)
     assert "header:system" not in set(seq.role)
     assert seq.token_id.tolist() == ids_of(
-        tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|endoftext|>"
+        tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
     )
 
 
@@ -156,7 +156,7 @@ def test_llama3_render_equals_template_string():
         "<|begin_of_text|>"
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi there, what is 2+2?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 4.<|eot_id|><|end_of_text|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 4.<|eot_id|>"
     )
     assert seq.token_id.tolist() == ids_of(tok, expected)
     check_offsets(seq, vocab)
@@ -175,9 +175,26 @@ def test_gemma_maps_system_to_user_and_assistant_to_model():
     assert blocks["header:user"] == ids_of(tok, "<start_of_turn>user\n")
     assert blocks["header:assistant"] == ids_of(tok, "<start_of_turn>model\n")
     assert blocks["eot"] == ids_of(tok, "<end_of_turn>\n") * 3
-    assert blocks["bos"] == [tok.bos_token_id] and blocks["eos"] == [tok.eos_token_id]
+    assert blocks["bos"] == [tok.bos_token_id] and "eos" not in blocks
     assert n_sys > 1
     check_offsets(seq, vocab)
+
+
+CHAT_CASES = ("smollm2_chatml", "bytes_llama3", "sp_gemma")
+END_OF_TURN = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>\n"}
+
+
+@pytest.mark.parametrize("case", CHAT_CASES)
+@pytest.mark.parametrize("num_messages", [2, 3, 4, 5])
+def test_chat_documents_end_on_the_final_end_of_turn_with_no_eos(case, num_messages):
+    """tokenkit's `direct_encode` appends eos only when the text does not already end with eot (ALM_SPEC §3)."""
+    tok, vocab = setup(case)
+    seq = render(chat_document("d", "s", 0, MESSAGES[:num_messages]), tok, vocab)
+    end_of_turn = ids_of(tok, END_OF_TURN[family_for_tokenizer(tok)])
+    assert seq.token_id[-len(end_of_turn) :].tolist() == end_of_turn
+    assert seq.segments[-1]["role"] == "eot" and seq.segments[-1]["end_pos"] == len(seq)
+    assert "eos" not in {s["role"] for s in seq.segments}
+    assert "eos" not in set(seq.role)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -230,7 +247,7 @@ def test_literal_special_strings_in_user_text_stay_text():
     seq = render(chat_document("d", "s", 0, [("user", user), ("assistant", b"ok")]), tok, vocab)
     text_ids = seq.token_id[[r is None for r in seq.role]]
     assert not vocab.is_special[text_ids].any()
-    assert vocab.is_special[seq.token_id].sum() == 5  # 2 headers + 2 eot + eos
+    assert vocab.is_special[seq.token_id].sum() == 4  # 2 headers + 2 eot
     assert seq.text == user + b"ok"
     check_offsets(seq, vocab)
 

@@ -177,7 +177,7 @@ def test_chat_templates_align_blocks_by_role_across_families():
     teacher, student_seq, _, _ = rendered_pair("sentencepiece", document)  # chatml against gemma
     chunks = align_sequences(teacher, student_seq, teacher.loss_spans)
     block_roles = [teacher.role[s] for s, b in zip(chunks.teacher_start, chunks.is_block) if b]
-    # Loss region = the assistant text: its closing eot (and the eos at the same offset) are trained, its header is
-    # not; chatml has no bos, so the student's bos is dropped.
-    assert block_roles == ["eot", "eos"]
+    # Loss region = the assistant text: its closing eot is trained, its header is not; chatml has no bos, so the
+    # student's bos is dropped; a chat document has no eos after its final end-of-turn.
+    assert block_roles == ["eot"]
     assert chunks.start_byte[~chunks.is_block].min() >= len(b"Hi there!")
