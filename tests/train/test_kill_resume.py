@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from train_helpers import DATA_SPEC, REPO, train_recipe, write_yaml
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
-NUM_TRIALS = 6
+NUM_TRIALS = 4
 
 
 def _env() -> dict[str, str]:
