@@ -5,9 +5,8 @@ tested on CPU machines where vLLM cannot be installed. It never imports vLLM: th
 (the attributes below), so vLLM's own objects and small stand-ins with the same attributes both work. It imports
 numpy, and torch only inside `scores_from_prenorm_hidden`.
 
-What vLLM returns (read from vLLM's source, `vllm/logprobs.py`, `vllm/v1/engine/logprobs.py`,
-`vllm/v1/worker/gpu/sample/{logprob,prompt_logprob}.py`, `docs/training/prompt_token_id_logprobs.md`; the
-exact 0.33 release could not be pinned, see docs/vllm-fidelity.md):
+What vLLM returns (read from the vLLM 0.33.0 wheel's sources, `vllm/logprobs.py`, `vllm/outputs.py`,
+`vllm/v1/engine/logprobs.py`, `vllm/v1/worker/gpu/sample/{logprob,prompt_logprob}.py`; see docs/vllm-fidelity.md):
 
 - `RequestOutput.prompt_logprobs`: one entry per prompt token. Entry 0 is `None` (list layout) or an empty range
   (`FlatLogprobs`, whose `[0]` is `{}`); entry j >= 1 scores the distribution that predicts prompt token j. Each
@@ -22,10 +21,11 @@ exact 0.33 release could not be pinned, see docs/vllm-fidelity.md):
     top-k only when the entry has k + 1 items.
 - `RequestOutput.outputs[0].logprobs[0]`: the same kind of entry for the one sampled token (greedy, so it is the
   argmax), i.e. the distribution *after the last prompt token*, which `prompt_logprobs` never contains.
-- `RequestOutput.prompt_token_id_logprobs` (`SamplingParams(prompt_logprob_token_ids=ids, prompt_logprob_start=s)`,
-  V2 model runner, `len(ids) <= max_logprobs`): a float32 `[rows, len(ids)]` matrix; row i scores prompt token
-  `s + i + 1` over the fixed candidate ids; `rows = prompt_len - 1 - s` (the final prompt row is not returned).
-  With `logprobs_mode="raw_logprobs"` these are log-probabilities of the raw logits.
+- `RequestOutput.prompt_token_id_logprobs` (`SamplingParams(prompt_logprob_token_ids=ids, prompt_logprob_start=s)`
+  with `ids` an integer `[prompt_len - 1 - s, K]` array, one row of candidate ids per scored prompt row, V2 model
+  runner, `K <= max_logprobs`): a float32 numpy `[prompt_len - 1 - s, K]` matrix; row i scores prompt token
+  `s + i + 1` over its row's ids (−inf at −1 padding); the final prompt row is not returned. With
+  `logprobs_mode="raw_logprobs"` these are log-probabilities of the raw logits.
 
 Store conventions (docs/architecture.md): position q of a sequence of n tokens has `logp[q] = log p(token_q |
 tokens[:q])` (NaN at q = 0), `boundary_logmass[q, c]` and `topk_*[q]` describe the distribution after
@@ -468,7 +468,7 @@ def teacher_scores_from_request_output(
         boundary_method: `token_ids` (needs `candidate_ids`, `prompt_logprob_start=0` and `dummy_last_token`),
             `topk_lower` or `topk_upper`.
         store_top_k: top-k entries to keep in the store (<= num_logprobs; 0: none).
-        candidate_ids: int [K], the request's `prompt_logprob_token_ids`.
+        candidate_ids: int [K], the candidate ids of every row of the request's `prompt_logprob_token_ids`.
         dummy_last_token: the prompt ends with one extra token that is not part of the sequence.
 
     Returns:

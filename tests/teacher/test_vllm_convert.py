@@ -577,3 +577,26 @@ def test_vllm_backend_refuses_contradictory_settings_before_loading(
 
     with pytest.raises(ConfigError, match=message):
         VLLMTeacher("unused", boundary_class, **kwargs)
+
+
+def test_token_scores_stay_float32_and_row_chunks_change_only_the_rounding(model, boundary_class):
+    candidate_ids = boundary_token_ids(boundary_class)
+    ids = _sequences(seed=6, count=1)[0] * 3
+    prompt = [*ids, 0]
+    rows = _logp_rows(model, prompt)[:-1][:, candidate_ids].astype(np.float32)  # [n, K]
+    whole = boundary_logmass_from_token_scores(rows, candidate_ids, boundary_class, len(ids))
+    for chunk in (1, 7, len(ids)):  # numpy may vectorise a sum differently per chunk shape: ulps only
+        assert_fp32_close(
+            boundary_logmass_from_token_scores(
+                rows, candidate_ids, boundary_class, len(ids), row_chunk=chunk
+            ),
+            whole,
+        )
+    assert whole.dtype == np.float32
+    # against a float64 reference written from the definition: log Σ_{v in class c} p_v
+    cls = boundary_class[candidate_ids]
+    with np.errstate(divide="ignore"):
+        reference = np.stack(
+            [np.log(np.exp(rows[:, cls == c].astype(np.float64)).sum(axis=1)) for c in range(5)], 1
+        )
+    assert_fp32_close(whole, reference.astype(np.float32))
