@@ -585,7 +585,8 @@ def test_token_scores_stay_float32_and_row_chunks_change_only_the_rounding(model
     prompt = [*ids, 0]
     rows = _logp_rows(model, prompt)[:-1][:, candidate_ids].astype(np.float32)  # [n, K]
     whole = boundary_logmass_from_token_scores(rows, candidate_ids, boundary_class, len(ids))
-    for chunk in (1, 7, len(ids)):  # numpy may vectorise a sum differently per chunk shape: ulps only
+    # numpy may vectorise a sum differently per chunk shape: ulps only
+    for chunk in (1, 7, len(ids)):
         assert_fp32_close(
             boundary_logmass_from_token_scores(
                 rows, candidate_ids, boundary_class, len(ids), row_chunk=chunk
