@@ -6,7 +6,6 @@ Llama with its own BPE tokenizer, or the teacher moved to bytes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -262,59 +261,6 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path, stores, student_dir):
     result = run_cli("train", str(busy))
     assert result.returncode == 2 and "already holds a training run" in result.stderr
     assert "--resume" in result.stderr and "Traceback" not in result.stderr
-
-
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(
-    tmp_path, stores, student_dir, parallel
-):
-    common = {
-        "store": stores["train"],
-        "student": {"model": str(student_dir)},
-        "loss": {"kind": "alm"},
-        "parallel": parallel,
-        "optim__steps": 3,
-        "optim__micro_batch_size": 2,
-    }
-    one = train(tmp_path, "one", optim__grad_accum=2, **common)
-    recipe = train_recipe(
-        tmp_path / "two.yaml", output=tmp_path / "two", optim__grad_accum=1, **common
-    )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            "29517" if parallel == "ddp" else "29518",
-            "-m",
-            "alm.cli",
-            "train",
-            str(recipe),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    torch.testing.assert_close(
-        torch.tensor(losses(tmp_path / "two")), torch.tensor(losses(one)), rtol=1e-5, atol=1e-6
-    )
-    a = load_file(one / "student" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "student" / "model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
-    assert json.loads((tmp_path / "two" / "alm-run.json").read_text())["kind"] == "alm-train-run"
 
 
 # Stops a run after `argv[2]` steps, as if killed right after that step's checkpoint (as the resume test above).
