@@ -33,7 +33,8 @@ class AlmTargets:
 
     Attributes:
         teacher_group_logp: float32 [G], debiased teacher group log-prob: sum of the group's chunk log-probs
-            (each clipped to ≤ 0) plus the teacher boundary log-mass at the group's last token (append_space).
+            (each clipped to ≤ 0) plus the teacher boundary log-mass at the group's last token (append_space;
+            without it when built with `debias=False`).
         teacher_group_start: int64 [G], first teacher token position of each group.
         teacher_group_end: int64 [G], one past the last teacher token position.
         student_group_start: int64 [G], first student token position.
@@ -71,6 +72,7 @@ def build_alm_targets(
     *,
     gamma: float = 0.1,
     drop_unterminated_groups: bool = True,
+    debias: bool = True,
 ) -> AlmTargets:
     """Teacher chunk log-probs, γ-merged groups and debiased group log-probs for one example.
 
@@ -84,6 +86,8 @@ def build_alm_targets(
         gamma: merging threshold; a chunk ends a group iff `exp(boundary log-mass at its last token) > gamma`.
         drop_unterminated_groups: drop a group that ends on a text chunk whose boundary probability is ≤ gamma
             (see the module docstring).
+        debias: add the boundary log-mass at the group's last token to the group log-prob (append_space, §5.2;
+            the paper's Table 8 ablation turns it off). Merging and dropping still follow `gamma` either way.
 
     Returns:
         `AlmTargets`.
@@ -133,9 +137,9 @@ def build_alm_targets(
         ends_group[-1] = True
     group_last = np.flatnonzero(ends_group)
     group_first = np.concatenate([[0], group_last[:-1] + 1]).astype(_INT)[: len(group_last)]
-    group_logp = (
-        np.add.reduceat(chunk_logp, group_first) if len(group_last) else np.zeros(0)
-    ) + chunk_boundary[group_last]
+    group_logp = np.add.reduceat(chunk_logp, group_first) if len(group_last) else np.zeros(0)
+    if debias:
+        group_logp = group_logp + chunk_boundary[group_last]
     keep = np.ones(len(group_last), bool)
     if drop_unterminated_groups:
         keep = is_boundary[group_last] | loss_chunks.is_block[group_last]

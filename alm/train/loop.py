@@ -294,6 +294,7 @@ def run_train(
         "max_length": cfg.student.max_length,
         "boundary_class_ids": boundary_ids,
         "gamma": cfg.loss.gamma,
+        "debias": cfg.loss.debias,
     }
     fields = ["token_id", "logp", "boundary_logmass"] + (["hidden"] if "hidden" in names else [])
     dataset = MicroBatches(
@@ -316,6 +317,7 @@ def run_train(
         cfg.loss.hidden,
         cfg.loss.combine,
         second_moment,
+        cfg.loss.debias,
     )
     train_module = parallel.unwrap(model)
     assert isinstance(train_module, TrainModule)

@@ -65,6 +65,7 @@ class LossSettings:
     teacher_second_moment: torch.Tensor | None = (
         None  # fp32 [d_T], the hidden loss's per-channel normaliser
     )
+    debias: bool = True  # add the student's boundary log-mass at group ends (§5.2)
 
 
 def micro_batch_loss(
@@ -89,8 +90,9 @@ def micro_batch_loss(
             process.
 
     Returns:
-        the combined loss (scalar) and detached fp32 scalars to log, each *additive* over micro-batches and
-        processes: every per-loss value and `alm_abs_logp_diff` are this share of the step's global mean, and
+        the combined loss (scalar) and detached fp64 scalars to log, each *additive* over micro-batches and
+        processes: every per-loss value and `alm_abs_logp_diff` are this share of the step's global mean (`alm`
+        is the excess over the teacher's floor, the binary KL for `binary_ce`; `alm_raw` the optimised value), and
         `gradmag_weight_*` (several losses under GradMag) are this global micro-batch's weights, the same on every
         process (the caller averages them over the step's micro-batches).
 
@@ -112,8 +114,12 @@ def micro_batch_loss(
             divergence=settings.divergence,
             num_valid_groups_global=num_groups,
             vocab_size=vocab_size,
+            debias=settings.debias,
         )
         losses["alm"] = out.loss
+        # headline: the excess over the teacher's own floor (the binary KL for binary_ce); raw: what is optimised
+        metrics["alm_raw"] = out.loss
+        metrics["alm_excess"] = out.excess
         # the micro-batch's mean times its groups: its share of the step's mean over all groups
         metrics["alm_abs_logp_diff"] = out.mean_abs_logp_diff * out.num_groups / num_groups
     if "sft" in settings.names:
@@ -143,7 +149,9 @@ def micro_batch_loss(
             num_valid_chunks_global=counts["num_hidden"].clamp(min=1),
         )
     for name, value in losses.items():
-        metrics[name] = value.detach().float()
+        metrics[name] = value
+    if "alm" in losses:
+        metrics["alm"] = metrics.pop("alm_excess")
     if len(losses) == 1 or settings.combine == "sum":
         total = cast(torch.Tensor, sum(losses.values()))
     else:
@@ -153,5 +161,5 @@ def micro_batch_loss(
         )
         for name, weight in weights.items():
             metrics[f"gradmag_weight_{name}"] = weight
-    metrics["loss"] = total.detach().float()
-    return total, {name: value.detach().float() for name, value in metrics.items()}
+    metrics["loss"] = total
+    return total, {name: value.detach().double() for name, value in metrics.items()}
