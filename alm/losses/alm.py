@@ -313,7 +313,8 @@ def student_group_logp(
         student_token_logp: fp32 [B, Ts], `log p_S(token_q | tokens[:q])` (anything at q = 0: never used).
         student_boundary_logmass: fp32 [B, Ts], boundary log-mass after token q; None for no debiasing (the
             group log-prob is then the plain token sum).
-        targets: padded targets from `pad_targets` (`student_group_start/_end/_last_pos`, `group_mask`).
+        targets: padded targets from `pad_targets` (`student_group_start/_end/_last_pos`, `group_mask`,
+            `group_has_boundary_term`).
 
     Returns:
         fp32 [B, G]; padded groups hold 0.
@@ -338,9 +339,11 @@ def student_group_logp(
     ).scatter_add(1, safe_group, torch.where(in_group, student_token_logp, 0.0))  # [B, G]
     group_logp = sums.clamp(max=0.0)  # [B, G]
     if student_boundary_logmass is not None:
-        group_logp = group_logp + student_boundary_logmass.gather(
+        boundary = student_boundary_logmass.gather(
             1, targets["student_group_last_pos"].clamp(min=0)
         )  # [B, G]
+        # none after a block (and none at all for targets built with debias=False)
+        group_logp = group_logp + torch.where(targets["group_has_boundary_term"], boundary, 0.0)
     return torch.where(group_mask, group_logp, 0.0)
 
 
