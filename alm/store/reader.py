@@ -9,13 +9,11 @@ more than reading the shard. Trusts only shards listed in the manifest; refuses 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -173,9 +171,6 @@ class ShardCheck:
     files: dict[str, dict[str, Any]] | None = None
     index_sha256: str | None = None  # stores without inventories record the index's hash only
     seen: set[str] = field(default_factory=set)  # files checked so far
-    pending: list[Any] | None = (
-        None  # a list: hash large files on a thread pool (then call `finish`)
-    )
 
     def error(self, rel: str, problem: str) -> StoreError:
         err = integrity.corrupt(
@@ -208,29 +203,13 @@ class ShardCheck:
         entry = self.files.get(rel)
         if entry is None:
             raise self.error(rel, "is not listed in the shard's shard.json")
-        if self.pending is not None:  # hashed on the pool while the next file is read
-            self.pending.append(
-                _hash_pool().submit(self._compare_hash, rel, parts, entry["sha256"])
-            )
-        else:
-            self._compare_hash(rel, parts, entry["sha256"])
-
-    def _compare_hash(self, rel: str, parts: tuple[bytes | memoryview, ...], want: str) -> None:
         hasher = hashlib.sha256()
         for part in parts:
-            hasher.update(part)  # releases the GIL: pool threads hash in parallel
-        if hasher.hexdigest() != want:
+            hasher.update(part)
+        if hasher.hexdigest() != entry["sha256"]:
             raise self.error(
                 rel, "has the right size but different bytes than were written (sha256 differs)"
             )
-
-    def finish(self) -> None:
-        """Wait for the hashes still running on the pool; raise the first mismatch."""
-        if not self.pending:
-            return
-        pending, self.pending[:] = list(self.pending), []
-        for future in pending:
-            future.result()
 
     def read(self, location: Location, rel: str) -> bytes:
         """A whole file of the shard, checked."""
@@ -247,16 +226,6 @@ class ShardCheck:
             return json.loads(data)
         except ValueError as err:
             raise self.error(rel, f"is not valid JSON ({err})") from None
-
-
-_POOL: list[ThreadPoolExecutor] = []
-
-
-def _hash_pool() -> ThreadPoolExecutor:
-    """Threads for sha256 (hashlib releases the GIL), so verifying a shard costs about one hash pass / cores."""
-    if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)))
-    return _POOL[0]
 
 
 def _read_raw_chunks(
@@ -405,15 +374,7 @@ def read_shard_index(
             raise check.error(schema.INDEX_FILE, "is missing") from None
     else:
         data = pa.py_buffer(check.read(location, schema.INDEX_FILE))
-    if check.files is not None:
-        entry = check.files.get(schema.INDEX_FILE)
-        if entry is not None and len(data) != int(entry["num_bytes"]):
-            raise check.error(
-                schema.INDEX_FILE,
-                f"has {len(data)} bytes, {int(entry['num_bytes'])} were written (truncated or overwritten)",
-            )
-    check.check_parts(schema.INDEX_FILE, (memoryview(data),))
-    check.finish()  # the index is parsed next: its bytes must be right first
+    check.check(schema.INDEX_FILE, memoryview(data))
     legacy = check.files is None and check.index_sha256 is not None
     if legacy and hashlib.sha256(memoryview(data)).hexdigest() != check.index_sha256:
         raise check.error(schema.INDEX_FILE, f"differs from what {schema.SHARD_FILE} records")
@@ -617,11 +578,11 @@ class TeacherStore:
         if "token_id" not in names:
             names.insert(0, "token_id")
         doc = self.shard_doc(shard_index)
-        check = dataclasses.replace(self.shard_check(shard_index), pending=[])
+        check = self.shard_check(shard_index)
         if check.files is not None:
             check.read(self.location, f"{schema.ARRAYS_DIR}/zarr.json")
-        arrays = read_shard_arrays(self.location, path, names, check)  # chunks hash on the pool
-        index = read_shard_index(self.location, path, check=check)  # meanwhile; then waits for all
+        index = read_shard_index(self.location, path, check=check)
+        arrays = read_shard_arrays(self.location, path, names, check)
         if check.files is None:
             _check_recorded_checksums(check, doc, arrays)
         for name, arr in arrays.items():
