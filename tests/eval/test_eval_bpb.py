@@ -152,3 +152,21 @@ def test_a_text_longer_than_the_model_is_refused_with_the_fix() -> None:
 def test_data_spec_heldout_documents_are_scored() -> None:
     texts = load_eval_texts("stdlib_docs_heldout", limit=3, max_bytes=256)
     assert texts and all(0 < len(t.text) <= 256 for t in texts)
+
+
+@pytest.mark.slow
+def test_real_teacher_bpb_equals_direct_float64_computation() -> None:
+    """SmolLM2-135M-Instruct (the built-in teacher) on a few real texts: its context token is `<|endoftext|>`."""
+    from alm.eval.models import load_hf_model
+
+    scorer = load_hf_model("builtin:smollm2-135m-instruct")
+    eot = scorer.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert scorer.context_ids.tolist() == [eot]
+    strings = [*corpus_texts(3, seed=11), TRICKY_TEXTS[4], TRICKY_TEXTS[7]]
+    texts = [EvalText(str(i), s.encode()) for i, s in enumerate(strings)]
+    scores = score_texts(scorer, texts, token_budget=512)
+    expected = np.array(
+        [reference_nll_nats(scorer.model, scorer.tokenizer, [eot], s) for s in strings]
+    )
+    assert_fp32_close(scores.nll_nats, expected, ulps=256, scale=float(np.abs(expected).max()))
+    assert 0.5 < scores.bits_per_byte < 3.0  # a real model on real text
