@@ -174,6 +174,22 @@ def eval_(
     )
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders of `alm train` (output_dir).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for report.png and report.md.")] = Path(
+        "report"
+    ),
+    title: Annotated[str | None, typer.Option(help="Title of the plot and the table.")] = None,
+) -> None:
+    """Plot losses and held-out metrics of one or more runs against the step, and tabulate them."""
+    from alm.report import write_report
+
+    print(write_report(run_dirs, out, title=title))
+
+
 def main() -> None:
     _setup_logging()
     try:

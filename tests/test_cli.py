@@ -39,6 +39,7 @@ FROZEN_COMMANDS = {
         "--combine": (),
         "--device": (),
     },
+    "report": {"run_dirs": (), "--out": (), "--title": ()},
 }
 
 
