@@ -81,7 +81,9 @@ class Study(_Strict):
 
 def load_study(path: str | Path = REPO / "stages" / "repro_study.yaml") -> Study:
     study = Study.model_validate(yaml.safe_load(Path(path).read_text(encoding="utf-8")))
-    unknown = [m for plan in study.students.values() for m in plan.methods if m not in study.methods]
+    unknown = [
+        m for plan in study.students.values() for m in plan.methods if m not in study.methods
+    ]
     unknown += [m for m in study.lr_sweep.get("methods", []) if m not in study.methods]
     if unknown:
         raise ValueError(f"{path}: methods {unknown} are not defined under `methods:`")
@@ -213,7 +215,9 @@ def eval_texts(eval_set: EvalSet, quick: Quick | None) -> list[Any]:
     return kept
 
 
-def evaluate_all(models: dict[str, Path | str], sets: dict[str, list[Any]], cache: Path) -> dict[str, Any]:
+def evaluate_all(
+    models: dict[str, Path | str], sets: dict[str, list[Any]], cache: Path
+) -> dict[str, Any]:
     """Bits per byte of every model on every eval set (cached per model in `cache`, so reruns skip them)."""
     from alm.eval import score_texts
     from alm.eval.models import load_hf_model
@@ -265,7 +269,9 @@ def training_figures(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def summarise(study: Study, runs: list[dict[str, Any]], scores: dict[str, Any], root: Path) -> dict[str, Any]:
+def summarise(
+    study: Study, runs: list[dict[str, Any]], scores: dict[str, Any], root: Path
+) -> dict[str, Any]:
     sets = list(study.eval)
     out: dict[str, Any] = {"teacher": scores["teacher"], "students": {}}
     for student in study.students:
@@ -325,7 +331,10 @@ def markdown(summary: dict[str, Any], study: Study, quick: bool, elapsed_s: floa
             cells = [row["name"], f"{row['lr']:.3g}"]
             for s in sets:
                 closed = row[s]["gap_closed"]
-                cells += [f"{row[s]['bits_per_byte']:.4f}", f"{closed:.1%}" if closed is not None else "–"]
+                cells += [
+                    f"{row[s]['bits_per_byte']:.4f}",
+                    f"{closed:.1%}" if closed is not None else "–",
+                ]
             t = row["training"]
             cells += [
                 f"{t['final_loss']:.4f}" if t["final_loss"] is not None else "–",
@@ -337,14 +346,20 @@ def markdown(summary: dict[str, Any], study: Study, quick: bool, elapsed_s: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--study", default=str(REPO / "stages" / "repro_study.yaml"))
     parser.add_argument("--root", help="Working folder (default: the study's root).")
     parser.add_argument("--docs", help="Results folder (default: the study's docs).")
     parser.add_argument("--threads", type=int, help="Torch threads per run (default: the study's).")
-    parser.add_argument("--quick", action="store_true", help="The study's quick settings (a smoke run).")
+    parser.add_argument(
+        "--quick", action="store_true", help="The study's quick settings (a smoke run)."
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     study = load_study(args.study)
     root = Path(args.root or REPO / study.root).resolve()
     docs = Path(args.docs or REPO / study.docs).resolve()
@@ -379,8 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     from alm.config.train import LossConfig
 
     for run in runs:
-        if any(o.startswith("loss.debias") for o in run["overrides"]) and "debias" not in LossConfig.model_fields:
-            logger.warning("skipping %s/%s: this alm has no loss.debias yet (issue 8)", run["student"], run["name"])
+        if (
+            any(o.startswith("loss.debias") for o in run["overrides"])
+            and "debias" not in LossConfig.model_fields
+        ):
+            logger.warning(
+                "skipping %s/%s: this alm has no loss.debias yet (issue 8)",
+                run["student"],
+                run["name"],
+            )
             continue
         if (run["output_dir"] / "student" / "config.json").is_file():
             continue
@@ -399,14 +421,21 @@ def main(argv: list[str] | None = None) -> int:
     from alm.report import write_report
 
     docs.mkdir(parents=True, exist_ok=True)
-    for student, plan in study.students.items():
+    for student in study.students:
         dirs = [
             r["output_dir"]
             for r in runs
-            if r["student"] == student and r["lr_factor"] == 1.0 and (r["output_dir"] / "metrics.jsonl").is_file()
+            if r["student"] == student
+            and r["lr_factor"] == 1.0
+            and (r["output_dir"] / "metrics.jsonl").is_file()
         ]
         if dirs:
-            write_report(dirs, root / "report" / student, title=f"{student} student", names=[d.name for d in dirs])
+            write_report(
+                dirs,
+                root / "report" / student,
+                title=f"{student} student",
+                names=[d.name for d in dirs],
+            )
             png = root / "report" / student / "report.png"
             if png.is_file():
                 (docs / f"{student}.png").write_bytes(png.read_bytes())
