@@ -61,6 +61,7 @@ class Quick(_Strict):
     precompute_heldout: list[str] = []
     train: list[str] = []
     students: dict[str, list[str]] = {}
+    lr_factors: int = Field(default=1, ge=1)
     bpe_vocab_size: int = 1024
     eval_limit: int = 3
     eval_max_bytes: int = 256
@@ -108,7 +109,7 @@ def run_plan(study: Study, root: Path, quick: bool) -> list[dict[str, Any]]:
                 factors[method] += [float(f) for f in study.lr_sweep.get("factors", [])]
         lr = yaml.safe_load((REPO / plan.recipe).read_text())["optim"]["lr"]
         for method in plan.methods:
-            for factor in factors[method][: 2 if quick else None]:
+            for factor in factors[method][: study.quick.lr_factors if quick else None]:
                 name = method if factor == 1.0 else f"{method}_lr{factor:.3g}"
                 out = root / student / name
                 overrides = [*base, *study.methods[method], f"output_dir={out}"]
