@@ -169,7 +169,8 @@ def plot_runs(runs: Sequence[RunMetrics], path: Path, title: str | None = None) 
         for k, run in enumerate(runs):
             steps, values = run.series(key)
             if steps:
-                marker = "o" if key.startswith("eval/") else None
+                # held-out points always marked; training series too when short (one point draws no line)
+                marker = "o" if key.startswith("eval/") or len(steps) <= 20 else None
                 ax.plot(
                     steps,
                     values,
