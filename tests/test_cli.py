@@ -29,6 +29,19 @@ FROZEN_COMMANDS = {
     "store finalize": {"store": ()},
     "store push": {"store": (), "url": ()},
     "store pull": {"url": (), "folder": ()},
+    "eval": {
+        "models": (),
+        "--data": (),
+        "--teacher-store": (),
+        "--json": (),
+        "--split": (),
+        "--limit": (),
+        "--max-bytes": (),
+        "--ensemble": ("--no-ensemble",),
+        "--combine": (),
+        "--device": (),
+    },
+    "report": {"run_dirs": (), "--out": (), "--title": ()},
 }
 
 
