@@ -19,6 +19,7 @@ import numpy as np
 from alm.errors import StoreError
 from alm.store import integrity, schema
 from alm.store._fs import Location, locate
+from alm.store.card import CARD_FILE, render_card
 from alm.store.fingerprint import array_checksum
 from alm.store.reader import ShardCheck, read_shard_arrays, read_shard_index
 from alm.store.replace import remove_replaced
@@ -124,7 +125,7 @@ def written_store_files(root: Path) -> set[str]:
     def listed(folder: Path) -> set[str]:
         return {p.relative_to(root).as_posix() for p in folder.rglob("*") if p.is_file()}
 
-    out = {schema.PLAN_FILE, schema.MANIFEST_FILE, schema.VOCAB_TABLE_FILE}
+    out = {schema.PLAN_FILE, schema.MANIFEST_FILE, schema.VOCAB_TABLE_FILE, CARD_FILE}
     try:
         manifest = json.loads((root / schema.MANIFEST_FILE).read_text(encoding="utf-8"))
         out.update(manifest.get("files", {}))
@@ -311,6 +312,9 @@ def finalize_store(
             "and run `alm store finalize` again"
         )
     manifest = integrity.with_checksum(build_manifest(location, plan, list(docs.values())))
+    location.write_bytes(
+        render_card(manifest).encode(), CARD_FILE
+    )  # before the manifest: it is last
     location.write_bytes(json.dumps(manifest, indent=2).encode(), schema.MANIFEST_FILE)
     if location.is_local:  # the replacement is complete: now the store it replaced may go
         remove_replaced(location.root, written_store_files)
