@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alm.align.chunks import Chunks
+from alm.boundary import DEFAULT_BOUNDARY_CLASSES
 from alm.errors import AlignmentError
 
 _INT = np.int64
@@ -171,11 +172,12 @@ def build_alm_targets(
 
 
 def combine_boundary_classes(
-    boundary_logmass: np.ndarray, classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+    boundary_logmass: np.ndarray, classes: tuple[int, ...] = DEFAULT_BOUNDARY_CLASSES
 ) -> np.ndarray:
     """Log-mass of a union of the stored first-byte classes: logsumexp over `classes` of [n, 5] → float64 [n].
 
-    The default is tokenkit's `space+tab+newline+special` plus other whitespace (§5.2).
+    The default is `alm.boundary.DEFAULT_BOUNDARY_CLASSES`, tokenkit's `space+tab+newline+special` (§5.2), the
+    same set `alm train` uses by default.
     """
     stored = np.asarray(boundary_logmass, dtype=np.float64)[:, list(classes)]
     top = np.max(stored, axis=1, keepdims=True)
