@@ -1,6 +1,6 @@
 """Teacher-side ALM targets of one example: chunk sums, γ-merging and debiasing (ALM_SPEC.md §5.1–§5.3, §7.1).
 
-Owns `AlmTargets` and `build_alm_targets`. Every teacher quantity is stored, so the teacher's whole side of the
+Owns `AlmTargets`, `build_alm_targets` and `chunk_logp_sums`. Every teacher quantity is stored, so the teacher's whole side of the
 loss is computed here, on CPU in the data path; the model side (`alm.losses.alm`) only adds the student's sums.
 NumPy only: must not import torch or `alm.config`.
 
@@ -186,3 +186,11 @@ def combine_boundary_classes(
         return np.minimum(
             (top + np.log(np.exp(stored - top).sum(axis=1, keepdims=True)))[:, 0], 0.0
         )
+
+
+def chunk_logp_sums(logp: np.ndarray, start_pos: np.ndarray, end_pos: np.ndarray) -> np.ndarray:
+    """float32 [C]: sums of per-token log-probs over `[start_pos, end_pos)` (positions >= 1), by prefix sums."""
+    values = np.nan_to_num(np.asarray(logp, dtype=np.float64), nan=0.0)
+    values[0] = 0.0
+    prefix = np.concatenate([[0.0], np.cumsum(values)])
+    return (prefix[end_pos] - prefix[start_pos]).astype(np.float32)

@@ -29,7 +29,12 @@ import numpy as np
 import torch
 
 from alm.align import align_sequences
-from alm.align.targets import AlmTargets, build_alm_targets, combine_boundary_classes
+from alm.align.targets import (
+    AlmTargets,
+    build_alm_targets,
+    chunk_logp_sums,
+    combine_boundary_classes,
+)
 from alm.losses.batch import PaddedTargets, pad_targets
 from alm.templates import document_from_stored, render, sequence_from_ids, token_in_loss
 from alm.vocab import Vocab
@@ -123,14 +128,6 @@ class StudentBatch:
             hidden_teacher=None if self.hidden_teacher is None else self.hidden_teacher.to(device),
             eval=self.eval,
         )
-
-
-def chunk_logp_sums(logp: np.ndarray, start_pos: np.ndarray, end_pos: np.ndarray) -> np.ndarray:
-    """float32 [C]: sums of per-token log-probs over `[start_pos, end_pos)` (positions >= 1), by prefix sums."""
-    values = np.nan_to_num(np.asarray(logp, dtype=np.float64), nan=0.0)
-    values[0] = 0.0
-    prefix = np.concatenate([[0.0], np.cumsum(values)])
-    return (prefix[end_pos] - prefix[start_pos]).astype(np.float32)
 
 
 class StudentExampleBuilder:

@@ -12,9 +12,10 @@ import pytest
 import torch
 from factories import bpe_tokenizer, byte_tokenizer, corpus_texts, sentencepiece_tokenizer
 
+from alm.align.targets import chunk_logp_sums
 from alm.store.reader import StoredSequence
 from alm.templates import chat_document, plain_document, render, token_in_loss
-from alm.train.batch import StudentExampleBuilder, chunk_logp_sums, collate
+from alm.train.batch import StudentExampleBuilder, collate
 from alm.vocab import vocab_from_tokenizer
 
 
