@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from train_helpers import train_recipe
 
-from alm.train.loop import run_train_cli
+from alm.train.command import run_train_cli
 
 
 def test_overwrite_keeps_the_users_files_and_replaces_alms(stores, student_dir, tmp_path):
