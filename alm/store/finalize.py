@@ -7,7 +7,6 @@ and checksums match its `shard.json`, and its fingerprints match the plan. Impor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -230,7 +229,7 @@ def finalize_store(
             "and run `alm store finalize` again"
         )
     manifest = build_manifest(location, plan, list(docs.values()))
-    location.write_bytes(json.dumps(manifest, indent=2).encode(), schema.MANIFEST_FILE)
+    location.write_bytes(schema.json_bytes(manifest), schema.MANIFEST_FILE)
     logger.info(
         "finalized %s: %d shards, %d sequences, %d tokens",
         location.url,
