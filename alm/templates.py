@@ -14,8 +14,8 @@ Like tokenkit (§3) we never call `apply_chat_template`: each text segment is to
 does have them can render them.
 
 Offsets are in the document's *content text*, the concatenation of its text segments; block tokens have zero
-width at the block's offset. Loss region (team rule): a text token is in the loss iff its byte span lies inside
-one loss span; a block at offset o iff some span has `start < o <= end`.
+width at the block's offset. The loss-region rule has exactly one definition, `token_in_loss` (text by byte span,
+template blocks by segment order); `alm.align` and the student data path use it.
 
 Imports `alm.vocab` and `alm.errors` only (numpy; never torch).
 """
@@ -39,6 +39,8 @@ Family = Literal["chatml", "llama3", "gemma", "plain"]
 FAMILIES: tuple[str, ...] = ("chatml", "llama3", "gemma", "plain")
 LossRegion = Literal["all", "assistant", "last_assistant"]
 BLOCK_ROLES = ("bos", "eos", "header:user", "header:assistant", "header:system", "eot")
+# Blocks that open what follows them; every other block (eot, eos) closes what precedes it (`token_in_loss`).
+OPENING_BLOCK_ROLES = frozenset({"bos", "header:user", "header:assistant", "header:system"})
 CHAT_ROLES = ("system", "user", "assistant")
 
 # Placeholders resolved from the tokenizer's own bos/eos tokens.
@@ -94,7 +96,7 @@ class Segment:
     Attributes:
         role: `text` or a block role (`bos`, `eos`, `header:user`, `header:assistant`, `header:system`, `eot`).
         text: UTF-8 bytes of a text segment; `b""` for blocks.
-        in_loss: whether a text segment is trained on (ignored for blocks: their loss status follows from offsets).
+        in_loss: whether a text segment is trained on (ignored for blocks: `token_in_loss` decides them by order).
     """
 
     role: str
@@ -147,6 +149,62 @@ def merge_spans(spans: Iterable[tuple[int, int]]) -> np.ndarray:
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
+def _text_in_spans(start_byte: np.ndarray, end_byte: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """bool [n]: `[start, end)` lies inside the union of `spans` (merged, [k, 2]); a zero-width range at o iff the
+    byte at o is covered (it belongs to the text that follows it)."""
+    if len(spans) == 0:
+        return np.zeros(len(start_byte), bool)
+    index = (
+        np.searchsorted(spans[:, 0], start_byte, side="right") - 1
+    )  # last span starting at or before
+    span_end = spans[np.maximum(index, 0), 1]
+    inside = (index >= 0) & (end_byte <= span_end)
+    return inside & ((end_byte > start_byte) | (start_byte < span_end))
+
+
+def token_in_loss(
+    start_byte: Any, end_byte: Any, role: Sequence[Any] | np.ndarray | None, loss_spans: Any
+) -> np.ndarray:
+    """Which tokens of one sequence are in the loss region: THE loss-region rule (ALM_SPEC §3, §13.8).
+
+    - A text token is in the loss iff its bytes lie inside the union of the loss spans (a zero-width token, e.g. a
+      lone dummy-prefix `▁`, iff the byte it sits before is inside: it belongs to the text that follows).
+    - A template block (a run of consecutive tokens with one role) is decided by segment order, never by byte
+      offset: a trained turn's `eot` and the next turn's header sit at the same offset. A block is in the loss iff
+      the token just before it is; an opening block (`bos`, `header:*`) only when, moreover, every text token of
+      the sequence is (`loss: all`, tokenkit's default mask, which trains the template too). So the `eot` closing
+      a trained turn is trained and the header opening the next turn is not, and nothing before the first text.
+
+    A chunk (`alm.align`) is in the loss iff every token it holds, on both sides, is.
+
+    Args:
+        start_byte, end_byte: int [n], token byte offsets in the content text (blocks: zero width).
+        role: [n], None for text tokens, the block role otherwise; None for an all-text sequence.
+        loss_spans: int [k, 2] byte ranges `[start, end)` of the trainable text (merged here).
+
+    Returns:
+        bool [n].
+    """
+    start = np.asarray(start_byte, dtype=np.int64)
+    end = np.asarray(end_byte, dtype=np.int64)
+    spans = merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
+    in_loss = _text_in_spans(start, end, spans)
+    if role is None:
+        return in_loss
+    roles = role if isinstance(role, np.ndarray) else np.array(list(role), dtype=object)
+    # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
+    is_block = np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+    all_text_trained = bool(in_loss[~is_block].all())
+    for pos in np.flatnonzero(is_block).tolist():  # a handful per sequence, in order
+        current = roles[pos]
+        if pos > 0 and roles[pos - 1] == current:  # inside a run: its first token decided
+            in_loss[pos] = in_loss[pos - 1]
+        else:
+            trained = pos > 0 and bool(in_loss[pos - 1])
+            in_loss[pos] = trained and (all_text_trained or current not in OPENING_BLOCK_ROLES)
+    return in_loss
+
+
 def plain_document(doc_id: str, source: str, row: int, text: bytes) -> Document:
     """`[bos, text, eos]` with the text in the loss."""
     return Document(
@@ -161,7 +219,7 @@ def chat_document(
     messages: Sequence[tuple[str, bytes]],
     loss: LossRegion = "assistant",
 ) -> Document:
-    """`[bos, header:<role>, text, eot, ..., eos]` from `(role, content)` messages.
+    """`[bos, header:<role>, text, eot, ...]` from `(role, content)` messages; no eos after the final eot.
 
     Args:
         doc_id, source, row: provenance.
@@ -186,7 +244,9 @@ def chat_document(
             case "last_assistant":
                 in_loss = bool(assistant_turns) and i == assistant_turns[-1]
         segments += [Segment(f"header:{role}"), Segment("text", content, in_loss), Segment("eot")]
-    segments.append(Segment("eos"))
+    # No eos after the final end-of-turn: tokenkit's `direct_encode` appends eos only to text that does not already
+    # end with eot (ALM_SPEC §3). The teacher gives an eos there a log-prob near -20, and training on it would pull
+    # ALM and SFT in opposite directions.
     return Document(doc_id, source, row, tuple(segments))
 
 
@@ -592,8 +652,9 @@ def document_from_stored(
     """The abstract document behind a stored sequence, for a student to re-render with its own family.
 
     Call as `document_from_stored(text, segments, loss_spans)` or `document_from_stored(stored_sequence)`.
-    Text segments take their bytes from `text` and are in the loss iff their (non-empty) span lies inside one
-    loss span; blocks keep their role (including blocks the teacher's family rendered as nothing).
+    Text segments take their bytes from `text` and are in the loss iff their (non-empty) span lies inside the
+    loss spans (`token_in_loss`'s text rule); blocks keep their role (including blocks the teacher's family
+    rendered as nothing).
 
     Raises:
         DataError: a segment lies outside `text`.
@@ -609,7 +670,7 @@ def document_from_stored(
     spans = (
         np.zeros((0, 2), np.int64)
         if loss_spans is None
-        else np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2)
+        else merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
     )
     out: list[Segment] = []
     for seg in _segment_dicts(segments or []):
@@ -617,7 +678,7 @@ def document_from_stored(
         if not 0 <= sb <= eb <= len(text):
             raise DataError(f"stored segment {seg} lies outside the text ({len(text)} bytes)")
         if seg["role"] == "text":
-            in_loss = bool(eb > sb and ((spans[:, 0] <= sb) & (eb <= spans[:, 1])).any())
+            in_loss = eb > sb and bool(_text_in_spans(np.array([sb]), np.array([eb]), spans)[0])
             out.append(Segment("text", text[sb:eb], in_loss))
         else:
             out.append(Segment(seg["role"]))

@@ -53,6 +53,7 @@ def make_targets(batch: int, length: int, group_tokens: int) -> dict[str, torch.
                 student_group_last_pos=end - 1,
                 teacher_chunk_last_pos=end - 1,
                 student_chunk_last_pos=end - 1,
+                group_has_boundary_term=np.ones(len(start), bool),
             )
         )
     return pad_targets(examples)

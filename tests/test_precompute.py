@@ -191,6 +191,11 @@ def test_store_records_text_segments_and_truncation(reference_store, data_dir) -
     assert not all(s.truncated for s in stored)
     chat = [s for s in stored if s.source == "chat"]
     assert chat and all(any(seg["role"] == "header:assistant" for seg in s.segments) for s in chat)
+    # A stored dialogue ends on its final end-of-turn, with no eos after it (ALM_SPEC §3, issue 8 item 3).
+    end_of_turn = tokenizer("<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    for seq in chat:
+        assert not seq.truncated and seq.segments[-1]["role"] == "eot"
+        assert seq.token_id[-len(end_of_turn) :].tolist() == end_of_turn
     manifest = open_store(store_path).manifest
     assert manifest["max_length"] == MAX_LENGTH and manifest["top_k"] == TOP_K
     assert manifest["backend"]["name"] == "hf" and manifest["backend"]["boundary_method"] == "exact"

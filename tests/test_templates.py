@@ -31,6 +31,7 @@ from alm.templates import (
     plain_document,
     render,
     sequence_from_ids,
+    token_in_loss,
 )
 from alm.vocab import vocab_from_tokenizer
 
@@ -123,7 +124,7 @@ def test_chatml_render_equals_template_string_tokenized_whole():
         "<|im_start|>user\nHi there, what is 2+2?<|im_end|>\n"
         "<|im_start|>assistant\nIt is 4.<|im_end|>\n"
         "<|im_start|>user\nAnd 3+3?<|im_end|>\n"
-        "<|im_start|>assistant\n6.<|im_end|>\n<|endoftext|>"
+        "<|im_start|>assistant\n6.<|im_end|>\n"
     )
     assert seq.token_id.tolist() == ids_of(tok, expected)
     assert seq.text == b"".join(m for _, m in MESSAGES)
@@ -144,7 +145,7 @@ def test_no_system_prompt_is_injected():
     seq = render(doc, tok, vocab)
     assert "header:system" not in set(seq.role)
     assert seq.token_id.tolist() == ids_of(
-        tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n<|endoftext|>"
+        tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
     )
 
 
@@ -156,7 +157,7 @@ def test_llama3_render_equals_template_string():
         "<|begin_of_text|>"
         "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
         "<|start_header_id|>user<|end_header_id|>\n\nHi there, what is 2+2?<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 4.<|eot_id|><|end_of_text|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nIt is 4.<|eot_id|>"
     )
     assert seq.token_id.tolist() == ids_of(tok, expected)
     check_offsets(seq, vocab)
@@ -175,9 +176,26 @@ def test_gemma_maps_system_to_user_and_assistant_to_model():
     assert blocks["header:user"] == ids_of(tok, "<start_of_turn>user\n")
     assert blocks["header:assistant"] == ids_of(tok, "<start_of_turn>model\n")
     assert blocks["eot"] == ids_of(tok, "<end_of_turn>\n") * 3
-    assert blocks["bos"] == [tok.bos_token_id] and blocks["eos"] == [tok.eos_token_id]
+    assert blocks["bos"] == [tok.bos_token_id] and "eos" not in blocks
     assert n_sys > 1
     check_offsets(seq, vocab)
+
+
+CHAT_CASES = ("smollm2_chatml", "bytes_llama3", "sp_gemma")
+END_OF_TURN = {"chatml": "<|im_end|>\n", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>\n"}
+
+
+@pytest.mark.parametrize("case", CHAT_CASES)
+@pytest.mark.parametrize("num_messages", [2, 3, 4, 5])
+def test_chat_documents_end_on_the_final_end_of_turn_with_no_eos(case, num_messages):
+    """tokenkit's `direct_encode` appends eos only when the text does not already end with eot (ALM_SPEC §3)."""
+    tok, vocab = setup(case)
+    seq = render(chat_document("d", "s", 0, MESSAGES[:num_messages]), tok, vocab)
+    end_of_turn = ids_of(tok, END_OF_TURN[family_for_tokenizer(tok)])
+    assert seq.token_id[-len(end_of_turn) :].tolist() == end_of_turn
+    assert seq.segments[-1]["role"] == "eot" and seq.segments[-1]["end_pos"] == len(seq)
+    assert "eos" not in {s["role"] for s in seq.segments}
+    assert "eos" not in set(seq.role)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -212,16 +230,66 @@ def test_loss_spans_by_region(loss):
     assert seq.loss_spans.tolist() == expected
 
 
-def test_turn_closing_eot_is_in_loss_and_header_is_not():
-    """Team rule: a block at offset o is in the loss iff some span has start < o <= end."""
-    tok, vocab = setup("bpe_chatml")
-    seq = render(chat_document("d", "s", 0, MESSAGES[1:3], loss="assistant"), tok, vocab)
-    ((span_start, span_end),) = seq.loss_spans.tolist()
-    segs = {(s["role"], s["start_byte"]) for s in seq.segments}
-    assert ("header:assistant", span_start) in segs
-    assert ("eot", span_end) in segs
-    in_loss = lambda o: span_start < o <= span_end  # noqa: E731
-    assert not in_loss(span_start) and in_loss(span_end)
+def trained_blocks(seq) -> list[str]:
+    """The block runs of `seq` that `token_in_loss` puts in the loss, in order (one entry per run)."""
+    in_loss = token_in_loss(seq.start_byte, seq.end_byte, seq.role, seq.loss_spans)
+    runs = []
+    for pos, role in enumerate(seq.role):
+        if role is None or (pos > 0 and seq.role[pos - 1] == role):
+            continue
+        end = pos
+        while end < len(seq) and seq.role[end] == role:
+            assert in_loss[end] == in_loss[pos]  # a block is in or out as a whole
+            end += 1
+        if in_loss[pos]:
+            runs.append(role)
+    return runs
+
+
+@pytest.mark.parametrize("case", CHAT_CASES)
+def test_turn_closing_eot_is_in_loss_and_the_next_header_is_not(case):
+    """Segment order decides, not byte offset: a trained turn's eot and the next turn's header share one offset."""
+    tok, vocab = setup(case)
+    seq = render(chat_document("d", "s", 0, MESSAGES, loss="assistant"), tok, vocab)
+    in_loss = token_in_loss(seq.start_byte, seq.end_byte, seq.role, seq.loss_spans)
+    trained_text = b"".join(
+        seq.text[s:e] for s, e, r, m in zip(seq.start_byte, seq.end_byte, seq.role, in_loss) if m
+    )
+    assert trained_text == b"It is 4.6."
+    assert trained_blocks(seq) == ["eot", "eot"]
+    ((_, first_end), _) = seq.loss_spans.tolist()
+    segs = [(s["role"], s["start_byte"]) for s in seq.segments]
+    assert ("eot", first_end) in segs and ("header:user", first_end) in segs  # same offset
+    last = render(chat_document("d", "s", 0, MESSAGES, loss="last_assistant"), tok, vocab)
+    assert trained_blocks(last) == ["eot"]
+    everything = render(chat_document("d", "s", 0, MESSAGES, loss="all"), tok, vocab)
+    # Every eot, and every header between two trained texts (not bos or the first header, before any text).
+    headers = ["header:user", "header:assistant", "header:user", "header:assistant"]
+    assert trained_blocks(everything) == [x for pair in zip(["eot"] * 4, headers) for x in pair] + [
+        "eot"
+    ]
+
+
+def test_the_loss_region_rule_has_one_definition():
+    from alm.align import chunks
+    from alm.data import student
+
+    assert student.token_in_loss is token_in_loss and chunks.token_in_loss is token_in_loss
+
+
+def test_text_tokens_are_in_the_loss_by_byte_span_and_zero_width_ones_by_what_follows():
+    start = np.array([0, 2, 4, 4, 6, 9])
+    end = np.array([2, 4, 4, 6, 9, 9])
+    # [2, 6) and [6, 9) touch: their union is one region; the zero-width token at 4 belongs to [4, 6).
+    assert token_in_loss(start, end, None, [(2, 6), (6, 9)]).tolist() == [
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,  # zero width at the end of the region: it belongs to untrained text after it
+    ]
+    assert token_in_loss(start, end, None, np.zeros((0, 2))).tolist() == [False] * 6
 
 
 def test_literal_special_strings_in_user_text_stay_text():
@@ -230,7 +298,7 @@ def test_literal_special_strings_in_user_text_stay_text():
     seq = render(chat_document("d", "s", 0, [("user", user), ("assistant", b"ok")]), tok, vocab)
     text_ids = seq.token_id[[r is None for r in seq.role]]
     assert not vocab.is_special[text_ids].any()
-    assert vocab.is_special[seq.token_id].sum() == 5  # 2 headers + 2 eot + eos
+    assert vocab.is_special[seq.token_id].sum() == 4  # 2 headers + 2 eot
     assert seq.text == user + b"ok"
     check_offsets(seq, vocab)
 
@@ -415,3 +483,24 @@ def test_random_chat_documents_render_exactly_and_rebuild_from_ids(
         )
         assert rerendered.token_id.tolist() == seq.token_id.tolist()
         np.testing.assert_array_equal(rerendered.loss_spans, seq.loss_spans)
+    # The loss region: no header or bos unless every kept text is trained (`loss: all`, or a dialogue whose turns
+    # are all trained); an eot iff the turn it closes is trained.
+    in_loss = token_in_loss(seq.start_byte, seq.end_byte, seq.role, seq.loss_spans)
+    segment_of = {}
+    for index, s in enumerate(seq.segments):
+        for pos in range(s["start_pos"], s["end_pos"]):
+            segment_of[pos] = index
+    trained_turns = [seg.in_loss and bool(seg.text) for seg in doc.segments if seg.role == "text"]
+    for pos, role in enumerate(seq.role):
+        if role is None:
+            continue
+        index = segment_of[pos]
+        turn = sum(s["role"] == "text" for s in seq.segments[:index])  # texts before this block
+        if role == "eot":
+            closed = seq.segments[index - 1]
+            if (
+                closed["end_byte"] > closed["start_byte"]
+            ):  # an eot closing kept text: trained iff it is
+                assert in_loss[pos] == trained_turns[turn - 1], pos
+        elif turn == 0 or not in_loss[[r is None for r in seq.role]].all():
+            assert not in_loss[pos], (pos, role)

@@ -13,12 +13,15 @@ The algorithm is the "cleaner reimplementation" of §4.1, vectorised:
   (truncation) and belong to no chunk.
 - **Blocks.** Consecutive tokens with the same non-None role form a block. The k-th block of a role on the teacher
   side is matched with the k-th block of that role on the student side, and kept only if both sit at the same byte
-  offset (and the matched pairs stay in the same order on both sides). Unmatched blocks are dropped; a chunk whose
-  token range would contain a dropped token is dropped too.
+  offset (and the matched pairs stay in the same order on both sides), and neither may have been cut by
+  truncation: on a side whose sequence was truncated, a block that ends at its last token is taken as incomplete.
+  Unmatched blocks are dropped; a chunk whose token range would contain a dropped token is dropped too.
 - **Validity.** A chunk must be a contiguous, non-empty token range on both sides, and must not contain position 0
   on either side (§5.1: position 0 has no conditional log-prob).
-- **Loss region** (team rule, §3 recommendation): a text chunk is in the loss iff its byte span lies inside one
-  loss span; a block at offset o is in the loss iff some span has `start < o <= end`.
+- **Loss region.** A chunk is in the loss iff every token it holds, on both sides, is in the loss by the one rule,
+  `alm.templates.token_in_loss` (text by byte span, blocks by segment order).
+
+Imports `alm.templates` (for the loss-region rule) and `alm.errors`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from alm.errors import AlignmentError
+from alm.templates import token_in_loss
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +89,12 @@ class Chunks:
 class _Side:
     start_byte: np.ndarray  # int64 [n]
     end_byte: np.ndarray  # int64 [n]
+    role: np.ndarray  # object [n]
     is_block: np.ndarray  # bool [n]
     block_start_pos: np.ndarray  # int64 [nb]
     block_end_pos: np.ndarray  # int64 [nb]
     block_role: list[Any]  # [nb]
+    block_complete: np.ndarray  # bool [nb]: not cut by truncation
 
 
 def _side(tokens: Any, name: str) -> _Side:
@@ -128,13 +134,19 @@ def _side(tokens: Any, name: str) -> _Side:
     starts[1:] = (block_pos[1:] != block_pos[:-1] + 1) | (block_role[1:] != block_role[:-1])
     first = np.flatnonzero(starts)
     last = np.append(first[1:] - 1, len(block_pos) - 1).astype(_INT)
+    block_end_pos = block_pos[last] + 1 if len(block_pos) else np.zeros(0, _INT)
+    # A truncated sequence's last block may be cut; its full length is not known here, so a block reaching the last
+    # token counts as incomplete (a block that exactly fills the budget is dropped too: nothing follows it anyway).
+    truncated = bool(getattr(tokens, "truncated", False))
     return _Side(
         start_byte,
         end_byte,
+        role,
         is_block,
         block_pos[first],
-        block_pos[last] + 1 if len(block_pos) else np.zeros(0, _INT),
+        block_end_pos,
         list(block_role[first]),
+        ~(truncated & (block_end_pos == n)),
     )
 
 
@@ -157,7 +169,7 @@ def _match_blocks(teacher: _Side, student: _Side) -> tuple[np.ndarray, np.ndarra
         occurrence = seen.get(role, 0)
         seen[role] = occurrence + 1
         other = student_index.get((role, occurrence))
-        if other is None:
+        if other is None or not (teacher.block_complete[index] and student.block_complete[other]):
             continue
         teacher_byte = teacher.start_byte[teacher.block_start_pos[index]]
         student_byte = student.start_byte[student.block_start_pos[other]]
@@ -201,21 +213,11 @@ def _ranges(index: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray,
     return first, last + 1, count
 
 
-def _in_loss(
-    start_byte: np.ndarray, end_byte: np.ndarray, is_block: np.ndarray, loss_spans: Any
-) -> np.ndarray:
-    spans = np.asarray(loss_spans, dtype=_INT).reshape(-1, 2)
-    if len(spans) == 0:
-        return np.zeros(len(start_byte), bool)
-    order = np.argsort(spans[:, 0], kind="stable")
-    span_start = spans[order, 0]
-    # Among spans starting at or before x, the one reaching furthest decides "inside one span".
-    reach = np.maximum.accumulate(spans[order, 1])
-    text_span = np.searchsorted(span_start, start_byte, side="right") - 1
-    text_in = (text_span >= 0) & (reach[np.maximum(text_span, 0)] >= end_byte)
-    block_span = np.searchsorted(span_start, start_byte, side="left") - 1  # spans with start < o
-    block_in = (block_span >= 0) & (reach[np.maximum(block_span, 0)] >= start_byte)
-    return np.where(is_block, block_in, text_in)
+def _all_in_loss(side: _Side, index: np.ndarray, num_chunks: int, loss_spans: Any) -> np.ndarray:
+    """Per chunk: every token of this side that belongs to it is in the loss (`token_in_loss`)."""
+    outside = ~token_in_loss(side.start_byte, side.end_byte, side.role, loss_spans)
+    member = index >= 0
+    return np.bincount(index[member & outside], minlength=num_chunks)[:num_chunks] == 0
 
 
 def _sorted_intersection(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -239,7 +241,8 @@ def align_sequences(
     Args:
         teacher: object with per-token `start_byte`, `end_byte` (int64 [n], offsets in the content text; block
             tokens have zero width at the block's offset; a dummy prefix space is excluded) and `role` (None for
-            text tokens, the block role string otherwise; `role` itself may be None for an all-text sequence).
+            text tokens, the block role string otherwise; `role` itself may be None for an all-text sequence), and
+            optionally `truncated` (bool: cut at a maximum length, so its last block may be incomplete).
             A `TokenizedSequence` from `alm.templates.render` or a `StoredSequence`-derived object fits.
         student: the same for the student tokenization.
         loss_spans: int64 [k, 2] byte ranges `(start_byte, end_byte)` of the trainable text, or None to train on
@@ -249,7 +252,7 @@ def align_sequences(
 
     Returns:
         The valid chunks, sorted: none contains position 0 on either side, none lies in the unaligned tail after
-        truncation, none contains a dropped (one-sided) block token.
+        truncation, none contains a dropped (one-sided or truncated) block token.
 
     Raises:
         AlignmentError: malformed offsets.
@@ -292,11 +295,12 @@ def align_sequences(
         & (teacher_start > 0)
         & (student_start > 0)
     )
-    in_loss = (
-        np.ones(num_chunks, bool)
-        if loss_spans is None
-        else _in_loss(start_byte, end_byte, is_block, loss_spans)
-    )
+    if loss_spans is None:
+        in_loss = np.ones(num_chunks, bool)
+    else:
+        in_loss = _all_in_loss(teacher_side, teacher_index, num_chunks, loss_spans) & _all_in_loss(
+            student_side, student_index, num_chunks, loss_spans
+        )
     if not keep_outside_loss:
         valid &= in_loss
     order = np.lexsort((secondary, end_byte))
@@ -332,10 +336,11 @@ class _TokenOffsets:
     start_byte: np.ndarray
     end_byte: np.ndarray
     role: list[Any] | None
+    truncated: bool = False
 
 
 def _offsets(
-    tokens: Sequence[bytes], roles: Sequence[Any] | None, name: str
+    tokens: Sequence[bytes], roles: Sequence[Any] | None, name: str, truncated: bool = False
 ) -> tuple[_TokenOffsets, bytes]:
     if roles is not None and len(roles) != len(tokens):
         raise AlignmentError(
@@ -349,7 +354,10 @@ def _offsets(
     )
     end_byte = np.cumsum(lengths, dtype=_INT)
     text = b"".join(token for token, block in zip(tokens, is_block) if not block)
-    return _TokenOffsets(end_byte - lengths, end_byte, None if roles is None else list(roles)), text
+    offsets = _TokenOffsets(
+        end_byte - lengths, end_byte, None if roles is None else list(roles), truncated
+    )
+    return offsets, text
 
 
 def align_chunks(
@@ -359,6 +367,8 @@ def align_chunks(
     teacher_roles: Sequence[str | None] | None = None,
     student_roles: Sequence[str | None] | None = None,
     loss_spans: Any = None,
+    teacher_truncated: bool = False,
+    student_truncated: bool = False,
 ) -> Chunks:
     """Greedy ALM chunks between two tokenizations of the same text, given as token byte strings (§4.1).
 
@@ -376,6 +386,9 @@ def align_chunks(
             tokens; block tokens' bytes are ignored (they are not text). Consecutive same-role tokens form one block.
         student_roles: the same for the student.
         loss_spans: int [k, 2] byte ranges of the trainable text, or None for all.
+        teacher_truncated: the teacher tokens were cut at a maximum length, so a block ending at the last token may
+            be incomplete and is never matched.
+        student_truncated: the same for the student.
 
     Returns:
         `Chunks` with NumPy int64 arrays `teacher_start`, `teacher_end`, `student_start`, `student_end` (end
@@ -385,8 +398,8 @@ def align_chunks(
         AlignmentError: the two token sequences do not spell the same text (one must be a prefix of the other,
             since either side may be truncated).
     """
-    teacher, teacher_text = _offsets(teacher_tokens, teacher_roles, "teacher")
-    student, student_text = _offsets(student_tokens, student_roles, "student")
+    teacher, teacher_text = _offsets(teacher_tokens, teacher_roles, "teacher", teacher_truncated)
+    student, student_text = _offsets(student_tokens, student_roles, "student", student_truncated)
     common = min(len(teacher_text), len(student_text))
     if teacher_text[:common] != student_text[:common]:
         first = next(i for i in range(common) if teacher_text[i] != student_text[i])

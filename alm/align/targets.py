@@ -13,6 +13,11 @@ Choices where the spec leaves room (documented in docs/alm.md):
   probability is ≤ γ (the trailing group at truncation, or one forced to end by a gap): its debiasing factor is
   below γ, exactly the "erased chunk" case merging exists to avoid (§5.3 "trailing group", §13.6). A group that ends
   on a template block is kept: tokenization restarts after a block, so nothing is leaked across it.
+- For the same reason a group that ends on a template block gets no boundary term (append_space, §5.2) on either
+  side (`group_has_boundary_term` is False): the factor corrects the bias of a chunk whose tokenization could
+  continue, and a block's cannot. After a header the teacher's boundary mass can be tiny (`user\n` is followed by
+  text that seldom starts with a space: LT = −9.25 for `[<|im_start|>, user, \n]`) while a dummy-prefix
+  SentencePiece student's next token always starts with `▁`, so the term would ask for what the student cannot do.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ class AlmTargets:
 
     Attributes:
         teacher_group_logp: float32 [G], debiased teacher group log-prob: sum of the group's chunk log-probs
-            (each clipped to ≤ 0) plus the teacher boundary log-mass at the group's last token (append_space).
+            (each clipped to ≤ 0) plus the teacher boundary log-mass at the group's last token (append_space)
+            where `group_has_boundary_term`.
         teacher_group_start: int64 [G], first teacher token position of each group.
         teacher_group_end: int64 [G], one past the last teacher token position.
         student_group_start: int64 [G], first student token position.
@@ -43,6 +49,8 @@ class AlmTargets:
         teacher_chunk_last_pos: int64 [C], last teacher token of every aligned greedy (unmerged) chunk, loss mask
             not applied (§7.1).
         student_chunk_last_pos: int64 [C], the same on the student side.
+        group_has_boundary_term: bool [G], whether the boundary log-mass at the group's last token is part of the
+            group log-prob (append_space) on both sides: False for a group that ends on a template block.
     """
 
     teacher_group_logp: np.ndarray
@@ -54,6 +62,7 @@ class AlmTargets:
     student_group_last_pos: np.ndarray
     teacher_chunk_last_pos: np.ndarray
     student_chunk_last_pos: np.ndarray
+    group_has_boundary_term: np.ndarray
 
     @property
     def num_groups(self) -> int:
@@ -133,13 +142,15 @@ def build_alm_targets(
         ends_group[-1] = True
     group_last = np.flatnonzero(ends_group)
     group_first = np.concatenate([[0], group_last[:-1] + 1]).astype(_INT)[: len(group_last)]
+    has_boundary_term = ~loss_chunks.is_block[group_last]  # [G] no append_space after a block
     group_logp = (
         np.add.reduceat(chunk_logp, group_first) if len(group_last) else np.zeros(0)
-    ) + chunk_boundary[group_last]
+    ) + np.where(has_boundary_term, chunk_boundary[group_last], 0.0)
     keep = np.ones(len(group_last), bool)
     if drop_unterminated_groups:
         keep = is_boundary[group_last] | loss_chunks.is_block[group_last]
     group_first, group_last, group_logp = group_first[keep], group_last[keep], group_logp[keep]
+    has_boundary_term = has_boundary_term[keep]
 
     return AlmTargets(
         teacher_group_logp=group_logp.astype(np.float32),
@@ -151,6 +162,7 @@ def build_alm_targets(
         student_group_last_pos=student_end[group_last] - 1,
         teacher_chunk_last_pos=chunks.teacher_end - 1,
         student_chunk_last_pos=chunks.student_end - 1,
+        group_has_boundary_term=has_boundary_term,
     )
 
 

@@ -57,6 +57,15 @@ class TransferConfig(StrictModel):
         default=False,
         description="Give the student separate input and output embeddings (ALM_SPEC §8, byte students).",
     )
+    special_tokens: Literal["student", "teacher"] = Field(
+        default="student",
+        description=(
+            "`student`: the student tokenizer keeps its own special tokens and template family. `teacher`: the "
+            "teacher's special tokens are added to it (bos/eos/pad and chat template become the teacher's, their "
+            "embeddings are copied) and it renders the teacher's family, as the paper's transfers do (ALM_SPEC "
+            "§12 Table 12: losing them costs 55.1 -> 46.4). `tokenizer: bytes` always keeps the teacher's."
+        ),
+    )
 
 
 class StudentConfig(StrictModel):

@@ -26,34 +26,10 @@ import torch
 from alm.align import align_sequences
 from alm.align.targets import build_alm_targets, combine_boundary_classes
 from alm.losses.batch import pad_targets
-from alm.templates import document_from_stored, render, sequence_from_ids
+from alm.templates import document_from_stored, render, sequence_from_ids, token_in_loss
 from alm.vocab import Vocab
 
 logger = logging.getLogger(__name__)
-
-
-def token_in_loss(
-    start_byte: np.ndarray,
-    end_byte: np.ndarray,
-    role: Sequence[Any] | np.ndarray | None,
-    loss_spans: np.ndarray,
-) -> np.ndarray:
-    """Bool [n]: which tokens are in the loss region (team rule, docs/architecture.md).
-
-    A text token is in the loss iff its byte span lies inside one loss span; a block token at byte offset o iff
-    some span has `start < o <= end`.
-    """
-    spans = np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2)
-    is_block = (
-        np.array([r is not None for r in role], dtype=bool)
-        if role is not None
-        else np.zeros(len(start_byte), bool)
-    )
-    start = np.asarray(start_byte, dtype=np.int64)[:, None]
-    end = np.asarray(end_byte, dtype=np.int64)[:, None]
-    text_in = ((spans[None, :, 0] <= start) & (end <= spans[None, :, 1])).any(axis=1)
-    block_in = ((spans[None, :, 0] < start) & (start <= spans[None, :, 1])).any(axis=1)
-    return np.where(is_block, block_in, text_in)
 
 
 def chunk_logp_sums(logp: np.ndarray, start_pos: np.ndarray, end_pos: np.ndarray) -> np.ndarray:

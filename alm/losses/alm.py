@@ -283,7 +283,8 @@ def student_group_logp(
     Args:
         student_token_logp: fp32 [B, Ts], `log p_S(token_q | tokens[:q])` (anything at q = 0: never used).
         student_boundary_logmass: fp32 [B, Ts], boundary log-mass after token q.
-        targets: padded targets from `pad_targets` (`student_group_start/_end/_last_pos`, `group_mask`).
+        targets: padded targets from `pad_targets` (`student_group_start/_end/_last_pos`, `group_mask`,
+            `group_has_boundary_term`).
 
     Returns:
         fp32 [B, G]; padded groups hold 0.
@@ -309,6 +310,7 @@ def student_group_logp(
     boundary = student_boundary_logmass.gather(
         1, targets["student_group_last_pos"].clamp(min=0)
     )  # [B, G]
+    boundary = torch.where(targets["group_has_boundary_term"], boundary, 0.0)  # none after a block
     return torch.where(group_mask, sums.clamp(max=0.0) + boundary, 0.0)
 
 

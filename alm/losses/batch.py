@@ -43,7 +43,7 @@ def pad_targets(examples: Sequence[AlmTargets]) -> dict[str, torch.Tensor]:
         - `teacher_group_logp` float32 [B, G] (0 where padded);
         - `student_group_start`, `student_group_end`, `student_group_last_pos`, `teacher_group_start`,
           `teacher_group_end`, `teacher_group_last_pos` int64 [B, G] (-1 where padded);
-        - `group_mask` bool [B, G];
+        - `group_mask` bool [B, G]; `group_has_boundary_term` bool [B, G] (False where padded);
         - `teacher_chunk_last_pos`, `student_chunk_last_pos` int64 [B, C] (-1 where padded), `chunk_mask` bool
           [B, C] (hidden-state loss positions, §7.1);
         - `num_groups`, `num_chunks` int64 scalars (this micro-batch's counts, to sum into the global normaliser).
@@ -59,6 +59,9 @@ def pad_targets(examples: Sequence[AlmTargets]) -> dict[str, torch.Tensor]:
     }
     for field in _GROUP_FIELDS:
         batch[field] = _pad([getattr(e, field) for e in examples], group_width, -1, np.int64)
+    batch["group_has_boundary_term"] = _pad(
+        [e.group_has_boundary_term for e in examples], group_width, False, np.bool_
+    )
     batch["group_mask"] = (
         torch.arange(group_width)[None, :] < torch.tensor(num_groups, dtype=torch.int64)[:, None]
     )

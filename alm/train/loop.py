@@ -31,7 +31,6 @@ from alm.data.loader import MicroBatches, make_loader
 from alm.data.student import StudentExampleBuilder
 from alm.errors import ConfigError, StoreError, StoreMismatchError
 from alm.store.reader import open_store
-from alm.templates import family_for_tokenizer
 from alm.train import parallel
 from alm.train.checkpoint import (
     list_checkpoints,
@@ -281,11 +280,7 @@ def run_train(
     if resume and parallel.is_main():
         truncate_metrics(out, start_step)
 
-    family = (
-        cfg.student.family
-        if cfg.student.family != "auto"
-        else family_for_tokenizer(student.tokenizer)
-    )
+    family = student.family
     boundary_ids = cfg.loss.boundary_class_ids()
     builder_args = {
         "teacher_vocab": stores.teacher_vocab,

@@ -4,9 +4,15 @@ Owns tokenizer transfer (ALM_SPEC §8, "FVT" initialisation): the teacher's weig
 embeddings; each new token's input (and output) embedding is
 
 1. the teacher embedding of the token with the same bytes, if the teacher vocabulary has one;
-2. for special tokens, the teacher special token with the same role (`bos`, `eos`, `pad`, or its own string);
+2. for special tokens, the teacher special token with the same string (`<|endoftext|>` is SmolLM2's unk but
+   GPT-2's bos: the string decides), else the one with the same role (`bos`, `eos`, `pad`, `unk`);
 3. otherwise the mean of the teacher embeddings of the token's decomposition under the teacher tokenizer;
 4. otherwise (no decomposition) a normal draw with the old embeddings' per-dimension mean and std.
+
+`transfer.special_tokens: teacher` first adds the teacher's special tokens to the student tokenizer
+(`with_teacher_special_tokens`: bos/eos/pad and the chat template become the teacher's), so every one of them is
+copied by rule 2 and the student renders the teacher's template family: the paper keeps the original special tokens
+because losing them (BOS above all) costs 55.1 -> 46.4 (ALM_SPEC §12, Table 12).
 
 Input and output embeddings can be untied (byte students, ALM_SPEC §8). LoRA comes from `peft`, imported lazily.
 Never imports `torch.distributed` (see `alm.train.parallel`).
@@ -24,6 +30,7 @@ from torch import nn
 
 from alm.config.train import LoraConfig, StudentConfig
 from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
+from alm.templates import resolve_family
 from alm.vocab import (
     Vocab,
     build_byte_tokenizer,
@@ -40,12 +47,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Student:
-    """A student ready to train: the model, its tokenizer, the tokenizer as bytes, and where it came from."""
+    """A student ready to train: the model, its tokenizer, the tokenizer as bytes, where it came from, and the
+    template family it renders sequences in (`alm.templates`)."""
 
     model: PreTrainedModel
     tokenizer: Any
     vocab: Vocab
     source: str
+    family: str
 
 
 @dataclass(frozen=True)
@@ -53,9 +62,15 @@ class TransferReport:
     """How each new token's embedding was initialised (counts by rule)."""
 
     num_copied: int
-    num_special: int
+    num_special_by_string: int
+    num_special_by_role: int
     num_averaged: int
     num_random: int
+
+    @property
+    def num_special(self) -> int:
+        """Special tokens copied from a teacher special (by string or by role)."""
+        return self.num_special_by_string + self.num_special_by_role
 
 
 def load_tokenizer(name: str) -> Any:
@@ -92,12 +107,48 @@ def load_causal_lm(name: str) -> PreTrainedModel:
         ) from None
 
 
-def byte_tokenizer_like(teacher_tokenizer: Any) -> Any:
-    """The pure byte tokenizer with the teacher's special tokens (same strings, same bos/eos/pad roles)."""
-    specials = list(dict.fromkeys(teacher_tokenizer.all_special_tokens))
-    for added in teacher_tokenizer.added_tokens_decoder.values():
+def special_token_strings(tokenizer: Any) -> list[str]:
+    """Every special token string of `tokenizer`: the named ones (bos, eos, unk, pad, ...), then the added special
+    tokens in id order."""
+    specials = list(dict.fromkeys(str(t) for t in tokenizer.all_special_tokens))
+    for _, added in sorted(tokenizer.added_tokens_decoder.items()):
         if getattr(added, "special", False) and added.content not in specials:
             specials.append(added.content)
+    return specials
+
+
+def with_teacher_special_tokens(student_tokenizer: Any, teacher_tokenizer: Any) -> Any:
+    """A copy of `student_tokenizer` that also has every teacher special token, with the teacher's roles.
+
+    Teacher specials the student lacks are appended as new special ids (regular text tokenizes exactly as
+    before); bos, eos, unk and pad become the teacher's where the teacher has them; the chat template becomes the
+    teacher's. Tokenizer transfer then copies all of them by string, as the paper's `target=<teacher family>`
+    tokenizers do (ALM_SPEC §11.2, Table 12).
+    """
+    import copy
+
+    from tokenizers import AddedToken
+
+    tokenizer = copy.deepcopy(student_tokenizer)
+    have = set(special_token_strings(tokenizer))
+    new = [s for s in special_token_strings(teacher_tokenizer) if s not in have]
+    if new:
+        tokenizer.add_tokens(
+            [AddedToken(s, special=True, normalized=False) for s in new], special_tokens=True
+        )
+    for role in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = getattr(teacher_tokenizer, role, None)
+        if value:
+            setattr(tokenizer, role, str(value))
+    template = getattr(teacher_tokenizer, "chat_template", None)
+    if template:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def byte_tokenizer_like(teacher_tokenizer: Any) -> Any:
+    """The pure byte tokenizer with the teacher's special tokens (same strings, same bos/eos/pad roles)."""
+    specials = special_token_strings(teacher_tokenizer)
     tok = build_byte_tokenizer(
         specials,
         bos=teacher_tokenizer.bos_token,
@@ -136,16 +187,24 @@ def transfer_embeddings(
     for tid, tb in enumerate(teacher_vocab.token_bytes[:num_old]):
         if tb and not teacher_vocab.is_special[tid]:
             teacher_id_by_bytes.setdefault(tb, tid)
-    teacher_id_by_role = {
-        role: tid for tid, role in teacher_vocab.special_role.items() if tid < num_old
-    }
-    counts = {"copied": 0, "special": 0, "averaged": 0, "random": 0}
+    teacher_id_by_text: dict[str, int] = {}
+    teacher_id_by_role: dict[str, int] = {}
+    for tid in sorted(teacher_vocab.special_role):
+        if tid < num_old:
+            teacher_id_by_text.setdefault(teacher_vocab.special_text.get(tid, ""), tid)
+            teacher_id_by_role.setdefault(teacher_vocab.special_role[tid], tid)
+    teacher_id_by_text.pop("", None)
+    counts = {"copied": 0, "by_string": 0, "by_role": 0, "averaged": 0, "random": 0}
     for sid, sb in enumerate(student_vocab.token_bytes):
         if student_vocab.is_special[sid]:
-            tid = teacher_id_by_role.get(student_vocab.special_role.get(sid, ""))
+            tid = teacher_id_by_text.get(student_vocab.special_text.get(sid, ""))
+            rule = "by_string"
+            if tid is None:
+                tid = teacher_id_by_role.get(student_vocab.special_role.get(sid, ""))
+                rule = "by_role"
             if tid is not None:
                 new[sid] = old[tid]
-                counts["special"] += 1
+                counts[rule] += 1
                 continue
         elif sb in teacher_id_by_bytes:
             new[sid] = old[teacher_id_by_bytes[sb]]
@@ -160,7 +219,11 @@ def transfer_embeddings(
         new[sid] = mean + std * torch.randn(old.shape[1], generator=generator)
         counts["random"] += 1
     report = TransferReport(
-        counts["copied"], counts["special"], counts["averaged"], counts["random"]
+        counts["copied"],
+        counts["by_string"],
+        counts["by_role"],
+        counts["averaged"],
+        counts["random"],
     )
     return new.to(old_embeddings.dtype), report
 
@@ -277,10 +340,12 @@ def transfer_model(
         for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(generation_config, attr, getattr(model.config, attr, None))
     logger.info(
-        "tokenizer transfer to %d tokens: %d copied, %d special by role, %d averaged, %d random%s",
+        "tokenizer transfer to %d tokens: %d copied, %d special by string, %d special by role, %d averaged, "
+        "%d random%s",
         num_new,
         report.num_copied,
-        report.num_special,
+        report.num_special_by_string,
+        report.num_special_by_role,
         report.num_averaged,
         report.num_random,
         " (untied)" if not keep_tied else "",
@@ -320,7 +385,7 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
                 f"{num_embeddings} embeddings; use student.transfer to move a "
                 "model to a new tokenizer"
             )
-        return Student(model, tokenizer, vocab, cfg.model)
+        return Student(model, tokenizer, vocab, cfg.model, resolve_family(cfg.family, tokenizer))
     source = cfg.transfer.from_
     if source == "teacher":
         if not teacher_model:
@@ -336,6 +401,16 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
         student_tokenizer = load_tokenizer(cfg.transfer.tokenizer)
         if cfg.strip_unicode_normalizer:
             student_tokenizer = without_unicode_normalizer(student_tokenizer)
+        if cfg.transfer.special_tokens == "teacher":
+            student_tokenizer = with_teacher_special_tokens(student_tokenizer, teacher_tokenizer)
+    # With the teacher's special tokens the student speaks the teacher's template, even where it also has its own
+    # family's markers (detection would pick e.g. chatml from a Qwen2 tokenizer carrying Llama-3's specials).
+    keeps_teacher_specials = (
+        cfg.transfer.tokenizer == "bytes" or cfg.transfer.special_tokens == "teacher"
+    )
+    family = resolve_family(
+        cfg.family, teacher_tokenizer if keeps_teacher_specials else student_tokenizer
+    )
     transfer_model(
         model,
         teacher_tokenizer,
@@ -343,7 +418,9 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
         untie_embeddings=cfg.transfer.untie_embeddings,
         seed=seed,
     )
-    return Student(model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source)
+    return Student(
+        model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source, family
+    )
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:

@@ -182,7 +182,7 @@ def documents(draw):
                 tokens += [b"<" + value.encode() + b">"] * width
                 roles += [value] * width
         keep = draw(st.integers(1, max(1, len(tokens)))) if draw(st.booleans()) else len(tokens)
-        sides.append((tokens[:keep], roles[:keep]))
+        sides.append((tokens[:keep], roles[:keep], keep < len(tokens)))
     total = sum(len(v) for k, v in segments if k == "text")
     span_points = sorted(draw(st.lists(st.integers(0, total), max_size=4)))
     loss_spans = [(a, b) for a, b in zip(span_points[::2], span_points[1::2])]
@@ -193,7 +193,54 @@ def documents(draw):
 @settings(max_examples=300, deadline=None)
 @given(documents())
 def test_vectorised_alignment_matches_the_reference_walk(doc):
-    (teacher, teacher_roles), (student, student_roles), loss_spans = doc
+    (teacher, teacher_roles, teacher_cut), (student, student_roles, student_cut), loss_spans = doc
+    chunks = align_chunks(
+        teacher,
+        student,
+        teacher_roles=teacher_roles,
+        student_roles=student_roles,
+        loss_spans=loss_spans,
+        teacher_truncated=teacher_cut,
+        student_truncated=student_cut,
+    )
+    expected = reference_align(
+        teacher,
+        student,
+        teacher_roles,
+        student_roles,
+        loss_spans,
+        teacher_truncated=teacher_cut,
+        student_truncated=student_cut,
+    )
+    assert as_tuples(chunks) == ref_tuples(expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents())
+def test_blocks_cut_by_truncation_are_never_matched(doc):
+    (teacher, teacher_roles, teacher_cut), (student, student_roles, student_cut), loss_spans = doc
+    chunks = align_chunks(
+        teacher,
+        student,
+        teacher_roles=teacher_roles,
+        student_roles=student_roles,
+        loss_spans=loss_spans,
+        teacher_truncated=teacher_cut,
+        student_truncated=student_cut,
+    )
+    blocks = chunks.select(chunks.is_block)
+    if teacher_cut:
+        assert (blocks.teacher_end < len(teacher)).all()
+    if student_cut:
+        assert (blocks.student_end < len(student)).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(documents())
+def test_no_header_is_in_the_loss_unless_all_text_is(doc):
+    (teacher, teacher_roles, _), (student, student_roles, _), loss_spans = doc
+    if loss_spans is None:
+        return
     chunks = align_chunks(
         teacher,
         student,
@@ -201,14 +248,17 @@ def test_vectorised_alignment_matches_the_reference_walk(doc):
         student_roles=student_roles,
         loss_spans=loss_spans,
     )
-    expected = reference_align(teacher, student, teacher_roles, student_roles, loss_spans)
-    assert as_tuples(chunks) == ref_tuples(expected)
+    covered = {byte for start, end in loss_spans for byte in range(start, end)}
+    text_bytes = sum(len(t) for t, r in zip(teacher, teacher_roles) if r is None)
+    for ts, _, _, _, _, _, is_block in as_tuples(chunks):
+        if is_block and teacher_roles[ts] in ("bos", "header:user", "header:assistant"):
+            assert covered >= set(range(text_bytes))
 
 
 @settings(max_examples=200, deadline=None)
 @given(documents())
 def test_special_blocks_align_by_role_and_one_sided_roles_are_dropped(doc):
-    (teacher, teacher_roles), (student, student_roles), _ = doc
+    (teacher, teacher_roles, _), (student, student_roles, _), _ = doc
     chunks = align_chunks(
         teacher, student, teacher_roles=teacher_roles, student_roles=student_roles
     )
@@ -254,6 +304,54 @@ def test_loss_region_trains_the_closing_block_but_not_the_header():
         teacher, student, teacher_roles=roles, student_roles=roles, loss_spans=[(1, 7)]
     )
     assert as_tuples(chunks) == [(5, 7, 5, 7, 1, 7, False), (7, 8, 7, 8, 7, 7, True)]
+
+
+def test_the_next_turns_header_at_the_closing_offset_is_not_in_the_loss():
+    # The assistant turn ends at byte 7, where its eot and the next user header both sit: segment order decides.
+    teacher = [b"", b"q", b"", b"", b"an", b"swer", b"", b"", b"more", b""]
+    roles = [
+        "header:user",
+        None,
+        "eot",
+        "header:assistant",
+        None,
+        None,
+        "eot",
+        "header:user",
+        None,
+        "eot",
+    ]
+    chunks = align_chunks(
+        teacher, teacher, teacher_roles=roles, student_roles=roles, loss_spans=[(1, 7)]
+    )
+    assert as_tuples(chunks) == [
+        (4, 5, 4, 5, 1, 3, False),
+        (5, 6, 5, 6, 3, 7, False),
+        (6, 7, 6, 7, 7, 7, True),
+    ]
+    everything = align_chunks(
+        teacher, teacher, teacher_roles=roles, student_roles=roles, loss_spans=[(0, 11)]
+    )
+    # With every text trained (`loss: all`), the headers after the first text are trained too.
+    assert everything.is_block.sum() == 5 and everything.in_loss.all()
+
+
+def test_a_truncated_header_is_not_matched_against_a_whole_one():
+    # Teacher `[<|im_start|>, user, \n]` cut after two tokens, against a student's one-token header.
+    teacher = [b"", b"Hi", b"", b"", b""]
+    teacher_roles = ["bos", None, "eot", "header:user", "header:user"]
+    student = [b"", b"H", b"i", b"", b""]
+    student_roles = ["bos", None, None, "eot", "header:user"]
+    whole = align_chunks(teacher, student, teacher_roles=teacher_roles, student_roles=student_roles)
+    assert whole.is_block.tolist() == [False, True, True]
+    cut = align_chunks(
+        teacher,
+        student,
+        teacher_roles=teacher_roles,
+        student_roles=student_roles,
+        teacher_truncated=True,
+    )
+    assert as_tuples(cut) == [(1, 2, 1, 3, 0, 2, False), (2, 3, 3, 4, 2, 2, True)]
 
 
 def test_zero_width_dummy_prefix_token_joins_the_following_chunk():

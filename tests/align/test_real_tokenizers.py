@@ -177,7 +177,142 @@ def test_chat_templates_align_blocks_by_role_across_families():
     teacher, student_seq, _, _ = rendered_pair("sentencepiece", document)  # chatml against gemma
     chunks = align_sequences(teacher, student_seq, teacher.loss_spans)
     block_roles = [teacher.role[s] for s, b in zip(chunks.teacher_start, chunks.is_block) if b]
-    # Loss region = the assistant text: its closing eot (and the eos at the same offset) are trained, its header is
-    # not; chatml has no bos, so the student's bos is dropped.
-    assert block_roles == ["eot", "eos"]
+    # Loss region = the assistant text: its closing eot is trained, its header is not; chatml has no bos, so the
+    # student's bos is dropped; a chat document has no eos after its final end-of-turn.
+    assert block_roles == ["eot"]
     assert chunks.start_byte[~chunks.is_block].min() >= len(b"Hi there!")
+
+
+# --- chat renderings: the loss region, boundary terms and truncated blocks (issue 8 items 4-5) --------------------
+
+LLAMA3_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
+# (teacher, student): chatml against llama3, gemma and chatml, and gemma/llama3 teachers against chatml.
+CHAT_PAIRS = (
+    ("smollm2", "bytes_llama3"),
+    ("smollm2", "sentencepiece"),
+    ("smollm2", "bpe"),
+    ("sentencepiece", "smollm2"),
+    ("bytes_llama3", "sentencepiece"),
+)
+DIALOGUE = [
+    ("system", b"Answer briefly."),
+    ("user", b"What is 2+2?"),
+    ("assistant", b"It is 4."),
+    ("user", "And in Japanese? 日本語".encode()),
+    ("assistant", " 四 (yon).\n".encode()),
+]
+HEADERS = ("bos", "header:user", "header:assistant", "header:system")
+
+
+@functools.cache
+def chat_tokenizer_and_vocab(name: str):
+    if name == "bytes_llama3":
+        tokenizer = byte_tokenizer(specials=LLAMA3_SPECIALS)
+        return tokenizer, vocab_from_tokenizer(tokenizer)
+    return tokenizer_and_vocab(name)
+
+
+def chat_pair(teacher_name, student_name, document, teacher_max=None, student_max=None):
+    teacher_tok, teacher_vocab = chat_tokenizer_and_vocab(teacher_name)
+    student_tok, student_vocab = chat_tokenizer_and_vocab(student_name)
+    teacher = render(document, teacher_tok, teacher_vocab, max_length=teacher_max)
+    student_seq = render(document, student_tok, student_vocab, max_length=student_max)
+    return teacher, student_seq
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name"), CHAT_PAIRS)
+@pytest.mark.parametrize("loss", ["assistant", "last_assistant", "all"])
+def test_no_header_group_is_in_the_loss_and_block_groups_have_no_boundary_term(
+    teacher_name, student_name, loss
+):
+    document = chat_document("chat", "test", 0, DIALOGUE, loss=loss)
+    teacher, student_seq = chat_pair(teacher_name, student_name, document)
+    chunks = align_sequences(teacher, student_seq, teacher.loss_spans)
+    teacher_roles = [teacher.role[s] for s in chunks.teacher_start]
+    student_roles = [student_seq.role[s] for s in chunks.student_start]
+    trained_blocks = [r for r, b in zip(teacher_roles, chunks.is_block) if b]
+    turns = {"assistant": 2, "last_assistant": 1, "all": 5}[loss]
+    if loss == "all":
+        # Every turn's eot, and the headers between two trained texts (not the first, before any text).
+        assert trained_blocks.count("eot") == turns
+        assert "header:assistant" in trained_blocks and "header:user" in trained_blocks
+    else:
+        # Only the eot closing each trained assistant turn: no header, although the next header sits at the same
+        # byte offset as that eot.
+        assert trained_blocks == ["eot"] * turns
+        assert not {*teacher_roles, *student_roles} & set(HEADERS)
+    rng = np.random.default_rng(0)
+    logp = np.concatenate([[np.nan], -rng.exponential(1.0, size=len(teacher) - 1)])
+    boundary = np.log(rng.uniform(0.01, 0.05, size=len(teacher)))  # below γ: only blocks end groups
+    boundary[chunks.teacher_end - 1] = np.where(chunks.is_block, np.log(0.01), np.log(0.5))
+    targets = build_alm_targets(chunks, logp, boundary, gamma=0.1)
+    ends_on_block = np.isin(targets.teacher_group_end, chunks.teacher_end[chunks.is_block])
+    assert ends_on_block.any()
+    np.testing.assert_array_equal(targets.group_has_boundary_term, ~ends_on_block)
+    for g in np.flatnonzero(ends_on_block):
+        start, end = targets.teacher_group_start[g], targets.teacher_group_end[g]
+        assert targets.teacher_group_logp[g] == pytest.approx(logp[start:end].sum(), rel=1e-6)
+        group_roles = set(teacher.role[start:end]) | set(
+            student_seq.role[targets.student_group_start[g] : targets.student_group_end[g]]
+        )
+        if loss != "all":
+            assert not group_roles & set(HEADERS)
+
+
+def complete_blocks(sequence, vocab, tokenizer):
+    """Per block run of `sequence`: (role, its token ids, the family's whole block ids)."""
+    from alm.templates import block_token_ids, family_for_tokenizer
+
+    family = family_for_tokenizer(tokenizer)
+    out = []
+    pos = 0
+    roles = list(sequence.role)
+    while pos < len(roles):
+        if roles[pos] is None:
+            pos += 1
+            continue
+        end = pos
+        while end < len(roles) and roles[end] == roles[pos]:
+            end += 1
+        whole = block_token_ids(family, roles[pos], tokenizer, vocab).tolist()
+        out.append((pos, end, sequence.token_id[pos:end].tolist(), whole))
+        pos = end
+    return out
+
+
+@pytest.mark.parametrize(("teacher_name", "student_name"), CHAT_PAIRS)
+def test_truncated_blocks_are_never_matched(teacher_name, student_name):
+    document = chat_document("chat", "test", 0, DIALOGUE, loss="all")
+    teacher_tok, teacher_vocab = chat_tokenizer_and_vocab(teacher_name)
+    student_tok, student_vocab = chat_tokenizer_and_vocab(student_name)
+    full_teacher, full_student = chat_pair(teacher_name, student_name, document)
+    cut_blocks = 0
+    for teacher_max in range(2, len(full_teacher) + 1):
+        # The student cut near the same text offset, one token either side.
+        cut_byte = full_teacher.start_byte[min(teacher_max, len(full_teacher) - 1)]
+        student_max = int(np.searchsorted(full_student.start_byte, cut_byte, side="right"))
+        for student_cut in {max(1, student_max - 1), max(1, student_max), student_max + 1}:
+            teacher, student_seq = chat_pair(
+                teacher_name, student_name, document, teacher_max, student_cut
+            )
+            chunks = align_sequences(
+                teacher, student_seq, teacher.loss_spans, keep_outside_loss=True
+            )
+            for side, vocab, tok, starts, ends in (
+                (teacher, teacher_vocab, teacher_tok, chunks.teacher_start, chunks.teacher_end),
+                (student_seq, student_vocab, student_tok, chunks.student_start, chunks.student_end),
+            ):
+                blocks = {
+                    (s, e): (ids, whole) for s, e, ids, whole in complete_blocks(side, vocab, tok)
+                }
+                cut_blocks += sum(ids != whole for ids, whole in blocks.values())
+                for s, e in zip(starts[chunks.is_block], ends[chunks.is_block]):
+                    ids, whole = blocks[(int(s), int(e))]
+                    assert ids == whole, (teacher_max, student_cut)
+    assert cut_blocks > 0  # some cuts fell inside a block

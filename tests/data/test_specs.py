@@ -179,8 +179,7 @@ def test_jsonl_chat_source_with_role_map_and_loss_regions(tmp_path):
             "bos",
             *["header:system", "text", "eot"],
             *["header:user", "text", "eot", "header:assistant", "text", "eot"] * 2,
-            "eos",
-        ]
+        ]  # no eos after the final end-of-turn (ALM_SPEC §3)
         assert [s.text for s in second if s.role == "text" and s.in_loss] == expected
 
 
@@ -206,7 +205,7 @@ def test_prompt_response_fields_make_one_turn(tmp_path):
         }
     )
     (doc,) = iter_documents(spec)
-    assert doc.segments[1:-1] == (
+    assert doc.segments[1:] == (
         Segment("header:user"),
         Segment("text", b"1+1?", False),
         Segment("eot"),

@@ -125,21 +125,15 @@ def test_chat_loss_mask_trains_assistant_turns_and_their_closing_block():
         if m and r is None
     )
     assert trained_text == b"Four.Five, no, six."
-    # Blocks at offset o are trained iff start < o <= end of an assistant span (team rule): the turn's closing
-    # eot (and whatever else sits at that same offset), never the header that opens an assistant turn.
+    # Blocks by segment order (alm.templates.token_in_loss): a trained turn's closing eot, never a header (not
+    # even the next turn's, at the same byte offset as that eot).
     trained_blocks = [r for r, m in zip(student.role, mask) if m and r is not None]
-    assert "eot" in trained_blocks and "header:assistant" not in trained_blocks
+    assert trained_blocks == ["eot"] * (list(student.role).count("eot") // 2)  # 2 of 4 turns
     # ALM groups only inside the loss region too
-    spans = stored.loss_spans
+    in_loss = token_in_loss(student.start_byte, student.end_byte, student.role, stored.loss_spans)
     t = example["targets"]
     for g in range(t.num_groups):
-        tokens = range(t.student_group_start[g], t.student_group_end[g])
-        assert all(
-            token_in_loss(student.start_byte[[q]], student.end_byte[[q]], student.role[[q]], spans)[
-                0
-            ]
-            for q in tokens
-        )
+        assert in_loss[t.student_group_start[g] : t.student_group_end[g]].all()
 
 
 def test_truncated_student_keeps_only_the_aligned_prefix():

@@ -349,3 +349,36 @@ def test_token_stats_stay_exact_when_the_boundary_mass_underflows():
     assert torch.isfinite(boundary).all() and boundary[:3].max() < -140
     torch.testing.assert_close(boundary.double(), want_boundary, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(leaf.grad.double(), reference.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_group_ending_on_a_template_block_has_no_boundary_term_on_either_side():
+    # Text "ab" then an eot block (two teacher tokens, one student token); every boundary probability is 0.5 > γ,
+    # so each chunk is its own group. The block group is the plain sum of log-probs on both sides (issue 8 item 4).
+    teacher, teacher_roles = [b"", b"ab", b"", b""], ["bos", None, "eot", "eot"]
+    student, student_roles = [b"", b"a", b"b", b""], ["bos", None, None, "eot"]
+    chunks = align_chunks(
+        teacher, student, teacher_roles=teacher_roles, student_roles=student_roles
+    )
+    teacher_logp = np.array([np.nan, -1.0, -2.0, -0.5])
+    teacher_boundary = np.full(4, math.log(0.5))
+    targets = build_alm_targets(chunks, teacher_logp, teacher_boundary)
+    assert targets.group_has_boundary_term.tolist() == [True, False]
+    np.testing.assert_allclose(targets.teacher_group_logp, [-1.0 + math.log(0.5), -2.5], rtol=1e-6)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 4, 6, generator=generator, dtype=torch.float64)
+    ids = torch.tensor([[5, 1, 2, 4]])
+    boundary_mask = torch.tensor([True, False, False, True, True, True])
+    out = alm_batch_loss(
+        logits.float(),
+        ids,
+        boundary_mask,
+        [chunks],
+        [teacher_logp],
+        [teacher_boundary],
+        divergence="abs",
+    )
+    logsm = torch.log_softmax(logits[0], dim=-1)
+    student_text = logsm[0, 1] + logsm[1, 2] + torch.logsumexp(logsm[2][boundary_mask], 0)
+    student_block = logsm[2, 4]  # no boundary mass after the block
+    want = (abs(-1.0 + math.log(0.5) - student_text) + abs(-2.5 - student_block)) / 2
+    assert out.loss.item() == pytest.approx(want.item(), rel=1e-5)

@@ -1,8 +1,9 @@
 """Reference ALM, written straight from ALM_SPEC.md §4–§6 as plain per-token / per-chunk Python loops.
 
-Independent of `alm.align` and `alm.losses`: a two-pointer walk over token byte strings (§4.1, with the team's rules
-for blocks, position 0, the tail and loss spans), per-chunk sums, merging, debiasing and the divergences evaluated
-from their Bernoulli definitions in float64. Slow on purpose; only for tests.
+Independent of `alm.align`, `alm.templates` and `alm.losses`: a two-pointer walk over token byte strings (§4.1,
+with the team's rules for blocks, truncated blocks, position 0, the tail and the loss region), per-chunk sums,
+merging, debiasing (none after a template block) and the divergences evaluated from their Bernoulli definitions in
+float64. Slow on purpose; only for tests.
 """
 
 from __future__ import annotations
@@ -51,6 +52,38 @@ def _byte_offsets(tokens: list[bytes], roles: list) -> list[int]:
     return offsets
 
 
+OPENING_ROLES = ("bos", "header:user", "header:assistant", "header:system")
+
+
+def reference_token_in_loss(
+    tokens: list[bytes], roles: list, loss_spans: list[tuple[int, int]]
+) -> list[bool]:
+    """Per token, from the rule's statement: text whose every byte is covered by some span (a zero-width token:
+    the byte it sits before); a block run iff the token before it is in, and an opening block (bos, header) only
+    if every text token is in too."""
+    covered = {byte for start, end in loss_spans for byte in range(start, end)}
+    offsets = _byte_offsets(tokens, roles)
+    flags = []
+    for pos, (token, role) in enumerate(zip(tokens, roles)):
+        first = offsets[pos]
+        if role is None:
+            flags.append(all(b in covered for b in range(first, first + max(len(token), 1))))
+        else:
+            flags.append(False)  # decided below
+    every_text = all(f for f, r in zip(flags, roles) if r is None)
+    for pos, role in enumerate(roles):
+        if role is None:
+            continue
+        run_start = pos
+        while run_start > 0 and roles[run_start - 1] == role:
+            run_start -= 1
+        trained = run_start > 0 and flags[run_start - 1]
+        if role in OPENING_ROLES:
+            trained = trained and every_text
+        flags[pos] = trained
+    return flags
+
+
 def reference_align(
     teacher_tokens: list[bytes],
     student_tokens: list[bytes],
@@ -58,6 +91,8 @@ def reference_align(
     student_roles: list | None = None,
     loss_spans: list[tuple[int, int]] | None = None,
     keep_outside_loss: bool = False,
+    teacher_truncated: bool = False,
+    student_truncated: bool = False,
 ) -> list[RefChunk]:
     teacher_roles = (
         list(teacher_roles) if teacher_roles is not None else [None] * len(teacher_tokens)
@@ -68,7 +103,8 @@ def reference_align(
     teacher_offsets = _byte_offsets(teacher_tokens, teacher_roles)
     student_offsets = _byte_offsets(student_tokens, student_roles)
 
-    # Blocks: the k-th block of a role on each side, kept when both are at the same byte offset and in order.
+    # Blocks: the k-th block of a role on each side, kept when both are at the same byte offset and in order, and
+    # neither reaches the end of a truncated side (it may have been cut).
     teacher_blocks, student_blocks = _blocks(teacher_roles), _blocks(student_roles)
     pair_of_teacher: dict[int, int] = {}  # teacher block start pos -> pair id
     pair_of_student: dict[int, int] = {}
@@ -82,6 +118,11 @@ def reference_align(
             continue
         s_index = same_role[occurrence]
         _, s_start, s_end = student_blocks[s_index]
+        cut = (teacher_truncated and t_end == len(teacher_tokens)) or (
+            student_truncated and s_end == len(student_tokens)
+        )
+        if cut:
+            continue
         if teacher_offsets[t_start] == student_offsets[s_start] and s_index > last_student_block:
             last_student_block = s_index
             pair_of_teacher[t_start] = t_index
@@ -171,16 +212,17 @@ def reference_align(
         break  # one side ended (truncation): the rest is the unaligned tail
 
     out = []
+    if loss_spans is not None:
+        teacher_flags = reference_token_in_loss(teacher_tokens, teacher_roles, loss_spans)
+        student_flags = reference_token_in_loss(student_tokens, student_roles, loss_spans)
     for chunk in chunks:
         if chunk.teacher_start == 0 or chunk.student_start == 0:
             continue
         if loss_spans is not None:
-            if chunk.is_block:
-                chunk.in_loss = any(s < chunk.start_byte <= e for s, e in loss_spans)
-            else:
-                chunk.in_loss = any(
-                    s <= chunk.start_byte and chunk.end_byte <= e for s, e in loss_spans
-                )
+            # A chunk is in the loss iff every token it holds, on both sides, is.
+            chunk.in_loss = all(teacher_flags[chunk.teacher_start : chunk.teacher_end]) and all(
+                student_flags[chunk.student_start : chunk.student_end]
+            )
         if chunk.in_loss or keep_outside_loss:
             out.append(chunk)
     return out
@@ -193,6 +235,7 @@ class RefGroup:
     teacher_end: int
     student_start: int
     student_end: int
+    has_boundary_term: bool = True  # append_space on both sides; none after a template block
 
 
 def reference_groups(
@@ -222,11 +265,13 @@ def reference_groups(
             if terminated or chunk.is_block or not drop_unterminated:
                 groups.append(
                     RefGroup(
-                        teacher_logp=sum(lp for _, lp in current) + boundary,
+                        teacher_logp=sum(lp for _, lp in current)
+                        + (0.0 if chunk.is_block else boundary),
                         teacher_start=current[0][0].teacher_start,
                         teacher_end=chunk.teacher_end,
                         student_start=current[0][0].student_start,
                         student_end=chunk.student_end,
+                        has_boundary_term=not chunk.is_block,
                     )
                 )
             current = []
@@ -288,7 +333,7 @@ def reference_loss(
             boundary = torch.clamp(
                 torch.logsumexp(logsm[last][student_boundary_mask[:size]], dim=0), max=0.0
             )
-            student_logp = token_sum + boundary
+            student_logp = token_sum + boundary if group.has_boundary_term else token_sum
             teacher_logp = torch.tensor(group.teacher_logp, dtype=torch.float64)
             total = (
                 total

@@ -6,7 +6,14 @@ import copy
 
 import pytest
 import torch
-from factories import CHATML_SPECIALS, bpe_tokenizer, byte_tokenizer, tiny_llama, tiny_llama_config
+from factories import (
+    CHATML_SPECIALS,
+    bpe_tokenizer,
+    byte_tokenizer,
+    corpus_texts,
+    tiny_llama,
+    tiny_llama_config,
+)
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from alm.errors import ConfigError
@@ -192,3 +199,217 @@ def test_student_with_an_nfc_normalizer_is_refused_unless_stripped(tmp_path):
     )
     assert student.tokenizer.backend_tokenizer.normalizer is None
     assert student.vocab.fingerprint() == vocab_from_tokenizer(bpe_tokenizer(512)).fingerprint()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Special tokens (issue 8 item 6): matched by exact string first, then by role; never left random.
+
+
+def smollm2_like_tokenizer():
+    """A locally trained byte-level BPE with SmolLM2's special-token roles: `<|endoftext|>` is only the unk
+    token, `<|im_start|>` is bos, `<|im_end|>` is eos and pad."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(bpe_tokenizer(512).backend_tokenizer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|im_end|>",
+    )
+
+
+def gpt2_like_tokenizer():
+    """A locally trained byte-level BPE whose only special, `<|endoftext|>`, is bos, eos and unk (GPT-2)."""
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(bpe_tokenizer(700, specials=("<|endoftext|>",)).backend_tokenizer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def llama3_like_tokenizer():
+    """A locally trained byte-level BPE with Llama-3's special tokens (bos `<|begin_of_text|>`, no pad)."""
+    from transformers import PreTrainedTokenizerFast
+
+    specials = (
+        "<|begin_of_text|>",
+        "<|end_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+    )
+    backend = copy.deepcopy(bpe_tokenizer(600, specials=specials).backend_tokenizer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>"
+    )
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    return tok
+
+
+def teacher_special_strings(tokenizer) -> dict[str, int]:
+    """Every special token of `tokenizer` as string -> id (named roles and added special tokens)."""
+    out = {s: tokenizer.convert_tokens_to_ids(s) for s in tokenizer.all_special_tokens}
+    out.update({t.content: i for i, t in tokenizer.added_tokens_decoder.items() if t.special})
+    return out
+
+
+def assert_teacher_specials_copied(teacher_tok, student_tok, old_in, old_out, model) -> int:
+    """Every teacher special whose string the student has as a special token has the teacher's rows; returns
+    how many were checked."""
+    student_specials = teacher_special_strings(student_tok)
+    new_in = model.get_input_embeddings().weight.detach()
+    new_out = model.get_output_embeddings().weight.detach()
+    checked = 0
+    for text, teacher_id in teacher_special_strings(teacher_tok).items():
+        if text not in student_specials:
+            continue
+        student_id = student_specials[text]
+        assert torch.equal(new_in[student_id], old_in[teacher_id]), text
+        assert torch.equal(new_out[student_id], old_out[teacher_id]), text
+        checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("student_kind", ["bytes", "bpe", "gpt2"])
+def test_every_teacher_special_whose_string_the_student_has_is_copied(student_kind):
+    teacher_tok = smollm2_like_tokenizer()
+    student_tok = {
+        "bytes": lambda: byte_tokenizer_like(teacher_tok),
+        "bpe": lambda: bpe_tokenizer(900),
+        "gpt2": gpt2_like_tokenizer,
+    }[student_kind]()
+    model = teacher_model(len(teacher_tok))
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    report = transfer_model(model, teacher_tok, student_tok, untie_embeddings=False, seed=0)
+    checked = assert_teacher_specials_copied(teacher_tok, student_tok, old_in, old_out, model)
+    # `<|endoftext|>` (the teacher's unk) is in every one of these students
+    assert checked == {"bytes": 3, "bpe": 3, "gpt2": 1}[student_kind]
+    assert report.num_special_by_string == checked
+    assert report.num_random == 0
+
+
+def test_a_special_without_the_same_string_falls_back_to_its_role():
+    # Llama-3's bos `<|begin_of_text|>` has no string match in a GPT-2 student; `<|endoftext|>` is GPT-2's bos.
+    teacher_tok = llama3_like_tokenizer()
+    student_tok = gpt2_like_tokenizer()
+    model = teacher_model(len(teacher_tok))
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    report = transfer_model(model, teacher_tok, student_tok, untie_embeddings=False, seed=0)
+    assert (report.num_special_by_string, report.num_special_by_role) == (0, 1)
+    new_in = model.get_input_embeddings().weight.detach()
+    assert torch.equal(
+        new_in[student_tok.convert_tokens_to_ids("<|endoftext|>")],
+        old_in[teacher_tok.convert_tokens_to_ids("<|begin_of_text|>")],
+    )
+
+
+def test_real_smollm2_specials_are_copied_into_a_byte_student():
+    from factories import smollm2_tokenizer
+
+    teacher_tok = smollm2_tokenizer()
+    model = tiny_llama(len(teacher_tok), seed=3, hidden=16, layers=1)
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    student_tok = byte_tokenizer_like(teacher_tok)
+    report = transfer_model(model, teacher_tok, student_tok, untie_embeddings=True, seed=0)
+    checked = assert_teacher_specials_copied(teacher_tok, student_tok, old_in, old_out, model)
+    assert checked == len(teacher_special_strings(teacher_tok)) == 17
+    # SmolLM2 has no single-byte token for 21 bytes (a few control characters, bytes never in UTF-8): only those
+    # are drawn at random
+    teacher_bytes = set(vocab_from_tokenizer(teacher_tok).token_bytes)
+    missing = [b for b in range(256) if bytes([b]) not in teacher_bytes]
+    assert len(missing) == 21 and report.num_random == len(missing)
+    assert (report.num_copied, report.num_special_by_string) == (256 - len(missing), 17)
+    end_of_text = student_tok.convert_tokens_to_ids("<|endoftext|>")
+    assert torch.equal(
+        model.get_input_embeddings().weight.detach()[end_of_text],
+        old_in[teacher_tok.convert_tokens_to_ids("<|endoftext|>")],
+    )
+
+
+def test_keeping_the_teachers_special_tokens_adds_them_to_the_student_and_copies_them(tmp_path):
+    from alm.train.student import with_teacher_special_tokens
+
+    teacher_tok = llama3_like_tokenizer()
+    own_tok = bpe_tokenizer(900)  # chatml specials, `<|endoftext|>` bos/eos/pad
+    student_tok = with_teacher_special_tokens(own_tok, teacher_tok)
+    assert own_tok.convert_tokens_to_ids("<|begin_of_text|>") != student_tok.convert_tokens_to_ids(
+        "<|begin_of_text|>"
+    )  # the shared tokenizer object is left alone
+    teacher_specials = teacher_special_strings(teacher_tok)
+    student_specials = teacher_special_strings(student_tok)
+    assert set(teacher_specials) <= set(student_specials)
+    assert (student_tok.bos_token, student_tok.eos_token) == ("<|begin_of_text|>", "<|eot_id|>")
+    assert student_tok.chat_template == teacher_tok.chat_template
+    # regular text tokenizes exactly as before: only new special ids were appended
+    text = corpus_texts(1, seed=3)[0]
+    assert (
+        student_tok(text, add_special_tokens=False)["input_ids"]
+        == own_tok(text, add_special_tokens=False)["input_ids"]
+    )
+    assert len(student_tok) == len(own_tok) + len(teacher_specials)
+    from alm.templates import family_for_tokenizer
+
+    model = teacher_model(len(teacher_tok))
+    old_in = model.get_input_embeddings().weight.detach().clone()
+    old_out = model.get_output_embeddings().weight.detach().clone()
+    report = transfer_model(model, teacher_tok, student_tok, untie_embeddings=False, seed=0)
+    checked = assert_teacher_specials_copied(teacher_tok, student_tok, old_in, old_out, model)
+    assert checked == report.num_special_by_string == len(teacher_specials) == 5
+    assert model.config.bos_token_id == student_tok.convert_tokens_to_ids("<|begin_of_text|>")
+
+    # the saved student keeps what transfer produced: tokenizer, specials, template, rows, ids in the config
+    save_student(model, student_tok, tmp_path / "student")
+    from transformers import AutoTokenizer
+
+    reloaded_tok = AutoTokenizer.from_pretrained(tmp_path / "student")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert reloaded_tok.get_vocab() == student_tok.get_vocab()
+    assert teacher_special_strings(reloaded_tok) == student_specials
+    assert (reloaded_tok.bos_token, reloaded_tok.eos_token) == ("<|begin_of_text|>", "<|eot_id|>")
+    assert reloaded_tok.chat_template == teacher_tok.chat_template
+    assert (
+        vocab_from_tokenizer(reloaded_tok).fingerprint()
+        == vocab_from_tokenizer(student_tok).fingerprint()
+    )
+    assert torch.equal(
+        reloaded.get_input_embeddings().weight, model.get_input_embeddings().weight.detach()
+    )
+    assert torch.equal(
+        reloaded.get_output_embeddings().weight, model.get_output_embeddings().weight.detach()
+    )
+    assert reloaded.config.bos_token_id == student_tok.convert_tokens_to_ids("<|begin_of_text|>")
+    assert assert_teacher_specials_copied(teacher_tok, reloaded_tok, old_in, old_out, reloaded) == 5
+    assert family_for_tokenizer(teacher_tok) == "llama3"
+
+
+def test_load_student_keeps_the_teachers_special_tokens_and_family_on_request(tmp_path):
+    from alm.config.train import StudentConfig
+    from alm.train.student import load_student
+
+    teacher_tok = llama3_like_tokenizer()
+    teacher_model(len(teacher_tok)).save_pretrained(tmp_path / "teacher")
+    teacher_tok.save_pretrained(tmp_path / "teacher")
+    bpe_tokenizer(900).save_pretrained(tmp_path / "own")
+    transfer = {"from": str(tmp_path / "teacher"), "tokenizer": str(tmp_path / "own")}
+
+    kept = load_student(
+        StudentConfig(transfer={**transfer, "special_tokens": "teacher"}),
+        teacher_model=None,
+        seed=0,
+    )
+    assert (
+        kept.family == "llama3"
+    )  # the student speaks the teacher's template, though it also has chatml's
+    assert kept.tokenizer.bos_token == "<|begin_of_text|>"
+    own = load_student(StudentConfig(transfer=transfer), teacher_model=None, seed=0)
+    assert own.family == "chatml"
+    assert "<|begin_of_text|>" not in own.tokenizer.get_vocab()
+    assert StudentConfig(transfer=transfer).transfer.special_tokens == "student"

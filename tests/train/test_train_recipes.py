@@ -38,6 +38,7 @@ def test_train_recipe_loads_and_validates(path: Path):
 def test_paper_recipes_carry_the_papers_hyperparameters():
     qwen2 = load_yaml_model(TrainRecipe, STAGES / "paper_llama3_to_qwen2.yaml")
     assert qwen2.lora is not None and (qwen2.lora.r, qwen2.lora.alpha) == (64, 64)
+    assert qwen2.student.transfer is not None and qwen2.student.transfer.special_tokens == "teacher"
     assert (
         qwen2.loss.kind == "alm+sft" and qwen2.loss.gamma == 0.1 and qwen2.loss.temperature == 100
     )
