@@ -172,6 +172,23 @@ def measure_index(indexes: list[pa.Table], num_tokens: int) -> list[tuple[str, s
         ("arrow ipc, lz4", lambda t, s: _ipc(t, s, "lz4")),
         ("arrow ipc, zstd", lambda t, s: _ipc(t, s, "zstd")),
         ("parquet, zstd", lambda t, s: pq.write_table(t, s, compression="zstd")),
+        (
+            "parquet, zstd 9, tuned",
+            lambda t, s: pq.write_table(
+                t,
+                s,
+                compression="zstd",
+                compression_level=9,
+                use_dictionary=False,
+                write_statistics=False,
+                store_schema=False,
+                column_encoding=dict.fromkeys(
+                    ["seq_id", "row", "token_start", "token_end", "num_tokens", "num_bytes"],
+                    "DELTA_BINARY_PACKED",
+                ),
+            ),
+        ),
+        ("*arrow ipc, zstd 9 (alm)", lambda t, s: s.write(schema.index_to_bytes(t))),
     ):
         size = 0
         for table in indexes:

@@ -226,7 +226,7 @@ def _read_blosc_chunks(
     dtype: np.dtype,
 ) -> np.ndarray:
     """Decompress every Blosc chunk of a version 2 array into one output buffer (no intermediate copies)."""
-    from numcodecs import blosc
+    from numcodecs import blosc  # pyright: ignore[reportAttributeAccessIssue]  # a C extension
 
     out = np.empty(shape, dtype=dtype)
     flat = out.reshape(-1).view(np.uint8)
@@ -293,26 +293,22 @@ def read_shard_arrays(
 
 
 def read_shard_index(
-    location: Location,
-    shard_path: str,
-    columns: list[str] | None = None,
-    *,
-    format_version: int = schema.FORMAT_VERSION,
+    location: Location, shard_path: str, columns: list[str] | None = None
 ) -> pa.Table:
-    """A shard's per-sequence index (`index.parquet`; `index.arrow` in version 1), optionally only some columns.
+    """A shard's per-sequence index (Arrow IPC file, Zstd-compressed buffers in version 2), optionally only some
+    columns.
 
-    Local version 1 files are memory-mapped (zero copy; committed shard files are never modified in place, only
-    replaced by rename); other files are read in one request.
+    Local files are memory-mapped (zero copy for version 1's uncompressed buffers; committed shard files are never
+    modified in place, only replaced by rename), remote ones read in one request.
     """
-    name = schema.index_file(format_version)
-    if location.is_local and format_version == 1:
-        path = location.path(shard_path, name)
+    if location.is_local:
+        path = location.path(shard_path, schema.INDEX_FILE)
         try:
             table = pa.ipc.open_file(pa.memory_map(path)).read_all()
         except FileNotFoundError as err:
             raise StoreError(f"{location.url}: missing file {path}") from err
     else:
-        table = schema.index_from_bytes(location.read_bytes(shard_path, name), format_version)
+        table = schema.index_from_bytes(location.read_bytes(shard_path, schema.INDEX_FILE))
     return table.select(columns) if columns is not None else table
 
 
@@ -430,7 +426,7 @@ class TeacherStore:
             names.insert(0, "token_id")
         return ShardData(
             shard_index=shard_index,
-            index=read_shard_index(self.location, path, format_version=self.format_version),
+            index=read_shard_index(self.location, path),
             arrays=read_shard_arrays(self.location, path, names),
             hidden_encoding=self.hidden_encoding,
         )

@@ -96,5 +96,3 @@ def test_version_1_is_read_but_never_written():
     assert schema.check_format(v1, "x") == 1
     with pytest.raises(StoreError, match="writes version 2"):
         schema.check_format(v1, "x", for_writing=True)
-    assert schema.index_file(1) == "index.arrow"
-    assert schema.index_file(2) == "index.parquet"

@@ -35,7 +35,7 @@ def expected_sequences() -> list[dict]:
 def test_v1_store_reads_back_the_values_the_v1_code_wrote():
     store = open_store(V1_STORE)
     assert store.format_version == 1
-    assert (V1_STORE / "shards" / "shard-00000" / schema.INDEX_FILE_V1).is_file()
+    assert (V1_STORE / "shards" / "shard-00000" / schema.INDEX_FILE).is_file()
     got = list(store)
     want = expected_sequences()
     assert [s.seq_id for s in got] == [w["seq_id"] for w in want]
