@@ -27,6 +27,21 @@ FROZEN_COMMANDS = {
     },
     "inspect": {"store": (), "--compare": ()},
     "store finalize": {"store": ()},
+    "store push": {"store": (), "url": ()},
+    "store pull": {"url": (), "folder": ()},
+    "eval": {
+        "models": (),
+        "--data": (),
+        "--teacher-store": (),
+        "--json": (),
+        "--split": (),
+        "--limit": (),
+        "--max-bytes": (),
+        "--ensemble": ("--no-ensemble",),
+        "--combine": (),
+        "--device": (),
+    },
+    "report": {"run_dirs": (), "--out": (), "--title": ()},
 }
 
 

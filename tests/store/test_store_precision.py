@@ -185,7 +185,8 @@ def test_compact_store_moves_alm_loss_and_gradient_by_less_than_1e_3(tmp_path, b
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2400)  # the demo precompute with the real teacher: minutes on a loaded 2-core machine
+# the demo precompute with the real teacher takes minutes on a loaded 2-core machine
+@pytest.mark.timeout(2400)
 def test_compact_demo_store_moves_alm_loss_and_gradient_by_less_than_1e_3(tmp_path, byte_student):
     from alm.precompute import run_precompute
 
