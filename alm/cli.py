@@ -87,7 +87,7 @@ def train(
     ] = False,
 ) -> None:
     """Train a student from a teacher store."""
-    from alm.train.loop import run_train_cli
+    from alm.train.command import run_train_cli
 
     out = run_train_cli(
         recipe, overrides=set_ or [], dry_run=dry_run, resume=resume, overwrite=overwrite
