@@ -177,7 +177,7 @@ def check_train_step(args: argparse.Namespace, device: torch.device, peak: float
     )
     boundary_mask = torch.as_tensor(rng.random(shape["vocab_size"]) < 0.3, device=device)
     targets = pad_targets([synthetic_targets(rng, length, build_alm_targets) for _ in range(batch)])
-    targets = {k: v.to(device) for k, v in targets.items()}
+    targets = targets.to(device)
     sft_mask = torch.ones((batch, length), dtype=torch.bool, device=device)
     sft_mask[:, 0] = False
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -1,7 +1,7 @@
 """`precision: compact` (format version 2): mantissa rounding is exact to its definition, and the ALM loss and its
 gradient over a store move by less than 1e-3 relative (docs/store.md, issue 11 target 1).
 
-The loss test runs the real stage-two path (`StudentExampleBuilder`, `collate_examples`, `alm_loss`) with a real
+The loss test runs the real stage-two path (`StudentExampleBuilder`, `collate`, `alm_loss`) with a real
 tiny student on the same store read back at each precision; the slow variant does it on the demo store (the
 embedded SmolLM2 teacher).
 """
@@ -89,8 +89,8 @@ def alm_loss_and_gradient(store_path: Path, student_dir: Path) -> tuple[float, n
     """ALM loss over every sequence of a store (mean over its valid groups), its gradient, the group count."""
     from transformers import AutoModelForCausalLM
 
-    from alm.data.student import StudentExampleBuilder, collate_examples
     from alm.losses.alm import alm_loss
+    from alm.train.batch import StudentExampleBuilder, collate
     from alm.train.student import load_tokenizer
     from alm.vocab import vocab_from_tokenizer
 
@@ -112,13 +112,13 @@ def alm_loss_and_gradient(store_path: Path, student_dir: Path) -> tuple[float, n
     examples = [builder(seq) for seq in store]
     loss_sum, num_groups = 0.0, 0
     for start in range(0, len(examples), 8):
-        batch = collate_examples(examples[start : start + 8])
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch = collate(examples[start : start + 8])
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         out = alm_loss(
             logits,
-            batch["input_ids"],
+            batch.input_ids,
             boundary_mask,
-            batch,
+            batch.targets,
             num_valid_groups_global=1.0,  # sums; divided by the store's group count below
             vocab_size=len(student_vocab),
         )
