@@ -315,7 +315,7 @@ def finalize_store(
     location.write_bytes(
         render_card(manifest).encode(), CARD_FILE
     )  # before the manifest: it is last
-    location.write_bytes(json.dumps(manifest, indent=2).encode(), schema.MANIFEST_FILE)
+    location.write_bytes(schema.json_bytes(manifest), schema.MANIFEST_FILE)
     if location.is_local:  # the replacement is complete: now the store it replaced may go
         remove_replaced(location.root, written_store_files)
     logger.info(

@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alm.data.specs import DocumentStats, iter_documents, load_data_spec
-from alm.data.student import StudentExampleBuilder
 from alm.errors import DataError, TokenizerRefusedError
 from alm.store.finalize import finalize_store
 from alm.store.reader import open_store
 from alm.store.writer import ShardWriter, StorePlan, prepare_store
 from alm.templates import render
+from alm.train.batch import StudentExampleBuilder
 from alm.vocab import vocab_from_tokenizer
 
 HOSTILE_TEXTS = (
@@ -145,7 +145,7 @@ def _store_and_align(root: Path, spec, max_length: int) -> int:
         )
         for got in stored:
             example = build(got)
-            targets, ids = example["targets"], example["input_ids"]
+            targets, ids = example.targets, example.input_ids
             previous_end = (0, 0)
             for g in range(targets.num_groups):
                 s0, s1 = targets.student_group_start[g], targets.student_group_end[g]
