@@ -199,11 +199,14 @@ def token_in_loss(
     if role is None:
         return in_loss
     roles = role if isinstance(role, np.ndarray) else np.array(list(role), dtype=object)
-    if is_block is None:
+    block: np.ndarray = (
         # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
-        is_block = np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
-    all_text_trained = bool(in_loss[~is_block].all())
-    for pos in np.flatnonzero(is_block).tolist():  # a handful per sequence, in order
+        np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+        if is_block is None
+        else is_block
+    )
+    all_text_trained = bool(in_loss[~block].all())
+    for pos in np.flatnonzero(block).tolist():  # a handful per sequence, in order
         current = roles[pos]
         if pos > 0 and roles[pos - 1] == current:  # inside a run: its first token decided
             in_loss[pos] = in_loss[pos - 1]
