@@ -189,6 +189,8 @@ def load_teacher(
             boundary_method=options.boundary_method,
             enforce_eager=options.enforce_eager,
             seed=options.seed,
+            token_ids_memory_gib=options.token_ids_memory_gib,
+            batch_invariant=options.batch_invariant,
         )
     from alm.teacher.hf import HFTeacher
 
@@ -206,13 +208,14 @@ def load_teacher(
     )
 
 
-def _backend_settings(recipe: PrecomputeRecipe) -> tuple[str, str]:
+def _backend_settings(recipe: PrecomputeRecipe, model_path: str) -> tuple[str, str]:
     """(weights dtype as resolved on this machine, boundary method) without loading the model."""
     teacher = recipe.teacher
     if teacher.backend == "vllm":
-        dtype = "bfloat16" if teacher.dtype == "auto" else teacher.dtype
-        method = teacher.vllm.boundary_method
-        return dtype, method
+        from alm.teacher.vllm import read_model_config, resolve_vllm_dtype
+
+        dtype = resolve_vllm_dtype(teacher.dtype, read_model_config(model_path, teacher.revision))
+        return dtype, teacher.vllm.boundary_method
     from alm.teacher.hf import resolve_device, resolve_dtype
 
     dtype = resolve_dtype(teacher.dtype, resolve_device(teacher.device))
@@ -435,7 +438,7 @@ def run_precompute(
     vocab = vocab_from_tokenizer(tokenizer, name=recipe.teacher.model)
     family = resolve_family(recipe.teacher.family, tokenizer)
     model_info = describe_model(model_path, recipe.teacher.revision)
-    dtype_name, boundary_method = _backend_settings(recipe)
+    dtype_name, boundary_method = _backend_settings(recipe, model_path)
 
     check_started, check_started_cpu = time.perf_counter(), time.process_time()
     tokens_per_shard = _check_shards(

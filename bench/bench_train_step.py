@@ -34,7 +34,7 @@ from factories import bpe_tokenizer, corpus_texts, tiny_llama
 from alm.data.student import StudentExampleBuilder, collate_examples
 from alm.store.reader import StoredSequence
 from alm.templates import plain_document, render
-from alm.train.step import LossSettings, TrainModule, last_block_params, micro_batch_loss
+from alm.train.step import LossSettings, TrainModule, micro_batch_loss
 from alm.vocab import vocab_from_tokenizer
 
 
@@ -154,7 +154,6 @@ def main() -> None:
                 settings,
                 boundary_mask,
                 counts,
-                last_block_params(module),
                 vocab_size,
             )
             loss.backward()

@@ -6,8 +6,8 @@
   names the problem;
 - a store written through the vLLM backend (`alm.teacher.vllm.VLLMTeacher`, its conversions, and the precompute
   path) from realistic vLLM outputs equals the HF backend's store: vLLM itself is replaced by a stand-in engine that
-  computes the same tiny model's logits and returns them in vLLM 0.33's `RequestOutput` shapes
-  (`tests/teacher/test_vllm_convert.py` builds those shapes and documents where they come from).
+  computes the same tiny model's logits, returns them in vLLM 0.33's `RequestOutput` shapes and enforces 0.33.0's
+  argument checks (`tests/teacher/vllm_standin.py`, shapes from `tests/teacher/test_vllm_convert.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from alm.store import schema
@@ -202,59 +201,12 @@ def test_finalize_refuses_a_shard_from_another_recipe(unfinished, teacher_dir, t
 # --------------------------------------------------------------------------------------------------------------
 
 
-def standin_vllm_module(engine_log: list) -> types.ModuleType:
-    """A module with vLLM 0.33's `LLM`, `SamplingParams`, `inputs.TokensPrompt` and `__version__` surface, whose
-    engine runs the HF model on CPU and answers in vLLM's `RequestOutput` shapes (flat log-probs)."""
-    from teacher.test_vllm_convert import request_output_from_logp
-    from transformers import AutoModelForCausalLM
-
-    class SamplingParams(types.SimpleNamespace):
-        pass
-
-    class LLM:
-        def __init__(self, **kwargs):
-            engine_log.append(kwargs)
-            self.model = AutoModelForCausalLM.from_pretrained(
-                kwargs["model"], dtype=torch.float32
-            ).eval()
-            config = self.model.config
-            self.llm_engine = types.SimpleNamespace(
-                model_config=types.SimpleNamespace(hf_config=config)
-            )
-
-        def generate(self, prompts, params, use_tqdm=True):
-            outputs = []
-            for prompt in prompts:
-                ids = list(prompt["prompt_token_ids"])
-                with torch.no_grad():
-                    logits = self.model(input_ids=torch.tensor([ids])).logits[0].float()
-                peak = logits.amax(-1, keepdim=True)
-                logp = (logits - peak - (logits - peak).exp().sum(-1, keepdim=True).log()).numpy()
-                candidates = getattr(params, "prompt_logprob_token_ids", None)
-                outputs.append(
-                    request_output_from_logp(
-                        logp,
-                        ids,
-                        params.prompt_logprobs,
-                        "flat" if params.flat_logprobs else "dict",
-                        candidate_ids=None if candidates is None else np.asarray(candidates),
-                    )
-                )
-            return outputs
-
-    module = types.ModuleType("vllm")
-    module.__version__ = "0.33.0+standin"
-    module.LLM = LLM
-    module.SamplingParams = SamplingParams
-    module.inputs = types.ModuleType("vllm.inputs")
-    module.inputs.TokensPrompt = dict
-    return module
-
-
 @pytest.mark.parametrize("method", ["token_ids", "topk_lower"])
 def test_a_store_written_through_the_vllm_path_equals_the_hf_store(
     stores, teacher_dir, tmp_path, monkeypatch, method
 ):
+    from teacher.vllm_standin import standin_vllm_module
+
     import alm.teacher.vllm as vllm_backend
     from alm.precompute import run_precompute
 
@@ -276,7 +228,10 @@ def test_a_store_written_through_the_vllm_path_equals_the_hf_store(
         ),
         shard="0/1",
     )
-    (engine_args,) = engine_log
+    engine_args, *calls = (
+        engine_log  # one engine, then the generate calls (checked by the stand-in)
+    )
+    assert calls and all(name == "generate" and len(p) == len(ps) for name, p, ps in calls)
     assert engine_args["logprobs_mode"] == "raw_logprobs"
     assert engine_args["enable_prefix_caching"] is False
     vllm_store = open_store(str(store))

@@ -80,6 +80,7 @@ def build_alm_targets(
     *,
     gamma: float = 0.1,
     drop_unterminated_groups: bool = True,
+    debias: bool = True,
 ) -> AlmTargets:
     """Teacher chunk log-probs, γ-merged groups and debiased group log-probs for one example.
 
@@ -93,6 +94,8 @@ def build_alm_targets(
         gamma: merging threshold; a chunk ends a group iff `exp(boundary log-mass at its last token) > gamma`.
         drop_unterminated_groups: drop a group that ends on a text chunk whose boundary probability is ≤ gamma
             (see the module docstring).
+        debias: add the boundary log-mass at the group's last token to the group log-prob (append_space, §5.2;
+            the paper's Table 8 ablation turns it off). Merging and dropping still follow `gamma` either way.
 
     Returns:
         `AlmTargets`.
@@ -142,7 +145,8 @@ def build_alm_targets(
         ends_group[-1] = True
     group_last = np.flatnonzero(ends_group)
     group_first = np.concatenate([[0], group_last[:-1] + 1]).astype(_INT)[: len(group_last)]
-    has_boundary_term = ~loss_chunks.is_block[group_last]  # [G] no append_space after a block
+    # [G] no append_space after a block, and none at all without debiasing
+    has_boundary_term = ~loss_chunks.is_block[group_last] & debias
     group_logp = (
         np.add.reduceat(chunk_logp, group_first) if len(group_last) else np.zeros(0)
     ) + np.where(has_boundary_term, chunk_boundary[group_last], 0.0)

@@ -29,7 +29,22 @@ class VllmOptions(StrictModel):
         "leave headroom.",
     )
     max_num_batched_tokens: int = Field(
-        default=8192, ge=16, description="Tokens per engine step (bounds log-prob memory)."
+        default=8192,
+        ge=16,
+        description="Tokens per engine step (bounds log-prob memory); with `token_ids` lowered automatically to "
+        "fit `token_ids_memory_gib`.",
+    )
+    token_ids_memory_gib: float = Field(
+        default=4.0,
+        gt=0.0,
+        description="GPU memory, outside vLLM's own sizing, for `token_ids` scoring: 13 bytes x K boundary-class "
+        "ids per in-flight token (SmolLM2, K = 32,128: 418 KB); `max_num_batched_tokens` is lowered to fit. "
+        "Keep it within the headroom `gpu_memory_utilization` leaves.",
+    )
+    batch_invariant: bool = Field(
+        default=False,
+        description="Set VLLM_BATCH_INVARIANT=1: vLLM's batch-invariant kernels, so a sequence's scores do not "
+        "depend on what it was batched with (bit-reproducible reruns, slower).",
     )
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences scheduled at once.")
     num_logprobs: int = Field(
@@ -40,8 +55,9 @@ class VllmOptions(StrictModel):
     boundary_method: Literal["token_ids", "hidden", "topk_lower", "topk_upper"] = Field(
         default="token_ids",
         description="How `boundary_logmass` is obtained with vLLM: `token_ids` (fixed token-id scoring of every "
-        "boundary-class token, V2 model runner; exact), `hidden` (vLLM's experimental hidden-state extraction, "
-        "final norm + LM head applied in alm; exact), or a top-k bound `topk_lower`/`topk_upper` from "
+        "boundary-class token, V2 model runner; exact, 13 bytes x K per token of GPU memory), `hidden` (vLLM's "
+        "experimental hidden-state extraction, final norm + LM head applied in alm; exact, Llama/Mistral/Qwen2/"
+        "Qwen3 only; recommended for large vocabularies), or a top-k bound `topk_lower`/`topk_upper` from "
         "`num_logprobs` (approximate; error in docs/vllm-fidelity.md). Recorded in the store.",
     )
     enforce_eager: bool = Field(default=False, description="Disable CUDA graphs (debugging).")
@@ -64,7 +80,8 @@ class TeacherConfig(StrictModel):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
-        description="Weights' dtype: `auto` is bf16 on GPU, fp32 on CPU. Log-softmax is always fp32.",
+        description="Weights' dtype: `auto` is bf16 on GPU, fp32 on CPU (backend vllm: the checkpoint's own "
+        "16-bit dtype, bf16 for fp32 checkpoints). Log-softmax is always fp32.",
     )
     device: str = Field(
         default="auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."

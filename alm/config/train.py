@@ -136,6 +136,13 @@ class LossConfig(StrictModel):
         min_length=1,
         description="First-byte classes that count as a pretoken boundary (debiasing and merging).",
     )
+    debias: bool = Field(
+        default=True,
+        description=(
+            "Outcome-chunk debiasing (append_space, ALM_SPEC §5.2): multiply each group's probability on both "
+            "sides by the next-token boundary mass. false is the paper's Table 8 ablation; merging still uses gamma."
+        ),
+    )
     combine: Literal["gradmag", "sum"] = Field(
         default="gradmag",
         description="How several losses are combined: GradMag (paper default) or a plain sum.",

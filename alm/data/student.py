@@ -53,6 +53,7 @@ class StudentExampleBuilder:
         max_length: int,
         boundary_class_ids: Sequence[int],
         gamma: float,
+        debias: bool = True,
         with_hidden: bool = False,
         with_eval: bool = False,
     ) -> None:
@@ -63,6 +64,7 @@ class StudentExampleBuilder:
         self.max_length = max_length
         self.boundary_class_ids = list(boundary_class_ids)
         self.gamma = gamma
+        self.debias = debias
         self.with_hidden = with_hidden
         self.with_eval = with_eval
 
@@ -83,7 +85,11 @@ class StudentExampleBuilder:
             np.asarray(seq.boundary_logmass), tuple(self.boundary_class_ids)
         )
         targets = build_alm_targets(
-            chunks_all, np.asarray(seq.logp), teacher_logmass, gamma=self.gamma
+            chunks_all,
+            np.asarray(seq.logp),
+            teacher_logmass,
+            gamma=self.gamma,
+            debias=self.debias,
         )
         input_ids = np.asarray(student.token_id, dtype=np.int64)
         sft_mask = token_in_loss(student.start_byte, student.end_byte, student.role, loss_spans)

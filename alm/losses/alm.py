@@ -1,7 +1,8 @@
 """The ALM loss on the model side (ALM_SPEC.md §5, §6): student statistics, group sums, divergences, normaliser.
 
-Owns `token_stats` (chunked log-softmax + boundary log-mass), `binarised_divergence`, `alm_loss` (from padded
-targets) and `alm_batch_loss` (from per-token teacher values, for a live teacher). Must not import `alm.config`.
+Owns the next-token shift (`next_token_ids`, `logp_of_token`), `token_stats` (chunked log-softmax + boundary
+log-mass), `binarised_divergence`, `alm_loss` (from padded targets) and `alm_batch_loss` (from per-token teacher
+values, for a live teacher). Must not import `alm.config`.
 
 Glossary for shape comments: B batch, Ts student length, Tt teacher length, V (padded) student vocab, G groups.
 
@@ -39,13 +40,22 @@ _BLOCK_BYTES = 1 << 25  # fp32 size of one row block (32 MiB); the working set i
 
 
 class AlmLossOutput(NamedTuple):
-    """`loss`: scalar to backpropagate (sum over groups / global normaliser); `num_groups`: valid groups in this
-    micro-batch (int64 scalar tensor); `mean_abs_logp_diff`: mean |LT − LS| over them (detached, the paper's
-    "legacy loss" metric)."""
+    """The ALM loss of a micro-batch and what to log about it.
+
+    Attributes:
+        loss: scalar to backpropagate: Σ over groups of the divergence / the normaliser.
+        num_groups: valid groups in this micro-batch (int64 scalar tensor).
+        mean_abs_logp_diff: mean |LT − LS| over them (detached; the paper's "legacy loss" metric).
+        excess: Σ over groups of (divergence − its value at LS = LT) / the same normaliser, detached, float64. For
+            `binary_ce` this is the binary KL: the cross-entropy above the teacher's own binary entropy, which at
+            τ = 100 is most of the loss and cannot be trained away; for the other divergences the floor is 0 and
+            `excess == loss`. The figure to watch (issue 8 defect 9).
+    """
 
     loss: torch.Tensor
     num_groups: torch.Tensor
     mean_abs_logp_diff: torch.Tensor
+    excess: torch.Tensor
 
 
 class _TokenStats(torch.autograd.Function):
@@ -162,6 +172,21 @@ class _TokenStats(torch.autograd.Function):
         return grad_logits, None, None, None, None
 
 
+def next_token_ids(input_ids: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The next-token shift, the one place it is written: int64 [B, T] whose entry q is the id of token q + 1 (the
+    target the logits at q score), -1 at the last position and wherever `keep` (bool [B, T], over the *scored*
+    token q + 1) is False. Position 0 is never a target."""
+    following = input_ids[:, 1:]  # [B, T-1]
+    if keep is not None:
+        following = torch.where(keep[:, 1:].bool(), following, -1)
+    return torch.cat([following, following.new_full((input_ids.shape[0], 1), -1)], dim=1).long()
+
+
+def logp_of_token(next_logp: torch.Tensor, *, fill: float) -> torch.Tensor:
+    """Undo the shift: [B, T] values scored at q for token q + 1 -> indexed by the token, `fill` at q = 0."""
+    return torch.cat([next_logp.new_full((next_logp.shape[0], 1), fill), next_logp[:, :-1]], dim=1)
+
+
 def token_stats(
     logits: torch.Tensor,
     target_ids: torch.Tensor,
@@ -242,16 +267,20 @@ def binarised_divergence(
         eps: shift that keeps log(1 − eᵇ) finite when a log-prob is exactly 0.
 
     Returns:
-        fp32 [...], the per-chunk loss.
+        fp32 [...] (fp64 for fp64 inputs), the per-chunk loss.
 
     Raises:
         AlmError: unknown divergence or non-positive temperature.
     """
     if temperature <= 0:
         raise AlmError(f"temperature must be > 0, got {temperature}; the paper's default is 100.")
-    # Finite range: a -inf log-prob (e.g. an empty boundary class) would turn 0·inf into NaN.
-    teacher_logp = teacher_logp.float().clamp(min=-1e30, max=0.0)
-    student_logp = student_logp.float().clamp(min=-1e30, max=0.0)
+    # fp32 maths (fp64 when both inputs are fp64, for reference-grade logging). Finite range: a -inf log-prob
+    # (e.g. an empty boundary class) would turn 0·inf into NaN.
+    dtype = torch.promote_types(
+        torch.promote_types(teacher_logp.dtype, student_logp.dtype), torch.float32
+    )
+    teacher_logp = teacher_logp.to(dtype).clamp(min=-1e30, max=0.0)
+    student_logp = student_logp.to(dtype).clamp(min=-1e30, max=0.0)
     match divergence:
         case "binary_ce":
             a, b = teacher_logp / temperature - eps, student_logp / temperature - eps
@@ -275,14 +304,15 @@ def binarised_divergence(
 
 def student_group_logp(
     student_token_logp: torch.Tensor,
-    student_boundary_logmass: torch.Tensor,
+    student_boundary_logmass: torch.Tensor | None,
     targets: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """Debiased student group log-probs LS [B, G] from per-token values (§5.1–§5.2).
 
     Args:
         student_token_logp: fp32 [B, Ts], `log p_S(token_q | tokens[:q])` (anything at q = 0: never used).
-        student_boundary_logmass: fp32 [B, Ts], boundary log-mass after token q.
+        student_boundary_logmass: fp32 [B, Ts], boundary log-mass after token q; None for no debiasing (the
+            group log-prob is then the plain token sum).
         targets: padded targets from `pad_targets` (`student_group_start/_end/_last_pos`, `group_mask`,
             `group_has_boundary_term`).
 
@@ -307,11 +337,14 @@ def student_group_logp(
     sums = torch.zeros(
         group_mask.shape, dtype=torch.float32, device=student_token_logp.device
     ).scatter_add(1, safe_group, torch.where(in_group, student_token_logp, 0.0))  # [B, G]
-    boundary = student_boundary_logmass.gather(
-        1, targets["student_group_last_pos"].clamp(min=0)
-    )  # [B, G]
-    boundary = torch.where(targets["group_has_boundary_term"], boundary, 0.0)  # none after a block
-    return torch.where(group_mask, sums.clamp(max=0.0) + boundary, 0.0)
+    group_logp = sums.clamp(max=0.0)  # [B, G]
+    if student_boundary_logmass is not None:
+        boundary = student_boundary_logmass.gather(
+            1, targets["student_group_last_pos"].clamp(min=0)
+        )  # [B, G]
+        # none after a block (and none at all for targets built with debias=False)
+        group_logp = group_logp + torch.where(targets["group_has_boundary_term"], boundary, 0.0)
+    return torch.where(group_mask, group_logp, 0.0)
 
 
 def alm_loss(
@@ -325,6 +358,7 @@ def alm_loss(
     num_valid_groups_global: int | float | torch.Tensor | None = None,
     eps: float = 1e-6,
     vocab_size: int | None = None,
+    debias: bool = True,
 ) -> AlmLossOutput:
     """The ALM loss of one micro-batch from student logits and padded teacher targets (§6.4).
 
@@ -341,29 +375,27 @@ def alm_loss(
             §6.3); None uses this micro-batch's count (a plain mean).
         eps: ε of the divergence.
         vocab_size: real student vocabulary size when the logits are padded.
+        debias: add the student's boundary log-mass at each group's end (§5.2); must match how the targets were
+            built (`build_alm_targets(..., debias=...)`). False skips the boundary sums entirely.
 
     Returns:
-        `AlmLossOutput(loss, num_groups, mean_abs_logp_diff)`.
+        `AlmLossOutput(loss, num_groups, mean_abs_logp_diff, excess)`.
     """
-    batch = student_logits.shape[0]
-    next_ids = torch.cat(
-        [student_input_ids[:, 1:], student_input_ids.new_full((batch, 1), -1)], dim=1
-    )  # [B, Ts]
     next_logp, boundary_logmass = token_stats(
-        student_logits, next_ids, student_boundary_mask, vocab_size=vocab_size
+        student_logits,
+        next_token_ids(student_input_ids),
+        student_boundary_mask if debias else None,
+        vocab_size=vocab_size,
     )
-    token_logp = torch.cat(
-        [next_logp.new_zeros(batch, 1), next_logp[:, :-1]], dim=1
-    )  # [B, Ts], logp[q] of token q
+    token_logp = logp_of_token(next_logp, fill=0.0)  # [B, Ts], logp[q] of token q
     group_mask = targets["group_mask"]
-    student_logp = student_group_logp(token_logp, boundary_logmass, targets)  # [B, G]
+    student_logp = student_group_logp(
+        token_logp, boundary_logmass if debias else None, targets
+    )  # [B, G]
     teacher_logp = torch.where(group_mask, targets["teacher_group_logp"].float(), -1.0)  # [B, G]
+    student_logp = torch.where(group_mask, student_logp, -1.0)
     per_group = binarised_divergence(
-        teacher_logp,
-        torch.where(group_mask, student_logp, -1.0),
-        temperature=temperature,
-        divergence=divergence,
-        eps=eps,
+        teacher_logp, student_logp, temperature=temperature, divergence=divergence, eps=eps
     )
     num_groups = group_mask.sum()
     normaliser = (
@@ -374,7 +406,15 @@ def alm_loss(
         diff = torch.where(
             group_mask, (teacher_logp - student_logp).abs(), 0.0
         ).sum() / num_groups.clamp(min=1)
-    return AlmLossOutput(loss, num_groups, diff)
+        # The divergence's floor is its value at LS = LT (the teacher's binary entropy for binary_ce); float64,
+        # since at tau = 100 the excess is a few percent of the loss.
+        teacher64, student64 = teacher_logp.double(), student_logp.double()
+        options = {"temperature": temperature, "divergence": divergence, "eps": eps}
+        excess_per_group = binarised_divergence(
+            teacher64, student64, **options
+        ) - binarised_divergence(teacher64, teacher64, **options)  # [B, G]
+        excess = torch.where(group_mask, excess_per_group, 0.0).sum() / normaliser
+    return AlmLossOutput(loss, num_groups, diff, excess)
 
 
 def alm_batch_loss(
@@ -391,6 +431,7 @@ def alm_batch_loss(
     num_valid_groups_global: int | float | torch.Tensor | None = None,
     drop_unterminated_groups: bool = True,
     vocab_size: int | None = None,
+    debias: bool = True,
 ) -> AlmLossOutput:
     """The whole ALM loss from per-token teacher values (stored or from a live teacher) and student logits.
 
@@ -404,8 +445,8 @@ def alm_batch_loss(
         teacher_logp: per example, float [n_b] teacher `log p(token_q | tokens[:q])` (NaN or anything at 0);
             NumPy arrays or tensors (detached).
         teacher_boundary_logmass: per example, float [n_b] teacher boundary log-mass after token q.
-        gamma, temperature, divergence, num_valid_groups_global, drop_unterminated_groups, vocab_size: as in
-            `build_alm_targets` and `alm_loss`.
+        gamma, temperature, divergence, num_valid_groups_global, drop_unterminated_groups, vocab_size, debias:
+            as in `build_alm_targets` and `alm_loss`.
 
     Returns:
         `AlmLossOutput`.
@@ -423,6 +464,7 @@ def alm_batch_loss(
             to_numpy(boundary),
             gamma=gamma,
             drop_unterminated_groups=drop_unterminated_groups,
+            debias=debias,
         )
         for example_chunks, logp, boundary in zip(
             chunks, teacher_logp, teacher_boundary_logmass, strict=True
@@ -440,6 +482,7 @@ def alm_batch_loss(
         divergence=divergence,
         num_valid_groups_global=num_valid_groups_global,
         vocab_size=vocab_size,
+        debias=debias,
     )
 
 
@@ -462,10 +505,7 @@ def sequence_logp_and_boundary_logmass(
         `(logp, boundary_logmass)`, fp32 [B, T]: `logp[:, q] = log p(token_q | tokens[:q])` (NaN at q = 0) and
         the boundary log-mass of the distribution after token q.
     """
-    batch = logits.shape[0]
-    next_ids = torch.cat([input_ids[:, 1:], input_ids.new_full((batch, 1), -1)], dim=1)
     next_logp, boundary_logmass = token_stats(
-        logits, next_ids, boundary_mask, vocab_size=vocab_size
+        logits, next_token_ids(input_ids), boundary_mask, vocab_size=vocab_size
     )
-    logp = torch.cat([next_logp.new_full((batch, 1), float("nan")), next_logp[:, :-1]], dim=1)
-    return logp, boundary_logmass
+    return logp_of_token(next_logp, fill=float("nan")), boundary_logmass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from alm.losses.alm import token_stats
+from alm.losses.alm import next_token_ids, token_stats
 
 
 def sft_loss(
@@ -32,10 +32,8 @@ def sft_loss(
     Returns:
         fp32 scalar.
     """
-    batch = student_logits.shape[0]
-    target = torch.where(student_loss_mask[:, 1:].bool(), student_input_ids[:, 1:], -1)  # [B, Ts-1]
-    target = torch.cat(
-        [target, target.new_full((batch, 1), -1)], dim=1
+    target = next_token_ids(
+        student_input_ids, keep=student_loss_mask
     )  # [B, Ts]; logits at q score q+1
     next_logp, _ = token_stats(student_logits, target, None, vocab_size=vocab_size)
     num_tokens = (target >= 0).sum()

@@ -7,8 +7,12 @@ Batched teacher forcing on CPU (fp32 weights) or GPU (bf16 weights by default), 
 - the model's decoder runs once per batch; the LM head is then applied to the valid positions only, in row chunks,
   in **fp32** (an fp32 copy of the head weight), so neither the padded [B, T, V] logits nor a full fp32 [tokens, V]
   tensor ever exists (`alm.teacher.scoring.scores_from_hidden`);
-- models whose logits are not exactly `lm_head(decoder(x))` (logit soft-capping or scaling) are detected at load
-  time with a probe and scored from the full `model(...).logits` instead;
+- the logit transforms that model families apply after the head are applied too, in fp32 (`logit_transform_of`:
+  Gemma 2/3's `final_logit_softcapping`, Cohere's `logit_scale`, Granite's `logits_scaling`); on GPU this is what
+  keeps a soft-capped Gemma's scores from being computed from bf16 logits. A probe at load time checks, in the
+  model's own dtype, that head + transform reproduce `model(x).logits` bit for bit; a model that does anything else
+  (a scaled hidden state before the head, a vocabulary slice, a multiplier we do not know) is scored from the full
+  `model(...).logits` instead, with a warning when those are not fp32;
 - `hidden` is the decoder's `last_hidden_state`, the input of the LM head: the final-norm hidden state for
   Llama-style models (equal to `output_hidden_states[-1]`, checked in tests).
 
@@ -28,7 +32,7 @@ import torch
 
 from alm.errors import BackendUnavailableError, ConfigError
 from alm.teacher.base import TeacherScores, boundary_class_masks, plan_batches
-from alm.teacher.scoring import class_mass_matrix, scores_from_hidden
+from alm.teacher.scoring import LogitTransform, class_mass_matrix, scores_from_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +95,31 @@ def local_revision(model_path: str) -> str:
         elif item.suffix in (".safetensors", ".bin", ".gguf"):
             digest.update(f"{item.name}:{item.stat().st_size}".encode())
     return "local-" + digest.hexdigest()[:16]
+
+
+def logit_transform_of(config: object) -> LogitTransform:
+    """What a transformers causal LM with `config` does to `lm_head(hidden)` before returning logits.
+
+    Known (transformers 5.x): `final_logit_softcapping` (Gemma 2, Gemma 3 when set, Gemma 3n/4, VaultGemma,
+    nanochat), `logit_scale` (Cohere, Cohere 2), `logits_scaling` (Granite, Granite MoE). Anything else is caught by
+    `HFTeacher`'s probe.
+    """
+    get_text_config = getattr(config, "get_text_config", None)
+    text_config = get_text_config() if callable(get_text_config) else config
+
+    def number(name: str) -> float | None:
+        value = getattr(text_config, name, None)
+        return (
+            float(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else None
+        )
+
+    return LogitTransform(
+        multiply=number("logit_scale"),
+        divide=number("logits_scaling"),
+        softcap=number("final_logit_softcapping"),
+    )
 
 
 class ModelInfo(TypedDict):
@@ -203,6 +232,7 @@ class HFTeacher:
         masks = torch.as_tensor(boundary_class_masks(boundary_class, self.vocab_size))
         self.mass_matrix = class_mass_matrix(masks).to(self.device)
         self.decoder = self.model.get_decoder()
+        self.logit_transform = logit_transform_of(self.model.config)
         self.use_head_path = self._probe_head_path(head)
         if self.use_head_path:
             assert isinstance(head, torch.nn.Linear)  # checked by _probe_head_path
@@ -216,14 +246,23 @@ class HFTeacher:
             self.device,
             str(self.dtype).removeprefix("torch."),
             self.vocab_size,
-            "LM head applied in fp32 row chunks"
+            f"LM head and logit transform ({self.logit_transform.describe()}) applied in fp32 row chunks"
             if self.use_head_path
             else "scored from full logits",
         )
+        if not self.use_head_path and self.dtype != torch.float32:
+            logger.warning(
+                "teacher %s: its logits are not lm_head(hidden) followed by a known transform, so it is scored "
+                "from %s logits (about 0.03 nats of rounding per token); use teacher.dtype=float32 for exact "
+                "scores",
+                self.model_id,
+                str(self.dtype).removeprefix("torch."),
+            )
 
     @torch.inference_mode()
     def _probe_head_path(self, head: torch.nn.Module | None) -> bool:
-        """True when `model(x).logits == head(decoder(x).last_hidden_state)` (no soft-capping or scaling)."""
+        """True when `model(x).logits == transform(head(decoder(x).last_hidden_state))` bit for bit, in the model's
+        dtype (the same operations as the model's forward: then the fp32 path computes the same function)."""
         if not isinstance(head, torch.nn.Linear) or self.decoder is None:
             return False
         ids = torch.arange(1, 9, device=self.device)[None, :] % self.vocab_size
@@ -232,10 +271,10 @@ class HFTeacher:
             hidden = self.decoder(input_ids=ids, use_cache=False).last_hidden_state
         except (TypeError, AttributeError):
             return False
-        return bool(torch.equal(head(hidden), full))
+        return bool(torch.equal(self.logit_transform.apply_(head(hidden)), full))
 
     def _lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits [R, V] of hidden states [R, d], written into one reused buffer.
+        """fp32 logits [R, V] of hidden states [R, d] (head, bias, logit transform), written into one reused buffer.
 
         Reusing the [row_chunk, V] buffer (the scorer overwrites it in place) avoids allocating and
         page-faulting a fresh 100+ MB tensor per chunk, which on CPU costs about as much as the scoring.
@@ -249,7 +288,7 @@ class HFTeacher:
         torch.matmul(hidden.to(torch.float32), self.head_weight.T, out=out)  # [R, V]
         if self.head_bias is not None:
             out.add_(self.head_bias)
-        return out
+        return self.logit_transform.apply_(out)
 
     def score(self, batch_token_ids: list[np.ndarray]) -> list[TeacherScores]:
         """Score sequences (teacher forcing), batched by the token budget; output order = input order."""

@@ -15,17 +15,60 @@ Speed: per chunk, one max pass, one in-place exp pass, and one [R, V] x [V, 6] m
 masses and the total at once. A class mass that underflows fp32 (every member more than ~87 nats below the row
 maximum) is recomputed exactly with a masked logsumexp, so the result equals the direct formula at every position.
 
+`LogitTransform` is what a model family does to `lm_head(hidden)` before returning logits (Gemma 2's soft-cap,
+Cohere's and Granite's scaling), so the HF backend can apply the head *and* the transform in fp32.
+
 Imports torch and numpy only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from alm.teacher.base import NUM_BOUNDARY_CLASSES, TeacherScores
+
+
+@dataclass(frozen=True)
+class LogitTransform:
+    """The elementwise operations a model applies to `lm_head(hidden)` before returning its logits, in this order.
+
+    Attributes:
+        multiply: Cohere's `logit_scale` (`logits * logit_scale`), or None.
+        divide: Granite's `logits_scaling` (`logits / logits_scaling`), or None.
+        softcap: Gemma 2's `final_logit_softcapping` (`cap * tanh(logits / cap)`), or None.
+    """
+
+    multiply: float | None = None
+    divide: float | None = None
+    softcap: float | None = None
+
+    def apply_(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the transform to `logits` in place, in their dtype, with the same operations in the same order as
+        the transformers models (so that in the model's own dtype the result is bit-identical to its logits)."""
+        if self.multiply is not None:
+            logits.mul_(self.multiply)
+        if self.divide is not None:
+            logits.div_(self.divide)
+        if self.softcap is not None:
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def describe(self) -> str:
+        """`none`, or e.g. `softcap 30.0`, for logs."""
+        parts = [
+            f"{name} {value}"
+            for name, value in (
+                ("x", self.multiply),
+                ("/", self.divide),
+                ("softcap", self.softcap),
+            )
+            if value is not None
+        ]
+        return ", ".join(parts) or "none"
 
 
 def class_mass_matrix(class_masks: torch.Tensor) -> torch.Tensor:

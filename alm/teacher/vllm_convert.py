@@ -5,9 +5,8 @@ tested on CPU machines where vLLM cannot be installed. It never imports vLLM: th
 (the attributes below), so vLLM's own objects and small stand-ins with the same attributes both work. It imports
 numpy, and torch only inside `scores_from_prenorm_hidden`.
 
-What vLLM returns (read from vLLM's source, `vllm/logprobs.py`, `vllm/v1/engine/logprobs.py`,
-`vllm/v1/worker/gpu/sample/{logprob,prompt_logprob}.py`, `docs/training/prompt_token_id_logprobs.md`; the
-exact 0.33 release could not be pinned, see docs/vllm-fidelity.md):
+What vLLM returns (read from the vLLM 0.33.0 wheel's sources, `vllm/logprobs.py`, `vllm/outputs.py`,
+`vllm/v1/engine/logprobs.py`, `vllm/v1/worker/gpu/sample/{logprob,prompt_logprob}.py`; see docs/vllm-fidelity.md):
 
 - `RequestOutput.prompt_logprobs`: one entry per prompt token. Entry 0 is `None` (list layout) or an empty range
   (`FlatLogprobs`, whose `[0]` is `{}`); entry j >= 1 scores the distribution that predicts prompt token j. Each
@@ -22,10 +21,11 @@ exact 0.33 release could not be pinned, see docs/vllm-fidelity.md):
     top-k only when the entry has k + 1 items.
 - `RequestOutput.outputs[0].logprobs[0]`: the same kind of entry for the one sampled token (greedy, so it is the
   argmax), i.e. the distribution *after the last prompt token*, which `prompt_logprobs` never contains.
-- `RequestOutput.prompt_token_id_logprobs` (`SamplingParams(prompt_logprob_token_ids=ids, prompt_logprob_start=s)`,
-  V2 model runner, `len(ids) <= max_logprobs`): a float32 `[rows, len(ids)]` matrix; row i scores prompt token
-  `s + i + 1` over the fixed candidate ids; `rows = prompt_len - 1 - s` (the final prompt row is not returned).
-  With `logprobs_mode="raw_logprobs"` these are log-probabilities of the raw logits.
+- `RequestOutput.prompt_token_id_logprobs` (`SamplingParams(prompt_logprob_token_ids=ids, prompt_logprob_start=s)`
+  with `ids` an integer `[prompt_len - 1 - s, K]` array, one row of candidate ids per scored prompt row, V2 model
+  runner, `K <= max_logprobs`): a float32 numpy `[prompt_len - 1 - s, K]` matrix; row i scores prompt token
+  `s + i + 1` over its row's ids (−inf at −1 padding); the final prompt row is not returned. With
+  `logprobs_mode="raw_logprobs"` these are log-probabilities of the raw logits.
 
 Store conventions (docs/architecture.md): position q of a sequence of n tokens has `logp[q] = log p(token_q |
 tokens[:q])` (NaN at q = 0), `boundary_logmass[q, c]` and `topk_*[q]` describe the distribution after
@@ -295,7 +295,11 @@ def boundary_token_ids(boundary_class: np.ndarray) -> np.ndarray:
 
 
 def boundary_logmass_from_token_scores(
-    scores: Any, candidate_ids: np.ndarray, boundary_class: np.ndarray, num_tokens: int
+    scores: Any,
+    candidate_ids: np.ndarray,
+    boundary_class: np.ndarray,
+    num_tokens: int,
+    row_chunk: int = 256,
 ) -> np.ndarray:
     """Exact boundary log-mass from vLLM's fixed token-id scoring (`prompt_token_id_logprobs`).
 
@@ -305,26 +309,55 @@ def boundary_logmass_from_token_scores(
     it changes nothing before it).
 
     Args:
-        scores: float32 [rows >= n, K] (numpy array or CPU tensor), log-probabilities of `candidate_ids`.
+        scores: float32 [rows >= n, K], `RequestOutput.prompt_token_id_logprobs` (a numpy array in vLLM 0.33.0,
+            `vllm/outputs.py:184`; a CPU tensor works too), log-probabilities of `candidate_ids`.
         candidate_ids: int [K], the `prompt_logprob_token_ids` of the request.
         boundary_class: int8 [V], `Vocab.boundary_class`.
         num_tokens: n, the number of real tokens of the sequence.
+        row_chunk: rows per float32 [row_chunk, K] temporary (memory bound, not results).
 
     Returns:
-        float32 [n, 5], log of each class's probability mass (−inf for a class with no candidate).
+        float32 [n, 5], log of each class's probability mass (−inf for a class with no candidate), summed in
+        float32 (the scores are float32 already; the HF backend sums its class masses in float32 too).
 
     Raises:
         BackendUnavailableError: fewer rows than tokens (no dummy token, or a partial prefill).
     """
-    matrix = np.asarray(scores, np.float64)
+    # float32 as vLLM returns it (`v1/engine/logprobs.py:366`, `.numpy()` of an fp32 tensor): a float64 copy would
+    # double the 4·K bytes per token this matrix already costs on the CPU
+    matrix = np.asarray(scores)
     if matrix.ndim != 2 or matrix.shape[0] < num_tokens or matrix.shape[1] != len(candidate_ids):
         raise BackendUnavailableError(
             f"prompt_token_id_logprobs has shape {matrix.shape}, expected at least ({num_tokens}, "
             f"{len(candidate_ids)}): append one dummy token to the prompt and use prompt_logprob_start=0; "
             f"{_LAYOUT_HINT}"
         )
+    if matrix.dtype != np.float32:
+        matrix = matrix.astype(np.float32)
     cls = _class_of(candidate_ids, boundary_class)
-    return _logsumexp_by_class(matrix[:num_tokens], cls).astype(np.float32)
+    # columns grouped by class once, so each class is a contiguous slice of the reordered matrix
+    order = np.argsort(cls, kind="stable")
+    bounds = np.searchsorted(cls[order], np.arange(-1, NUM_BOUNDARY_CLASSES + 1))
+    out = np.full((num_tokens, NUM_BOUNDARY_CLASSES), -np.inf, np.float32)
+    for r0 in range(0, num_tokens, row_chunk):
+        r1 = min(num_tokens, r0 + row_chunk)
+        rows = matrix[r0:r1][:, order]  # [R, K] float32, columns by class
+        for c in range(NUM_BOUNDARY_CLASSES):
+            lo, hi = bounds[c + 1], bounds[c + 2]
+            if hi > lo:
+                out[r0:r1, c] = _logsumexp_rows_fp32(rows[:, lo:hi])
+    return out
+
+
+def _logsumexp_rows_fp32(logp: np.ndarray) -> np.ndarray:
+    """float32 [R, K] log-probabilities -> float32 [R] log Σ exp (−inf for a row of −inf), summed in float32 like
+    the HF backend's class masses (`alm.teacher.scoring`)."""
+    peak = logp.max(axis=1)  # [R]
+    finite = np.isfinite(peak)
+    safe_peak = np.where(finite, peak, np.float32(0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        total = np.log(np.exp(logp - safe_peak[:, None]).sum(axis=1, dtype=np.float32)) + safe_peak
+    return np.where(finite, total, np.float32(-np.inf)).astype(np.float32)
 
 
 def boundary_logmass_from_topk(
@@ -435,7 +468,7 @@ def teacher_scores_from_request_output(
         boundary_method: `token_ids` (needs `candidate_ids`, `prompt_logprob_start=0` and `dummy_last_token`),
             `topk_lower` or `topk_upper`.
         store_top_k: top-k entries to keep in the store (<= num_logprobs; 0: none).
-        candidate_ids: int [K], the request's `prompt_logprob_token_ids`.
+        candidate_ids: int [K], the candidate ids of every row of the request's `prompt_logprob_token_ids`.
         dummy_last_token: the prompt ends with one extra token that is not part of the sequence.
 
     Returns:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from alm.data.student import StudentExampleBuilder, collate_examples
-from alm.losses.alm import token_stats
+from alm.losses.alm import logp_of_token, next_token_ids, token_stats
 from alm.store.reader import open_store
 
 
@@ -83,18 +83,10 @@ def evaluate(
         attention_mask = batch["attention_mask"].to(device)
         with autocast():
             logits, _ = model(input_ids, attention_mask)
-        next_ids = torch.cat(
-            [input_ids[:, 1:], input_ids.new_full((input_ids.shape[0], 1), -1)], dim=1
-        )
-        next_ids = torch.where(
-            torch.cat([attention_mask[:, 1:], attention_mask[:, :1] & False], dim=1), next_ids, -1
-        )
         next_logp, _ = token_stats(
-            logits, next_ids, None, vocab_size=vocab_size
+            logits, next_token_ids(input_ids, keep=attention_mask), None, vocab_size=vocab_size
         )  # [B, Ts], 0 where no target
-        token_logp = torch.cat(
-            [next_logp.new_zeros(input_ids.shape[0], 1), next_logp[:, :-1]], dim=1
-        ).double()
+        token_logp = logp_of_token(next_logp, fill=0.0).double()  # [B, Ts]
         prefix = torch.cat(
             [token_logp.new_zeros(input_ids.shape[0], 1), token_logp.cumsum(dim=1)], dim=1
         )

@@ -43,7 +43,6 @@ from alm.train.log import METRICS_FILE, RunLog, plot_metrics, read_metrics, trun
 from alm.train.step import (
     LossSettings,
     TrainModule,
-    last_block_params,
     make_projector,
     micro_batch_loss,
 )
@@ -290,6 +289,7 @@ def run_train(
         "max_length": cfg.student.max_length,
         "boundary_class_ids": boundary_ids,
         "gamma": cfg.loss.gamma,
+        "debias": cfg.loss.debias,
     }
     fields = ["token_id", "logp", "boundary_logmass"] + (["hidden"] if "hidden" in names else [])
     dataset = MicroBatches(
@@ -312,11 +312,10 @@ def run_train(
         cfg.loss.hidden,
         cfg.loss.combine,
         second_moment,
+        cfg.loss.debias,
     )
-    uses_gradmag = len(names) > 1 and cfg.loss.combine == "gradmag"
     train_module = parallel.unwrap(model)
     assert isinstance(train_module, TrainModule)
-    gradmag_params = last_block_params(train_module.student) if uses_gradmag else []
     use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -370,7 +369,9 @@ def run_train(
                 strict=True,
             )
         )
-        step_metrics: dict[str, float] = {}
+        # Logged values add up over micro-batches and processes (each is a share of the step's global mean);
+        # GradMag weights are the same on every process, so their sum over both is divided by accum * world.
+        step_sums: dict[str, torch.Tensor] = {}
         for i, micro_batch in enumerate(micro_batches):
             micro_batch = {k: v.to(device) for k, v in micro_batch.items()}
             with parallel.no_sync(model, skip=i < accum - 1):
@@ -381,24 +382,26 @@ def run_train(
                         settings,
                         boundary_mask,
                         counts,
-                        gradmag_params,
                         vocab_size,
+                        parallel.all_reduce_sum if world > 1 else None,
                     )
                 (
                     loss * world
                 ).backward()  # DDP/FSDP average over ranks; the losses are already global means
-            for key, value in {"loss": float(loss.detach()), **parts}.items():
-                step_metrics[key] = step_metrics.get(key, 0.0) + value
+            for key, value in parts.items():
+                share = value / (accum * world) if key.startswith("gradmag_weight_") else value
+                step_sums[key] = step_sums[key] + share if key in step_sums else share
             log.count_tokens(int(micro_batch["attention_mask"].sum()) * world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf"))
         lr = float(scheduler.get_last_lr()[0])  # the rate this step uses
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        summed = parallel.all_reduce_sum(
-            torch.tensor([step_metrics["loss"]], dtype=torch.float64, device=device)
+        names_logged = sorted(step_sums)
+        totals = parallel.all_reduce_sum(
+            torch.stack([step_sums[key] for key in names_logged]).to(torch.float64)
         )
-        step_metrics["loss"] = float(summed)
+        step_metrics = {key: float(value) for key, value in zip(names_logged, totals, strict=True)}
         step_metrics.update(
             grad_norm=float(grad_norm), lr=lr, num_groups=float(counts["num_groups"])
         )

@@ -3,7 +3,8 @@
 One code path for 1 and N processes: `init()` reads the torchrun environment (`RANK`, `WORLD_SIZE`,
 `LOCAL_RANK`); without it everything is a single process and `wrap(model)` is the identity. Under torchrun the
 backend is gloo on CPU and nccl on GPU; `wrap` applies DDP, or FSDP2 `fully_shard` per transformer block when the
-recipe says `parallel: fsdp2`.
+recipe says `parallel: fsdp2` (the last block stays unsharded between its forward and backward, so GradMag can
+measure its gradients).
 
 Gradients: DDP and FSDP2 *average* gradients over ranks. The ALM/SFT losses are already normalised by global counts
 (ALM_SPEC §6.3), so the loop multiplies each micro-batch loss by `world_size()` to turn that average into a sum.
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from alm.errors import ConfigError
+from alm.losses.gradmag import transformer_blocks
 
 
 def init() -> torch.device:
@@ -93,9 +95,11 @@ def wrap(model: nn.Module, mode: Literal["ddp", "fsdp2"], device: torch.device) 
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
-        for module in model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
+        blocks = list(transformer_blocks(model))
+        for index, block in enumerate(blocks):
+            # The last block keeps its unsharded parameters from the forward to the backward (which starts there
+            # anyway), so GradMag's `autograd.grad` sees the tensors the forward used, not sharded copies.
+            fully_shard(block, reshard_after_forward=index < len(blocks) - 1)
         fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel

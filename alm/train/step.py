@@ -5,12 +5,15 @@ one module so DDP/FSDP2 wrap both) and `micro_batch_loss`. Loss maths lives in `
 routes tensors: student logits -> `alm_loss` / `sft_loss`, final-norm hidden states -> `hidden_loss`, several
 losses -> GradMag over the last transformer block (`alm.losses.gradmag`).
 
-Normalisers are global over the optimizer step (all micro-batches and ranks, §6.3), passed in as `counts`.
+Normalisers are global over the optimizer step (all micro-batches and ranks, §6.3), passed in as `counts`; GradMag's
+gradient norms are the global micro-batch's (all ranks, `alm.losses.gradmag`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -50,11 +53,6 @@ def make_projector(student_width: int, teacher_width: int) -> nn.Module | None:
     return make_hidden_projection(student_width, teacher_width)
 
 
-def last_block_params(module: nn.Module) -> list[nn.Parameter]:
-    """Trainable parameters of the last transformer block (GradMag's reference set, ALM_SPEC §7.3)."""
-    return last_block_parameters(module)
-
-
 @dataclass(frozen=True)
 class LossSettings:
     """What `micro_batch_loss` computes (from the recipe's `loss` section)."""
@@ -67,6 +65,7 @@ class LossSettings:
     teacher_second_moment: torch.Tensor | None = (
         None  # fp32 [d_T], the hidden loss's per-channel normaliser
     )
+    debias: bool = True  # add the student's boundary log-mass at group ends (§5.2)
 
 
 def micro_batch_loss(
@@ -75,10 +74,10 @@ def micro_batch_loss(
     settings: LossSettings,
     boundary_mask: torch.Tensor,
     counts: dict[str, torch.Tensor],
-    gradmag_params: list[nn.Parameter],
     vocab_size: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """The loss to backpropagate for one micro-batch, and its parts for logging.
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to backpropagate for one micro-batch (this process's share), and its parts for logging.
 
     Args:
         model: the (wrapped) `TrainModule`.
@@ -86,17 +85,26 @@ def micro_batch_loss(
         settings: which losses and their options.
         boundary_mask: bool [V] the student's boundary token set.
         counts: global counts over the optimizer step: `num_groups`, `num_sft_tokens`, `num_hidden`.
-        gradmag_params: the last block's trainable parameters (used when several losses are combined).
         vocab_size: the student tokenizer's size (logit columns beyond it are padding).
+        all_reduce_sum: sums over data-parallel processes (GradMag's global micro-batch gradients); None on one
+            process.
 
     Returns:
-        the combined loss (scalar) and the detached per-loss values.
+        the combined loss (scalar) and detached fp64 scalars to log, each *additive* over micro-batches and
+        processes: every per-loss value and `alm_abs_logp_diff` are this share of the step's global mean (`alm`
+        is the excess over the teacher's floor, the binary KL for `binary_ce`; `alm_raw` the optimised value), and
+        `gradmag_weight_*` (several losses under GradMag) are this global micro-batch's weights, the same on every
+        process (the caller averages them over the step's micro-batches).
+
+    Raises:
+        AlmError: under GradMag, a loss gets no gradient on the last block.
     """
     with_hidden = "hidden" in settings.names
     logits, hidden = model(batch["input_ids"], batch["attention_mask"], with_hidden)
     losses: dict[str, torch.Tensor] = {}
-    metrics: dict[str, float] = {}
+    metrics: dict[str, torch.Tensor] = {}
     if "alm" in settings.names:
+        num_groups = counts["num_groups"].clamp(min=1)
         out = alm_loss(
             logits,
             batch["input_ids"],
@@ -104,11 +112,16 @@ def micro_batch_loss(
             batch,
             temperature=settings.temperature,
             divergence=settings.divergence,
-            num_valid_groups_global=counts["num_groups"].clamp(min=1),
+            num_valid_groups_global=num_groups,
             vocab_size=vocab_size,
+            debias=settings.debias,
         )
         losses["alm"] = out.loss
-        metrics["alm_abs_logp_diff"] = float(out.mean_abs_logp_diff)
+        # headline: the excess over the teacher's own floor (the binary KL for binary_ce); raw: what is optimised
+        metrics["alm_raw"] = out.loss
+        metrics["alm_excess"] = out.excess
+        # the micro-batch's mean times its groups: its share of the step's mean over all groups
+        metrics["alm_abs_logp_diff"] = out.mean_abs_logp_diff * out.num_groups / num_groups
     if "sft" in settings.names:
         losses["sft"] = sft_loss(
             logits,
@@ -136,10 +149,17 @@ def micro_batch_loss(
             num_valid_chunks_global=counts["num_hidden"].clamp(min=1),
         )
     for name, value in losses.items():
-        metrics[name] = float(value.detach())
+        metrics[name] = value
+    if "alm" in losses:
+        metrics["alm"] = metrics.pop("alm_excess")
     if len(losses) == 1 or settings.combine == "sum":
-        return sum(losses.values()), metrics  # type: ignore[return-value]
-    total, weights = gradmag_combine(losses, gradmag_params)
-    for name, weight in weights.items():
-        metrics[f"gradmag_weight_{name}"] = weight
-    return total, metrics
+        total = cast(torch.Tensor, sum(losses.values()))
+    else:
+        # read after the forward: under FSDP2 these are the unsharded tensors the forward used
+        total, weights = gradmag_combine(
+            losses, last_block_parameters(model), all_reduce_sum=all_reduce_sum
+        )
+        for name, weight in weights.items():
+            metrics[f"gradmag_weight_{name}"] = weight
+    metrics["loss"] = total
+    return total, {name: value.detach().double() for name, value in metrics.items()}

@@ -418,6 +418,11 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
         untie_embeddings=cfg.transfer.untie_embeddings,
         seed=seed,
     )
+    logger.info(
+        "student renders the %s template family (%s special tokens)",
+        family,
+        "the teacher's" if keeps_teacher_specials else "its own",
+    )
     return Student(
         model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source, family
     )

@@ -153,7 +153,8 @@ def random_example(rng: np.random.Generator, vocab: int, student_length: int | N
         0.1,
         True,
     )
-    return chunks, teacher_logp, teacher_boundary, student_ids, len(student), ref
+    tokens = (teacher, student, teacher_roles, student_roles)
+    return chunks, teacher_logp, teacher_boundary, student_ids, len(student), ref, tokens
 
 
 def random_batch(seed: int, batch: int = 3, vocab: int = 23, padded_vocab: int = 32):
@@ -202,6 +203,91 @@ def test_alm_loss_matches_the_reference_loop_in_value_and_gradient(seed, diverge
     out.loss.backward()
     want.backward()
     torch.testing.assert_close(logits_vec.grad.double(), logits_ref.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("debias", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_debias_switch_matches_the_reference_with_and_without_boundary_terms(seed, debias):
+    rng = np.random.default_rng(100 + seed)
+    vocab = 23
+    examples = [random_example(rng, vocab) for _ in range(3)]
+    length = max(e[4] for e in examples) + 1
+    ids = torch.zeros(3, length, dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids[row, : example[4]] = torch.from_numpy(example[3])
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, length, 32, generator=generator) * 2
+    mask = torch.rand(32, generator=generator) < 0.3
+    mask[0] = True
+    groups = []
+    for example in examples:
+        chunks = reference_align(*example[6])
+        groups.append(
+            reference_groups(chunks, example[1].tolist(), example[2].tolist(), 0.1, True, debias)
+        )
+    logits_vec = logits.clone().requires_grad_()
+    out = alm_batch_loss(
+        logits_vec,
+        ids,
+        mask,
+        [e[0] for e in examples],
+        [e[1] for e in examples],
+        [e[2] for e in examples],
+        vocab_size=vocab,
+        debias=debias,
+    )
+    logits_ref = logits.double().requires_grad_()
+    common = {"vocab_size": vocab, "debias": debias}
+    want = reference_loss(list(logits_ref), [i.tolist() for i in ids], mask, groups, **common)
+    assert out.num_groups.item() == sum(len(g) for g in groups) > 0
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-4, atol=1e-7)
+    out.loss.backward()
+    want.backward()
+    torch.testing.assert_close(logits_vec.grad.double(), logits_ref.grad, rtol=1e-3, atol=1e-6)
+    want_excess = reference_loss(
+        list(logits.double()), [i.tolist() for i in ids], mask, groups, excess=True, **common
+    )
+    # float64 from fp32 group log-probs: relative to the loss, the excess is as exact as the loss itself
+    assert abs(out.excess.item() - want_excess.item()) <= 1e-4 * want.item()
+
+
+def test_debiasing_changes_the_loss_so_the_switch_is_live():
+    examples, ids, logits, mask, vocab = random_batch(0)
+    args = (logits, ids, mask, [e[0] for e in examples], [e[1] for e in examples])
+    on = alm_batch_loss(*args, [e[2] for e in examples], vocab_size=vocab)
+    off = alm_batch_loss(*args, [e[2] for e in examples], vocab_size=vocab, debias=False)
+    assert on.num_groups == off.num_groups and abs(on.loss.item() - off.loss.item()) > 1e-4
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_excess_is_the_loss_above_the_teachers_floor(divergence):
+    # binary_ce: the binary KL (loss minus the teacher's binary entropy); other divergences: floor 0.
+    examples, ids, logits, mask, vocab = random_batch(1)
+    out = alm_batch_loss(
+        logits,
+        ids,
+        mask,
+        [e[0] for e in examples],
+        [e[1] for e in examples],
+        [e[2] for e in examples],
+        vocab_size=vocab,
+        divergence=divergence,
+    )
+    want = reference_loss(
+        list(logits.double()),
+        [i.tolist() for i in ids],
+        mask,
+        [e[5] for e in examples],
+        divergence=divergence,
+        vocab_size=vocab,
+        excess=True,
+    )
+    assert out.excess.dtype == torch.float64 and out.excess.item() >= 0
+    assert abs(out.excess.item() - want.item()) <= 1e-4 * max(out.loss.item(), 1e-3)
+    if divergence == "binary_ce":
+        assert out.excess.item() < 0.5 * out.loss.item()  # at tau = 100 the floor dominates
+    else:
+        assert out.excess.item() == pytest.approx(out.loss.item(), rel=1e-5, abs=1e-7)
 
 
 def pinned_case():

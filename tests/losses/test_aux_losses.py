@@ -83,26 +83,76 @@ def test_gradmag_weights_each_loss_by_its_inverse_last_block_gradient_norm():
     norms = {}
     for name, loss in losses.items():
         grads = torch.autograd.grad(loss, params, retain_graph=True)
-        norms[name] = torch.sqrt(sum(g.square().sum() for g in grads)).item()
+        norms[name] = torch.sqrt(sum(g.double().square().sum() for g in grads)).item()
     total, weights = gradmag_combine(losses, params)
     for name in losses:
-        assert weights[name] == pytest.approx(1 / (norms[name] + 1e-8), rel=1e-5)
-    expected = sum(weights[n] * losses[n].item() for n in losses) / sum(weights.values())
+        assert weights[name].item() == pytest.approx(1 / (norms[name] + 1e-8), rel=1e-5)
+    expected = sum(weights[n].item() * losses[n].item() for n in losses) / sum(
+        w.item() for w in weights.values()
+    )
     assert total.item() == pytest.approx(expected, rel=1e-5)
     # After weighting, both losses pull the last block equally hard (unit gradient norm each).
     for name in losses:
-        assert weights[name] * norms[name] == pytest.approx(1.0, rel=1e-4)
+        assert weights[name].item() * norms[name] == pytest.approx(1.0, rel=1e-4)
 
 
-def test_gradmag_with_one_loss_is_that_loss_and_a_gradient_free_loss_gets_weight_zero():
+def test_gradmag_norms_are_those_of_the_reduced_gradient():
+    # Two "processes" hold halves of one batch; the reduction they pass in sums their last-block gradients, so the
+    # weights equal those of the whole batch on one process, not of either half.
+    model = tiny_llama(64, seed=1)
+    ids = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    params = last_block_parameters(model)
+    whole = {"sft": sft_loss(model(ids).logits, ids, mask, num_tokens_global=36)}
+    whole["tiny"] = whole["sft"] * 1e-3 + model(ids).logits[..., 1].mean()
+    _, weights_whole = gradmag_combine(whole, params)
+    halves = []
+    for part in (ids[:2], ids[2:]):
+        logits = model(part).logits
+        sft = sft_loss(logits, part, mask[:2], num_tokens_global=36)
+        halves.append({"sft": sft, "tiny": sft * 1e-3 + logits[..., 1].mean() / 2})
+    flat = []
+    for half in halves:
+        grads = [torch.autograd.grad(loss, params, retain_graph=True) for loss in half.values()]
+        flat.append(torch.stack([torch.cat([g.reshape(-1) for g in gs]) for gs in grads]))
+    other = {0: flat[1], 1: flat[0]}
+    for index, half in enumerate(halves):
+        _, weights = gradmag_combine(
+            half, params, all_reduce_sum=lambda local, i=index: local + other[i]
+        )
+        for name in whole:
+            assert weights[name].item() == pytest.approx(weights_whole[name].item(), rel=1e-4)
+        _, alone = gradmag_combine(half, params)
+        assert alone["sft"].item() != pytest.approx(weights_whole["sft"].item(), rel=1e-2)
+
+
+def test_gradmag_with_one_loss_is_that_loss_and_a_zero_gradient_loss_gets_weight_zero():
+    model = tiny_llama(64, seed=1)
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    logits = model(ids).logits
+    loss = sft_loss(logits, ids, torch.ones_like(ids, dtype=torch.bool))
+    params = last_block_parameters(model)
+    total, _ = gradmag_combine({"sft": loss}, params)
+    assert total.item() == pytest.approx(loss.item(), rel=1e-6)
+    # e.g. no ALM group in the whole global micro-batch: a loss in the graph whose gradient is exactly zero
+    no_groups = (logits * 0.0).sum()
+    total, weights = gradmag_combine({"sft": loss, "alm": no_groups}, params)
+    assert weights["alm"].item() == 0 and total.item() == pytest.approx(loss.item(), rel=1e-6)
+    total, weights = gradmag_combine({"sft": no_groups, "alm": no_groups}, params)
+    assert total.item() == 0 and all(w.item() == 0 for w in weights.values())
+
+
+def test_gradmag_refuses_a_loss_without_a_gradient_instead_of_falling_back():
     model = tiny_llama(64, seed=1)
     ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     loss = sft_loss(model(ids).logits, ids, torch.ones_like(ids, dtype=torch.bool))
     params = last_block_parameters(model)
-    total, _ = gradmag_combine({"sft": loss}, params)
-    assert total.item() == pytest.approx(loss.item(), rel=1e-6)
-    total, weights = gradmag_combine({"sft": loss, "alm": torch.zeros(())}, params)
-    assert weights["alm"] == 0 and total.item() == pytest.approx(loss.item(), rel=1e-6)
+    with pytest.raises(AlmError, match="does not depend on the model"):
+        gradmag_combine({"sft": loss, "alm": torch.zeros(())}, params)
+    # parameters the forward did not use (what sharded copies are under FSDP2)
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    with pytest.raises(AlmError, match="gives no gradient"):
+        gradmag_combine({"sft": loss}, copies)
 
 
 def test_alm_with_a_live_teacher_trains_a_byte_student_on_tiny_models():

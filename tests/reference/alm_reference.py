@@ -244,8 +244,10 @@ def reference_groups(
     teacher_boundary_logmass: list[float],
     gamma: float = 0.1,
     drop_unterminated: bool = True,
+    debias: bool = True,
 ) -> list[RefGroup]:
-    """§5.1–§5.3 on the compact list of in-loss chunks, group by group."""
+    """§5.1–§5.3 on the compact list of in-loss chunks, group by group; `debias=False` leaves the teacher's
+    boundary term out of the group log-prob (merging still follows gamma)."""
     chunks = [c for c in chunks if c.in_loss]
     groups: list[RefGroup] = []
     current: list[tuple[RefChunk, float]] = []
@@ -266,12 +268,12 @@ def reference_groups(
                 groups.append(
                     RefGroup(
                         teacher_logp=sum(lp for _, lp in current)
-                        + (0.0 if chunk.is_block else boundary),
+                        + (boundary if debias and not chunk.is_block else 0.0),
                         teacher_start=current[0][0].teacher_start,
                         teacher_end=chunk.teacher_end,
                         student_start=current[0][0].student_start,
                         student_end=chunk.student_end,
-                        has_boundary_term=not chunk.is_block,
+                        has_boundary_term=debias and not chunk.is_block,
                     )
                 )
             current = []
@@ -317,8 +319,13 @@ def reference_loss(
     divergence: str = "binary_ce",
     normaliser: float | None = None,
     vocab_size: int | None = None,
+    debias: bool = True,
+    excess: bool = False,
 ) -> torch.Tensor:
-    """Σ over groups of the divergence between LT and the student's debiased group log-prob, / normaliser."""
+    """Σ over groups of the divergence between LT and the student's debiased group log-prob, / normaliser.
+
+    `debias=False`: the student's group log-prob is the plain token sum (no boundary term). `excess=True`: each
+    group's divergence minus its value at LS = LT (for binary_ce, the binary KL above the teacher's entropy)."""
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     for logits, ids, example_groups in zip(student_logits, student_ids, groups):
@@ -333,13 +340,18 @@ def reference_loss(
             boundary = torch.clamp(
                 torch.logsumexp(logsm[last][student_boundary_mask[:size]], dim=0), max=0.0
             )
-            student_logp = token_sum + boundary if group.has_boundary_term else token_sum
+            student_logp = token_sum + boundary if debias and group.has_boundary_term else token_sum
             teacher_logp = torch.tensor(group.teacher_logp, dtype=torch.float64)
-            total = (
-                total
-                + reference_divergence(
-                    teacher_logp[None], student_logp[None], temperature, divergence
-                )[0]
-            )
+            value = reference_divergence(
+                teacher_logp[None], student_logp[None], temperature, divergence
+            )[0]
+            if excess:
+                p = torch.exp(teacher_logp / temperature - 1e-6)
+                value = value - (
+                    -(p * torch.log(p) + (1 - p) * torch.log(1 - p))
+                    if divergence == "binary_ce"
+                    else 0.0
+                )
+            total = total + value
             count += 1
     return total / (normaliser if normaliser is not None else max(count, 1))

@@ -111,10 +111,11 @@ def test_final_norm_hidden_state_is_the_last_hidden_states_entry(teacher_dir) ->
         torch.testing.assert_close(model.lm_head(last), out.logits, rtol=0, atol=0)
 
 
-def test_model_with_scaled_logits_is_scored_from_full_logits(
+def test_soft_capped_model_is_scored_through_the_fp32_head_and_cap(
     tmp_path, boundary_class, sequences
 ) -> None:
-    """A model whose logits are not lm_head(decoder(x)) (soft-capping) must not take the LM-head shortcut."""
+    """A model whose logits are not lm_head(decoder(x)) (soft-capping) takes the head path with its transform
+    (other families and the fallback: tests/teacher/test_hf_head.py)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     tokenizer = bpe_tokenizer()
@@ -134,7 +135,7 @@ def test_model_with_scaled_logits_is_scored_from_full_logits(
     teacher = HFTeacher(
         str(tmp_path), boundary_class, device="cpu", hidden_states=True, token_budget=80
     )
-    assert not teacher.use_head_path
+    assert teacher.use_head_path and teacher.logit_transform.softcap == 5.0
     for ids, got in zip(sequences[:3], teacher.score(sequences[:3]), strict=True):
         logp, blm, _, _, hidden = direct(tmp_path, ids, boundary_class)
         assert_fp32_close(got.logp[1:], logp[1:])

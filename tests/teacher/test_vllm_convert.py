@@ -151,6 +151,7 @@ def request_output_from_logp(
     layout: str,
     *,
     candidate_ids: np.ndarray | None = None,
+    sample_logprobs: bool = True,
 ) -> RequestOutput:
     """A `RequestOutput` of a teacher-forcing request over `prompt_ids` from full log-prob rows.
 
@@ -159,7 +160,10 @@ def request_output_from_logp(
         prompt_ids: the m prompt ids.
         k: prompt_logprobs = logprobs = k.
         layout: "flat", "dict" or "dict_old".
-        candidate_ids: fixed ids scored at rows 0..m-2 (`prompt_token_id_logprobs`), if any.
+        candidate_ids: fixed ids scored at rows 0..m-2 (`prompt_token_id_logprobs`), if any: int [K] (the same for
+            every row) or [m - 1, K] as vLLM 0.33.0 takes them, -1 padding a row (scores -inf,
+            `vllm/v1/worker/gpu/sample/prompt_logprob.py:115`).
+        sample_logprobs: the request asked for `logprobs` (else the completion's `logprobs` is None).
     """
     m = len(prompt_ids)
     prompt_entries = [None] + [vllm_entry(logp_rows[j - 1], prompt_ids[j], k) for j in range(1, m)]
@@ -167,13 +171,28 @@ def request_output_from_logp(
     sample_entries = [vllm_entry(logp_rows[m - 1], sampled, k)]
     token_scores = None
     if candidate_ids is not None:
-        token_scores = np.asarray(logp_rows[: m - 1][:, candidate_ids], np.float32)
+        ids = np.asarray(candidate_ids, np.int64)
+        if ids.ndim == 1:
+            ids = np.broadcast_to(ids, (m - 1, ids.shape[0]))
+        assert ids.shape[0] == m - 1, "one row of candidate ids per scored prompt row"
+        token_scores = np.take_along_axis(
+            np.asarray(logp_rows[: m - 1], np.float32), np.maximum(ids, 0), axis=1
+        )
+        token_scores[ids < 0] = -np.inf
     return RequestOutput(
         request_id="0",
         prompt=None,
         prompt_token_ids=list(prompt_ids),
         prompt_logprobs=container(prompt_entries, layout),
-        outputs=[CompletionOutput(0, "", [sampled], None, container(sample_entries, layout))],
+        outputs=[
+            CompletionOutput(
+                0,
+                "",
+                [sampled],
+                None,
+                container(sample_entries, layout) if sample_logprobs else None,
+            )
+        ],
         prompt_token_id_logprobs=token_scores,
     )
 
@@ -560,13 +579,25 @@ def test_vllm_backend_refuses_contradictory_settings_before_loading(
         VLLMTeacher("unused", boundary_class, **kwargs)
 
 
-def test_norm_and_head_read_from_safetensors_reproduce_the_model(model, boundary_class, tmp_path):
-    from alm.teacher.vllm import _LlamaHead
-
-    model.save_pretrained(tmp_path)
-    head = _LlamaHead(str(tmp_path), model.config.to_dict(), device="cpu")
-    prenorm = torch.randn(5, model.config.hidden_size)
-    with torch.no_grad():
-        expected = model.lm_head(model.model.norm(prenorm))
-        got = head.head(head.norm(prenorm))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+def test_token_scores_stay_float32_and_row_chunks_change_only_the_rounding(model, boundary_class):
+    candidate_ids = boundary_token_ids(boundary_class)
+    ids = _sequences(seed=6, count=1)[0] * 3
+    prompt = [*ids, 0]
+    rows = _logp_rows(model, prompt)[:-1][:, candidate_ids].astype(np.float32)  # [n, K]
+    whole = boundary_logmass_from_token_scores(rows, candidate_ids, boundary_class, len(ids))
+    # numpy may vectorise a sum differently per chunk shape: ulps only
+    for chunk in (1, 7, len(ids)):
+        assert_fp32_close(
+            boundary_logmass_from_token_scores(
+                rows, candidate_ids, boundary_class, len(ids), row_chunk=chunk
+            ),
+            whole,
+        )
+    assert whole.dtype == np.float32
+    # against a float64 reference written from the definition: log Σ_{v in class c} p_v
+    cls = boundary_class[candidate_ids]
+    with np.errstate(divide="ignore"):
+        reference = np.stack(
+            [np.log(np.exp(rows[:, cls == c].astype(np.float64)).sum(axis=1)) for c in range(5)], 1
+        )
+    assert_fp32_close(whole, reference.astype(np.float32))

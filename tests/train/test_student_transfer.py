@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -413,3 +414,51 @@ def test_load_student_keeps_the_teachers_special_tokens_and_family_on_request(tm
     assert own.family == "chatml"
     assert "<|begin_of_text|>" not in own.tokenizer.get_vocab()
     assert StudentConfig(transfer=transfer).transfer.special_tokens == "student"
+
+
+@pytest.mark.slow
+def test_student_keeping_a_llama3_teachers_specials_trains_on_its_chat_store(tmp_path):
+    """End to end: a Llama-3-style teacher scores chat data; a chatml BPE student that keeps the teacher's special
+    tokens renders the same Llama-3 template, trains, and is saved with those tokens."""
+    from train_helpers import REPO, train_recipe, write_yaml
+    from transformers import AutoTokenizer
+
+    from alm.config import load_yaml_model
+    from alm.config.train import TrainRecipe
+    from alm.precompute import run_precompute
+    from alm.train.log import read_metrics
+    from alm.train.loop import run_train
+
+    teacher_tok = llama3_like_tokenizer()
+    teacher_model(len(teacher_tok)).save_pretrained(tmp_path / "teacher")
+    teacher_tok.save_pretrained(tmp_path / "teacher")
+    bpe_tokenizer(900).save_pretrained(tmp_path / "own")
+    precompute_recipe = {
+        "teacher": {"model": str(tmp_path / "teacher"), "device": "cpu", "dtype": "float32"},
+        "data": {"spec": str(REPO / "data_specs" / "example_chat_jsonl.yaml")},
+        "output": str(tmp_path / "store"),
+        "max_length": 96,
+        "shard_size": 8,
+    }
+    run_precompute(write_yaml(tmp_path / "pre.yaml", precompute_recipe), shard="0/1")
+    recipe = train_recipe(
+        tmp_path / "train.yaml",
+        store=tmp_path / "store",
+        output=tmp_path / "out",
+        student={
+            "transfer": {
+                "from": "teacher",
+                "tokenizer": str(tmp_path / "own"),
+                "special_tokens": "teacher",
+            },
+            "max_length": 128,
+        },
+        loss={"kind": "alm+sft"},
+        optim__steps=2,
+    )
+    run_train(load_yaml_model(TrainRecipe, recipe))
+    values = [r["loss"] for r in read_metrics(tmp_path / "out") if "loss" in r]
+    assert len(values) == 2 and all(math.isfinite(v) for v in values)
+    saved = AutoTokenizer.from_pretrained(tmp_path / "out" / "student")
+    assert set(teacher_special_strings(teacher_tok)) <= set(teacher_special_strings(saved))
+    assert saved.bos_token == "<|begin_of_text|>"

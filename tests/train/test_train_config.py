@@ -28,7 +28,7 @@ def write(tmp_path: Path, data: dict) -> Path:
 def test_defaults_follow_the_paper(tmp_path):
     recipe = load_yaml_model(TrainRecipe, write(tmp_path, MINIMAL))
     assert recipe.loss.kind == "alm" and recipe.loss.gamma == 0.1 and recipe.loss.temperature == 100
-    assert recipe.loss.divergence == "binary_ce"
+    assert recipe.loss.divergence == "binary_ce" and recipe.loss.debias is True
     assert recipe.loss.boundary_class_ids() == [0, 1, 2, 4]  # space+tab+newline+special (§5.2)
     assert recipe.optim.betas == (0.9, 0.95) and recipe.optim.grad_clip == 1.0
     assert recipe.stores[0].path == "runs/x/store" and recipe.lora is None
