@@ -4,6 +4,8 @@
     alm train stages/demo_train.yaml [--set key=value ...] [--dry-run] [--resume]
     alm inspect STORE [--compare OTHER]
     alm store finalize STORE
+    alm eval MODEL... --data SOURCE [--teacher-store STORE] [--json OUT] [--ensemble]
+    alm report RUN_DIR... [--out DIR]
 
 Every `AlmError` is printed as one message and exits with code 2; any other exception is a bug and keeps its
 traceback. This is the only module that imports typer and the only one that prints.
@@ -112,6 +114,80 @@ def store_finalize(
     from alm.store.finalize import finalize_store
 
     print(finalize_store(store))
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Model folders, HF ids, builtin:smollm2-135m-instruct, or ensemble recipes (.yaml)."
+        ),
+    ],
+    data: Annotated[
+        str,
+        typer.Option(help="Held-out text: a data spec (YAML or name), a .txt or a .jsonl file."),
+    ],
+    teacher_store: Annotated[
+        str | None,
+        typer.Option(help="A teacher store: also report chunk agreement and binarised KL with it."),
+    ] = None,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON.")
+    ] = None,
+    split: Annotated[
+        str | None,
+        typer.Option(help="Data spec split: train, heldout or all (default: the spec's)."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many documents.")] = None,
+    max_bytes: Annotated[
+        int, typer.Option(help="Cut documents into pieces of at most this many bytes.")
+    ] = 4096,
+    ensemble: Annotated[
+        bool,
+        typer.Option(help="Also score the ensemble of the MODELs (they must share a tokenizer)."),
+    ] = False,
+    combine: Annotated[
+        str, typer.Option(help="Ensemble average: probs (default) or logprobs.")
+    ] = "probs",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Held-out bits per byte of models with any tokenizers, on exactly the same text bytes."""
+    from alm.errors import ConfigError
+    from alm.eval.run import run_eval_cli
+
+    if combine not in ("probs", "logprobs"):
+        raise ConfigError(f"--combine {combine!r}: use probs or logprobs")
+    print(
+        run_eval_cli(
+            models,
+            data,
+            teacher_store=teacher_store,
+            json_out=json_out,
+            split=split,
+            limit=limit,
+            max_bytes=max_bytes,
+            ensemble=ensemble,
+            combine="probs" if combine == "probs" else "logprobs",
+            device=device,
+        )
+    )
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[
+        list[Path], typer.Argument(help="Run folders of `alm train` (output_dir).")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for report.png and report.md.")] = Path(
+        "report"
+    ),
+    title: Annotated[str | None, typer.Option(help="Title of the plot and the table.")] = None,
+) -> None:
+    """Plot losses and held-out metrics of one or more runs against the step, and tabulate them."""
+    from alm.report import write_report
+
+    print(write_report(run_dirs, out, title=title))
 
 
 def main() -> None:

@@ -27,6 +27,19 @@ FROZEN_COMMANDS = {
     },
     "inspect": {"store": (), "--compare": ()},
     "store finalize": {"store": ()},
+    "eval": {
+        "models": (),
+        "--data": (),
+        "--teacher-store": (),
+        "--json": (),
+        "--split": (),
+        "--limit": (),
+        "--max-bytes": (),
+        "--ensemble": ("--no-ensemble",),
+        "--combine": (),
+        "--device": (),
+    },
+    "report": {"run_dirs": (), "--out": (), "--title": ()},
 }
 
 
