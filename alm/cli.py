@@ -4,6 +4,8 @@
     alm train stages/demo_train.yaml [--set key=value ...] [--dry-run] [--resume]
     alm inspect STORE [--compare OTHER]
     alm store finalize STORE
+    alm store push STORE URL
+    alm store pull URL DIR
     alm eval MODEL... --data SOURCE [--teacher-store STORE] [--json OUT] [--ensemble]
     alm report RUN_DIR... [--out DIR]
 
@@ -85,7 +87,7 @@ def train(
     ] = False,
 ) -> None:
     """Train a student from a teacher store."""
-    from alm.train.loop import run_train_cli
+    from alm.train.command import run_train_cli
 
     out = run_train_cli(
         recipe, overrides=set_ or [], dry_run=dry_run, resume=resume, overwrite=overwrite
@@ -114,6 +116,33 @@ def store_finalize(
     from alm.store.finalize import finalize_store
 
     print(finalize_store(store))
+
+
+@store_app.command("push")
+def store_push(
+    store: Annotated[str, typer.Argument(help="A finished teacher store (folder or URL).")],
+    url: Annotated[
+        str,
+        typer.Argument(
+            help="Destination fsspec URL: s3://..., gs://..., hf://datasets/ORG/NAME, a folder."
+        ),
+    ],
+) -> None:
+    """Copy a finished store to a URL: resumable, every file verified after upload, manifest last."""
+    from alm.store.transfer import push_store
+
+    print(push_store(store, url).summary("pushed to"))
+
+
+@store_app.command("pull")
+def store_pull(
+    url: Annotated[str, typer.Argument(help="Where the store was pushed (fsspec URL or folder).")],
+    folder: Annotated[str, typer.Argument(metavar="DIR", help="Local destination folder.")],
+) -> None:
+    """Copy a pushed store into a local folder: resumable, checksums verified, manifest last."""
+    from alm.store.transfer import pull_store
+
+    print(pull_store(url, folder).summary(f"pulled {folder} from"))
 
 
 @app.command("eval")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -488,6 +489,11 @@ def run_precompute(
             "skip_untokenizable": recipe.skip_untokenizable,
         },
         backend_versions=_versions(),
+        command=shlex.join(
+            ["alm", "precompute", str(recipe_path)]
+            + [a for o in overrides or [] for a in ("--set", o)]
+            + ["--shard", shard]
+        ),
     )
     layout = prepare_store(recipe.output, plan, overwrite=overwrite)
     layout.write_vocab(vocab)

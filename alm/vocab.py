@@ -32,14 +32,15 @@ from typing import Any
 
 import numpy as np
 
+# The boundary classes are defined once, in alm.boundary; re-exported here for the vocabulary's users.
+from alm.boundary import BOUNDARY_CLASS_NAMES as BOUNDARY_CLASS_NAMES
+from alm.boundary import NUM_BOUNDARY_CLASSES as NUM_BOUNDARY_CLASSES
+from alm.boundary import SPECIAL_CLASS as SPECIAL_CLASS
+from alm.boundary import boundary_class_of as boundary_class_of
 from alm.errors import DataError, TokenizerRefusedError
 
 logger = logging.getLogger(__name__)
 
-NUM_BOUNDARY_CLASSES = 5
-BOUNDARY_CLASS_NAMES = ("space", "newline", "tab", "other_whitespace", "special")
-SPECIAL_CLASS = 4
-_FIRST_BYTE_CLASS = {0x20: 0, 0x0A: 1, 0x09: 2, 0x0B: 3, 0x0C: 3, 0x0D: 3}
 
 VOCAB_ARROW_FORMAT = "alm-vocab/1"
 
@@ -98,15 +99,6 @@ def gpt2_bytes_to_unicode() -> dict[int, str]:
 
 
 _UNICODE_TO_BYTE = {c: b for b, c in gpt2_bytes_to_unicode().items()}
-
-
-def boundary_class_of(token_bytes: bytes, is_special: bool) -> int:
-    """Boundary class of one token: 4 if special, else by first byte (0 space, 1 newline, 2 tab, 3 other ws)."""
-    if is_special:
-        return SPECIAL_CLASS
-    if not token_bytes:
-        return -1
-    return _FIRST_BYTE_CLASS.get(token_bytes[0], -1)
 
 
 @dataclass(frozen=True, eq=False)

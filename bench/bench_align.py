@@ -55,7 +55,7 @@ def align_batches(batches, teachers, students, teacher_logp, teacher_boundary) -
         for i in batch:
             chunks = align_sequences(teachers[i], students[i], teachers[i].loss_spans)
             targets.append(build_alm_targets(chunks, teacher_logp[i], teacher_boundary[i]))
-        num_groups += int(pad_targets(targets)["num_groups"])
+        num_groups += int(pad_targets(targets).num_groups)
     return num_groups
 
 

@@ -33,10 +33,10 @@ from torch.nn import functional
 
 from alm.align.targets import AlmTargets
 from alm.losses.alm import alm_loss
-from alm.losses.batch import pad_targets
+from alm.losses.batch import PaddedTargets, pad_targets
 
 
-def make_targets(batch: int, length: int, group_tokens: int) -> dict[str, torch.Tensor]:
+def make_targets(batch: int, length: int, group_tokens: int) -> PaddedTargets:
     """Groups of `group_tokens` student tokens covering positions 1.. of every row."""
     examples = []
     for _ in range(batch):
@@ -75,7 +75,7 @@ def run_variant(
     ids = torch.randint(0, vocab, (batch, rows), device=device)
     boundary_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
     boundary_mask[: vocab // 8] = True
-    targets = {k: v.to(device) for k, v in make_targets(batch, rows, group_tokens).items()}
+    targets = make_targets(batch, rows, group_tokens).to(device)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -172,7 +172,7 @@ def time_figures(device: str) -> None:
     ids = torch.randint(0, vocab, (batch, length), device=device)
     boundary_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
     boundary_mask[: vocab // 8] = True
-    targets = {k: v.to(device) for k, v in make_targets(batch, length, 3).items()}
+    targets = make_targets(batch, length, 3).to(device)
 
     def student_step() -> None:
         logits = model(ids).logits

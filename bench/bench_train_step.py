@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from factories import bpe_tokenizer, corpus_texts, tiny_llama
 
-from alm.data.student import StudentExampleBuilder, collate_examples
 from alm.store.reader import StoredSequence
 from alm.templates import plain_document, render
-from alm.train.step import LossSettings, TrainModule, micro_batch_loss
+from alm.train.batch import StudentExampleBuilder, collate
+from alm.train.step import LossSettings, StepCounts, TrainModule, micro_batch_loss
 from alm.vocab import vocab_from_tokenizer
 
 
@@ -100,14 +100,15 @@ def main() -> None:
     rounds = 0
     while time.perf_counter() - start < 3.0:
         for i in range(0, len(stored), args.batch):
-            collate_examples([builder(s) for s in stored[i : i + args.batch]])
+            collate([builder(s) for s in stored[i : i + args.batch]])
         rounds += 1
     data_seq_per_s = rounds * len(stored) / (time.perf_counter() - start)
 
     store_seq_per_s = None
     if args.store:
-        from alm.data.loader import MicroBatches
+        from alm.config.train import StoreRef
         from alm.store.reader import open_store
+        from alm.train.loader import MicroBatches, open_training_stores
 
         store_builder = StudentExampleBuilder(
             teacher_vocab=open_store(args.store).vocab,
@@ -118,21 +119,22 @@ def main() -> None:
             boundary_class_ids=[0, 1, 2, 4],
             gamma=0.1,
         )
-        loader = MicroBatches([args.store], store_builder, micro_batch_size=args.batch, seed=0)
+        loader = MicroBatches(
+            open_training_stores([StoreRef(path=args.store)]),
+            store_builder,
+            micro_batch_size=args.batch,
+            seed=0,
+        )
         num_batches = max(1, loader.order.epoch_size // args.batch)
         start = time.perf_counter()
         for k in range(num_batches):
             loader[k]
         store_seq_per_s = num_batches * args.batch / (time.perf_counter() - start)
 
-    batch = collate_examples([builder(s) for s in stored[: args.batch]])
+    batch = collate([builder(s) for s in stored[: args.batch]])
     vocab_size = len(student_vocab.token_bytes)
     boundary_mask = torch.as_tensor(student_vocab.boundary_mask([0, 1, 2, 4]))
-    counts = {
-        "num_groups": batch["num_groups"],
-        "num_sft_tokens": batch["num_sft_tokens"],
-        "num_hidden": torch.tensor(1),
-    }
+    counts = StepCounts(batch.targets.num_groups, batch.num_sft_tokens, torch.tensor(1))
     times: dict[str, list[float]] = {"alm": [], "sft": []}
     models = {}
     for kind in times:
@@ -165,7 +167,7 @@ def main() -> None:
     step_seq_per_s = args.batch / alm_s
     print(
         f"train step ALM / SFT: {alm_s / sft_s:.3f}x (ALM {alm_s * 1e3:.1f} ms, SFT {sft_s * 1e3:.1f} ms; "
-        f"batch {args.batch} x {batch['input_ids'].shape[1]} tokens, vocab {vocab_size}, hidden {args.hidden}, "
+        f"batch {args.batch} x {batch.input_ids.shape[1]} tokens, vocab {vocab_size}, hidden {args.hidden}, "
         f"{args.layers} layers; target <= 1.10x)"
     )
     print(

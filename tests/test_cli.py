@@ -27,6 +27,8 @@ FROZEN_COMMANDS = {
     },
     "inspect": {"store": (), "--compare": ()},
     "store finalize": {"store": ()},
+    "store push": {"store": (), "url": ()},
+    "store pull": {"url": (), "folder": ()},
     "eval": {
         "models": (),
         "--data": (),

@@ -210,6 +210,10 @@ def test_store_is_identical_whatever_the_number_of_workers(reference_store, tmp_
     assert "not finished yet" in messages[0] and "not finished yet" in messages[1]
     assert "is finished" in messages[2]
     assert_same_store(store_path, other)
+    # the store card names the command of the first worker (shard 2/3), which wrote the plan
+    card = (other / "README.md").read_text()
+    assert f"alm precompute {recipe} --set output={other} --shard 2/3" in card
+    assert "each worker ran this command with its own `--shard i/N`" in card
 
 
 def test_rerun_of_a_finished_store_recomputes_nothing(reference_store) -> None:

@@ -272,9 +272,9 @@ def test_turn_closing_eot_is_in_loss_and_the_next_header_is_not(case):
 
 def test_the_loss_region_rule_has_one_definition():
     from alm.align import chunks
-    from alm.data import student
+    from alm.train import batch
 
-    assert student.token_in_loss is token_in_loss and chunks.token_in_loss is token_in_loss
+    assert batch.token_in_loss is token_in_loss and chunks.token_in_loss is token_in_loss
 
 
 def test_text_tokens_are_in_the_loss_by_byte_span_and_zero_width_ones_by_what_follows():

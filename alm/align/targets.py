@@ -1,6 +1,6 @@
 """Teacher-side ALM targets of one example: chunk sums, γ-merging and debiasing (ALM_SPEC.md §5.1–§5.3, §7.1).
 
-Owns `AlmTargets` and `build_alm_targets`. Every teacher quantity is stored, so the teacher's whole side of the
+Owns `AlmTargets`, `build_alm_targets` and `chunk_logp_sums`. Every teacher quantity is stored, so the teacher's whole side of the
 loss is computed here, on CPU in the data path; the model side (`alm.losses.alm`) only adds the student's sums.
 NumPy only: must not import torch or `alm.config`.
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from alm.align.chunks import Chunks
+from alm.boundary import DEFAULT_BOUNDARY_CLASSES
 from alm.errors import AlignmentError
 
 _INT = np.int64
@@ -171,11 +172,12 @@ def build_alm_targets(
 
 
 def combine_boundary_classes(
-    boundary_logmass: np.ndarray, classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+    boundary_logmass: np.ndarray, classes: tuple[int, ...] = DEFAULT_BOUNDARY_CLASSES
 ) -> np.ndarray:
     """Log-mass of a union of the stored first-byte classes: logsumexp over `classes` of [n, 5] → float64 [n].
 
-    The default is tokenkit's `space+tab+newline+special` plus other whitespace (§5.2).
+    The default is `alm.boundary.DEFAULT_BOUNDARY_CLASSES`, tokenkit's `space+tab+newline+special` (§5.2), the
+    same set `alm train` uses by default.
     """
     stored = np.asarray(boundary_logmass, dtype=np.float64)[:, list(classes)]
     top = np.max(stored, axis=1, keepdims=True)
@@ -184,3 +186,11 @@ def combine_boundary_classes(
         return np.minimum(
             (top + np.log(np.exp(stored - top).sum(axis=1, keepdims=True)))[:, 0], 0.0
         )
+
+
+def chunk_logp_sums(logp: np.ndarray, start_pos: np.ndarray, end_pos: np.ndarray) -> np.ndarray:
+    """float32 [C]: sums of per-token log-probs over `[start_pos, end_pos)` (positions >= 1), by prefix sums."""
+    values = np.nan_to_num(np.asarray(logp, dtype=np.float64), nan=0.0)
+    values[0] = 0.0
+    prefix = np.concatenate([[0.0], np.cumsum(values)])
+    return (prefix[end_pos] - prefix[start_pos]).astype(np.float32)

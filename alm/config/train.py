@@ -2,11 +2,11 @@
 
 Owns the schema of `stages/*train*.yaml` and `stages/paper_*.yaml` and every rule that can be checked without
 opening a store or loading a model (field types, ranges, cross-field rules). Rules that need a store's manifest
-(fingerprints, stored fields a loss needs) are checked by `alm.train.loop.check_stores` before any model loads.
+(fingerprints, stored fields a loss needs) are checked by `alm.train.loader.check_stores` before any model loads.
 Implements the knobs of ALM_SPEC §6-§8 and §11 (gamma, temperature, divergence, boundary classes, GradMag,
 hidden-state loss, LoRA, AdamW with warmup and linear decay).
 
-Imports only `alm.config.load` (and pydantic).
+Imports only `alm.config.load`, `alm.boundary` (the class table and default set) and pydantic.
 """
 
 from __future__ import annotations
@@ -15,11 +15,9 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from alm.boundary import DEFAULT_BOUNDARY_CLASS_NAMES, BoundaryClass, boundary_class_ids
 from alm.config.load import StrictModel
 
-# Store boundary classes, in the store's column order (docs/architecture.md).
-BOUNDARY_CLASS_NAMES: tuple[str, ...] = ("space", "newline", "tab", "other_whitespace", "special")
-BoundaryClass = Literal["space", "newline", "tab", "other_whitespace", "special"]
 Divergence = Literal["binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit"]
 
 
@@ -132,7 +130,7 @@ class LossConfig(StrictModel):
         default="binary_ce", description="Binarised divergence per chunk group."
     )
     boundary_classes: list[BoundaryClass] = Field(
-        default_factory=lambda: ["space", "newline", "tab", "special"],
+        default_factory=lambda: list(DEFAULT_BOUNDARY_CLASS_NAMES),
         min_length=1,
         description="First-byte classes that count as a pretoken boundary (debiasing and merging).",
     )
@@ -162,7 +160,7 @@ class LossConfig(StrictModel):
 
     def boundary_class_ids(self) -> list[int]:
         """Store column indices of the chosen boundary classes, ascending."""
-        return sorted(BOUNDARY_CLASS_NAMES.index(c) for c in self.boundary_classes)
+        return list(boundary_class_ids(self.boundary_classes))
 
 
 class OptimConfig(StrictModel):
@@ -249,6 +247,14 @@ class TrainRecipe(StrictModel):
     eval: EvalConfig | None = Field(default=None, description="Held-out evaluation; omit to skip.")
     output_dir: str = Field(..., description="Run folder: checkpoints, metrics, the final student.")
     seed: int = Field(default=0, description="Seed for data order, init draws and dropout.")
+    stop_after_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "End this invocation after this many optimizer steps, with a checkpoint, as if interrupted "
+            "(e.g. a job's time limit); continue with --resume. null: train to optim.steps."
+        ),
+    )
     checkpoint_every: int = Field(
         default=0, ge=0, description="Save a resumable checkpoint every N steps (0: only at end)."
     )

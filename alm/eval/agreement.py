@@ -12,7 +12,7 @@ of the store), and two figures are accumulated over the in-loss chunks:
   probabilities agree.
 
 Both are 0 for a model that equals the teacher. Imports `alm.align`, `alm.templates`, `alm.losses`, `alm.store`,
-`alm.data.student` (chunk sums), `alm.config.train` (the default boundary classes), `alm.eval.models`.
+`alm.align.targets` (chunk sums), `alm.config.train` (the default boundary classes), `alm.eval.models`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ import torch
 from tqdm import tqdm
 
 from alm.align import align_sequences
-from alm.align.targets import build_alm_targets, combine_boundary_classes
+from alm.align.targets import build_alm_targets, chunk_logp_sums, combine_boundary_classes
 from alm.config.train import LossConfig
-from alm.data.student import chunk_logp_sums
 from alm.eval.models import Scorer
 from alm.eval.score import _token_batches
 from alm.losses.alm import (
@@ -166,8 +165,8 @@ def store_agreement(
         student_logp = student_group_logp(
             torch.nan_to_num(token_logp, nan=0.0), boundary_logmass, padded
         )  # [B, G]
-        teacher_logp = padded["teacher_group_logp"]  # [B, G]
-        mask = padded["group_mask"]
+        teacher_logp = padded.teacher_group_logp  # [B, G]
+        mask = padded.group_mask
         kl = binarised_divergence(teacher_logp, student_logp, temperature=temperature) - (
             binarised_divergence(teacher_logp, teacher_logp, temperature=temperature)
         )  # [B, G]

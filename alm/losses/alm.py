@@ -25,7 +25,7 @@ import torch
 from alm.align.chunks import Chunks
 from alm.align.targets import build_alm_targets
 from alm.errors import AlmError
-from alm.losses.batch import pad_targets
+from alm.losses.batch import PaddedTargets, pad_targets
 
 Divergence = Literal["binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit"]
 DIVERGENCES: tuple[str, ...] = (
@@ -305,7 +305,7 @@ def binarised_divergence(
 def student_group_logp(
     student_token_logp: torch.Tensor,
     student_boundary_logmass: torch.Tensor | None,
-    targets: dict[str, torch.Tensor],
+    targets: PaddedTargets,
 ) -> torch.Tensor:
     """Debiased student group log-probs LS [B, G] from per-token values (§5.1–§5.2).
 
@@ -320,9 +320,9 @@ def student_group_logp(
         fp32 [B, G]; padded groups hold 0.
     """
     batch, length = student_token_logp.shape
-    group_mask = targets["group_mask"]  # [B, G]
+    group_mask = targets.group_mask  # [B, G]
     start = torch.where(
-        group_mask, targets["student_group_start"], torch.iinfo(torch.int64).max
+        group_mask, targets.student_group_start, torch.iinfo(torch.int64).max
     )  # [B, G]
     position = torch.arange(length, device=student_token_logp.device).expand(
         batch, length
@@ -331,7 +331,7 @@ def student_group_logp(
     safe_group = group.clamp(min=0)
     in_group = (
         (group >= 0)
-        & (position < targets["student_group_end"].gather(1, safe_group))
+        & (position < targets.student_group_end.gather(1, safe_group))
         & group_mask.gather(1, safe_group)
     )
     sums = torch.zeros(
@@ -340,10 +340,10 @@ def student_group_logp(
     group_logp = sums.clamp(max=0.0)  # [B, G]
     if student_boundary_logmass is not None:
         boundary = student_boundary_logmass.gather(
-            1, targets["student_group_last_pos"].clamp(min=0)
+            1, targets.student_group_last_pos.clamp(min=0)
         )  # [B, G]
         # none after a block (and none at all for targets built with debias=False)
-        group_logp = group_logp + torch.where(targets["group_has_boundary_term"], boundary, 0.0)
+        group_logp = group_logp + torch.where(targets.group_has_boundary_term, boundary, 0.0)
     return torch.where(group_mask, group_logp, 0.0)
 
 
@@ -351,7 +351,7 @@ def alm_loss(
     student_logits: torch.Tensor,
     student_input_ids: torch.Tensor,
     student_boundary_mask: torch.Tensor,
-    targets: dict[str, torch.Tensor],
+    targets: PaddedTargets,
     *,
     temperature: float = 100.0,
     divergence: Divergence = "binary_ce",
@@ -388,11 +388,11 @@ def alm_loss(
         vocab_size=vocab_size,
     )
     token_logp = logp_of_token(next_logp, fill=0.0)  # [B, Ts], logp[q] of token q
-    group_mask = targets["group_mask"]
+    group_mask = targets.group_mask
     student_logp = student_group_logp(
         token_logp, boundary_logmass if debias else None, targets
     )  # [B, G]
-    teacher_logp = torch.where(group_mask, targets["teacher_group_logp"].float(), -1.0)  # [B, G]
+    teacher_logp = torch.where(group_mask, targets.teacher_group_logp.float(), -1.0)  # [B, G]
     student_logp = torch.where(group_mask, student_logp, -1.0)
     per_group = binarised_divergence(
         teacher_logp, student_logp, temperature=temperature, divergence=divergence, eps=eps
@@ -470,9 +470,7 @@ def alm_batch_loss(
             chunks, teacher_logp, teacher_boundary_logmass, strict=True
         )
     ]
-    targets = {
-        key: value.to(student_logits.device) for key, value in pad_targets(per_example).items()
-    }
+    targets = pad_targets(per_example).to(student_logits.device)
     return alm_loss(
         student_logits,
         student_input_ids,

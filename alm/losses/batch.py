@@ -1,11 +1,15 @@
-"""Collation of per-example ALM targets into padded batch tensors (ALM_SPEC.md §6.4, data side).
+"""The ALM loss's typed input: `PaddedTargets`, one micro-batch of per-example `AlmTargets` stacked and padded
+(ALM_SPEC.md §6.4, data side).
 
-Owns `pad_targets`, called by the training DataLoader's collate function. Must not import `alm.config`.
+Owns `PaddedTargets` and `pad_targets`. Stage two's collation (`alm.train.batch.collate`) calls `pad_targets`
+once per micro-batch; `alm_batch_loss` calls it for a live teacher. Must not import `alm.config`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -13,15 +17,46 @@ import torch
 
 from alm.align.targets import AlmTargets
 
-_GROUP_FIELDS = (
-    "student_group_start",
-    "student_group_end",
-    "student_group_last_pos",
-    "teacher_group_start",
-    "teacher_group_end",
-    "teacher_group_last_pos",
-)
-_CHUNK_FIELDS = ("teacher_chunk_last_pos", "student_chunk_last_pos")
+
+@dataclass(frozen=True)
+class PaddedTargets:
+    """A micro-batch of ALM targets (G = most groups in the batch, C = most greedy chunks, both at least 1).
+
+    Attributes:
+        teacher_group_logp: float32 [B, G], debiased teacher group log-probs (0 where padded).
+        teacher_group_start, teacher_group_end, teacher_group_last_pos: int64 [B, G] teacher token positions
+            (-1 where padded).
+        student_group_start, student_group_end, student_group_last_pos: int64 [B, G] student token positions
+            (-1 where padded); the student's boundary log-mass is read at `student_group_last_pos`.
+        group_mask: bool [B, G], the valid groups.
+        group_has_boundary_term: bool [B, G], whether the group's log-prob includes the boundary log-mass at its
+            end on both sides (False after a template block, without debiasing, and where padded).
+        teacher_chunk_last_pos, student_chunk_last_pos: int64 [B, C], the last token of each greedy (unmerged)
+            chunk on each side (-1 where padded): the hidden-state loss positions (§7.1).
+        chunk_mask: bool [B, C], the valid greedy chunks.
+        num_groups, num_chunks: int64 scalars, this micro-batch's counts (summed into the global normalisers).
+    """
+
+    teacher_group_logp: torch.Tensor
+    teacher_group_start: torch.Tensor
+    teacher_group_end: torch.Tensor
+    teacher_group_last_pos: torch.Tensor
+    student_group_start: torch.Tensor
+    student_group_end: torch.Tensor
+    student_group_last_pos: torch.Tensor
+    group_mask: torch.Tensor
+    group_has_boundary_term: torch.Tensor
+    teacher_chunk_last_pos: torch.Tensor
+    student_chunk_last_pos: torch.Tensor
+    chunk_mask: torch.Tensor
+    num_groups: torch.Tensor
+    num_chunks: torch.Tensor
+
+    def to(self, device: torch.device | str) -> PaddedTargets:
+        """The same targets on `device`."""
+        return PaddedTargets(
+            **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
+        )
 
 
 def _pad(arrays: list[np.ndarray], width: int, fill: float, dtype: npt.DTypeLike) -> torch.Tensor:
@@ -31,45 +66,40 @@ def _pad(arrays: list[np.ndarray], width: int, fill: float, dtype: npt.DTypeLike
     return torch.from_numpy(out)
 
 
-def pad_targets(examples: Sequence[AlmTargets]) -> dict[str, torch.Tensor]:
-    """Stack per-example `AlmTargets` into padded CPU tensors.
+def _mask(lengths: list[int], width: int) -> torch.Tensor:
+    return torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.int64)[:, None]
 
-    Args:
-        examples: one `AlmTargets` per example of the micro-batch (from `alm.align.build_alm_targets`).
 
-    Returns:
-        A dict (G = most groups in the batch, C = most greedy chunks, both at least 1):
-
-        - `teacher_group_logp` float32 [B, G] (0 where padded);
-        - `student_group_start`, `student_group_end`, `student_group_last_pos`, `teacher_group_start`,
-          `teacher_group_end`, `teacher_group_last_pos` int64 [B, G] (-1 where padded);
-        - `group_mask` bool [B, G]; `group_has_boundary_term` bool [B, G] (False where padded);
-        - `teacher_chunk_last_pos`, `student_chunk_last_pos` int64 [B, C] (-1 where padded), `chunk_mask` bool
-          [B, C] (hidden-state loss positions, §7.1);
-        - `num_groups`, `num_chunks` int64 scalars (this micro-batch's counts, to sum into the global normaliser).
-    """
+def pad_targets(examples: Sequence[AlmTargets]) -> PaddedTargets:
+    """Stack per-example `AlmTargets` (from `alm.align.build_alm_targets`) into padded CPU tensors."""
     num_groups = [example.num_groups for example in examples]
     num_chunks = [example.num_chunks for example in examples]
     group_width = max([1, *num_groups])
     chunk_width = max([1, *num_chunks])
-    batch: dict[str, torch.Tensor] = {
-        "teacher_group_logp": _pad(
+
+    def groups(field: str) -> torch.Tensor:
+        return _pad([getattr(e, field) for e in examples], group_width, -1, np.int64)
+
+    def chunks(field: str) -> torch.Tensor:
+        return _pad([getattr(e, field) for e in examples], chunk_width, -1, np.int64)
+
+    return PaddedTargets(
+        teacher_group_logp=_pad(
             [e.teacher_group_logp for e in examples], group_width, 0.0, np.float32
         ),
-    }
-    for field in _GROUP_FIELDS:
-        batch[field] = _pad([getattr(e, field) for e in examples], group_width, -1, np.int64)
-    batch["group_has_boundary_term"] = _pad(
-        [e.group_has_boundary_term for e in examples], group_width, False, np.bool_
+        teacher_group_start=groups("teacher_group_start"),
+        teacher_group_end=groups("teacher_group_end"),
+        teacher_group_last_pos=groups("teacher_group_last_pos"),
+        student_group_start=groups("student_group_start"),
+        student_group_end=groups("student_group_end"),
+        student_group_last_pos=groups("student_group_last_pos"),
+        group_mask=_mask(num_groups, group_width),
+        group_has_boundary_term=_pad(
+            [e.group_has_boundary_term for e in examples], group_width, False, np.bool_
+        ),
+        teacher_chunk_last_pos=chunks("teacher_chunk_last_pos"),
+        student_chunk_last_pos=chunks("student_chunk_last_pos"),
+        chunk_mask=_mask(num_chunks, chunk_width),
+        num_groups=torch.tensor(sum(num_groups), dtype=torch.int64),
+        num_chunks=torch.tensor(sum(num_chunks), dtype=torch.int64),
     )
-    batch["group_mask"] = (
-        torch.arange(group_width)[None, :] < torch.tensor(num_groups, dtype=torch.int64)[:, None]
-    )
-    for field in _CHUNK_FIELDS:
-        batch[field] = _pad([getattr(e, field) for e in examples], chunk_width, -1, np.int64)
-    batch["chunk_mask"] = (
-        torch.arange(chunk_width)[None, :] < torch.tensor(num_chunks, dtype=torch.int64)[:, None]
-    )
-    batch["num_groups"] = torch.tensor(sum(num_groups), dtype=torch.int64)
-    batch["num_chunks"] = torch.tensor(sum(num_chunks), dtype=torch.int64)
-    return batch

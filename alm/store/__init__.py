@@ -1,7 +1,8 @@
 """The teacher store: Zarr v3 per-token arrays + Arrow index + JSON manifest (`docs/store.md`, `DESIGN.md`).
 
 Public: `open_store`, `TeacherStore`, `StoredSequence`, `ShardData` (reader); `StorePlan`, `prepare_store`,
-`StoreLayout`, `ShardWriter` (writer); `finalize_store`, `try_finalize`; `inspect_store`, `compare_stores`.
+`StoreLayout`, `ShardWriter` (writer); `finalize_store`, `try_finalize`; `inspect_store`, `compare_stores`;
+`push_store`, `pull_store` (transfer).
 Imports numpy, pyarrow, zarr and fsspec only (never torch, never `alm.config`); submodules load lazily.
 """
 
@@ -22,6 +23,8 @@ _EXPORTS = {
     "inspect_store": "alm.store.inspect",
     "compare_stores": "alm.store.inspect",
     "compare_stores_stats": "alm.store.inspect",
+    "push_store": "alm.store.transfer",
+    "pull_store": "alm.store.transfer",
 }
 
 

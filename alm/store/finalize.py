@@ -17,6 +17,7 @@ import numpy as np
 from alm.errors import StoreError
 from alm.store import schema
 from alm.store._fs import Location, locate
+from alm.store.card import CARD_FILE, render_card
 from alm.store.fingerprint import array_checksum, bytes_fingerprint
 from alm.store.reader import read_shard_arrays, read_shard_index
 from alm.store.writer import StoreLayout, StorePlan, read_plan, shard_dirname, utc_now
@@ -230,6 +231,9 @@ def finalize_store(
             "and run `alm store finalize` again"
         )
     manifest = build_manifest(location, plan, list(docs.values()))
+    location.write_bytes(
+        render_card(manifest).encode(), CARD_FILE
+    )  # before the manifest: it is last
     location.write_bytes(json.dumps(manifest, indent=2).encode(), schema.MANIFEST_FILE)
     logger.info(
         "finalized %s: %d shards, %d sequences, %d tokens",

@@ -17,6 +17,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+# The boundary classes are defined once, in alm.boundary; re-exported here for the store's readers and writers.
+from alm.boundary import BOUNDARY_CLASS_FIRST_BYTES as BOUNDARY_CLASS_FIRST_BYTES
+from alm.boundary import BOUNDARY_CLASS_NAMES as BOUNDARY_CLASS_NAMES
+from alm.boundary import DEFAULT_BOUNDARY_CLASSES as DEFAULT_BOUNDARY_CLASSES
+from alm.boundary import NUM_BOUNDARY_CLASSES as NUM_BOUNDARY_CLASSES
+from alm.boundary import SPECIAL_CLASS as SPECIAL_CLASS
+from alm.boundary import boundary_class_of as boundary_class_of
 from alm.errors import StoreError
 
 FORMAT_NAME = "alm-teacher-store"
@@ -31,21 +38,6 @@ ARRAYS_DIR = "arrays"  # the shard's Zarr v3 group, inside the shard folder
 VOCAB_DIR = "vocab"
 VOCAB_TABLE_FILE = "vocab/teacher_vocab.parquet"
 TOKENIZER_DIR = "vocab/tokenizer"
-
-# Boundary classes, in this order (ALM_SPEC.md §5.2; first byte of the token's bytes; a special token is only in
-# class 4; a token whose first byte is anything else is in no class).
-BOUNDARY_CLASS_NAMES: tuple[str, ...] = ("space", "newline", "tab", "other_whitespace", "special")
-BOUNDARY_CLASS_FIRST_BYTES: tuple[tuple[int, ...], ...] = (
-    (0x20,),
-    (0x0A,),
-    (0x09,),
-    (0x0B, 0x0C, 0x0D),
-    (),
-)
-NUM_BOUNDARY_CLASSES = len(BOUNDARY_CLASS_NAMES)
-SPECIAL_CLASS = 4
-# The boundary set used by default ALM debiasing and gamma-merging: every class, combined with logsumexp.
-DEFAULT_BOUNDARY_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4)
 
 DEFAULT_FIELDS: tuple[str, ...] = ("token_id", "logp", "boundary_logmass")
 OPTIONAL_FIELDS: tuple[str, ...] = ("topk_id", "topk_logp", "hidden")
@@ -167,18 +159,6 @@ def boundary_classes_json() -> list[dict[str, Any]]:
         }
         for i, (name, first) in enumerate(zip(BOUNDARY_CLASS_NAMES, BOUNDARY_CLASS_FIRST_BYTES))
     ]
-
-
-def boundary_class_of(token_bytes: bytes, is_special: bool) -> int:
-    """Class of one token (reference definition): 4 if special, else by first byte, else -1."""
-    if is_special:
-        return SPECIAL_CLASS
-    if not token_bytes:
-        return -1
-    for i, first in enumerate(BOUNDARY_CLASS_FIRST_BYTES):
-        if token_bytes[0] in first:
-            return i
-    return -1
 
 
 def _segment_tuple(seg: Any) -> tuple[str, int, int, int, int]:

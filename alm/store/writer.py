@@ -65,9 +65,11 @@ _STORE_ENTRIES = (
     schema.SHARDS_DIR,
     schema.VOCAB_DIR,
     "alignments",
+    "README.md",  # the store card (alm.store.card.CARD_FILE)
+    "alm-store.files.json",  # the file listing of a pushed or pulled store (alm.store.transfer.FILES_FILE)
 )
 # Plan keys that describe the run, not the result; they may differ between workers or on resume.
-_INFORMATIONAL_PLAN_KEYS = ("backend_versions",)
+_INFORMATIONAL_PLAN_KEYS = ("backend_versions", "command")
 
 
 def utc_now() -> str:
@@ -97,6 +99,7 @@ class StorePlan:
         boundary_top_k: the k of a top-k fallback (vLLM's `num_logprobs`); 0 for exact methods.
         settings: other result-deciding settings (e.g. template family, recipe hash); part of the identity.
         backend_versions: package versions (informational; not compared on resume).
+        command: the command line of the first worker that wrote the plan, for the store card (informational).
     """
 
     teacher_model: str
@@ -116,6 +119,7 @@ class StorePlan:
     boundary_top_k: int = 0
     settings: Mapping[str, Any] = field(default_factory=dict)
     backend_versions: Mapping[str, str] = field(default_factory=dict)
+    command: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fields", tuple(self.fields))

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-NUM_BOUNDARY_CLASSES = 5
+from alm.boundary import NUM_BOUNDARY_CLASSES
 
 
 @dataclass(frozen=True)

@@ -403,8 +403,10 @@ class VLLMTeacher:
                 len(self.candidate_ids), max_num_batched_tokens, max_model_len, token_ids_memory_gib
             )
             if bounded < max_num_batched_tokens:
-                logger.info(
-                    "token_ids: max_num_batched_tokens %d -> %d so that %d ids x 13 bytes per token fit %.1f GiB",
+                logger.warning(
+                    "token_ids: max_num_batched_tokens %d -> %d so that %d ids x 13 bytes per token fit "
+                    "teacher.vllm.token_ids_memory_gib %.1f; for a large vocabulary boundary_method hidden needs "
+                    "no such buffers (Llama, Mistral, Qwen2, Qwen3 teachers)",
                     max_num_batched_tokens,
                     bounded,
                     len(self.candidate_ids),

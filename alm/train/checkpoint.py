@@ -21,6 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from alm.config.train import TrainRecipe
+from alm.train import parallel
 
 logger = logging.getLogger(__name__)
 
@@ -122,3 +126,29 @@ def restore_checkpoint(state: dict[str, Any], scheduler: Any) -> int:
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def save_run_checkpoint(
+    output_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    cfg: TrainRecipe,
+    config_hash: str,
+) -> None:
+    """Every process: gather the full model and optimizer states (a collective under FSDP2); the main process
+    writes the checkpoint of `step`; then all wait for it."""
+    model_state = parallel.full_state_dict(model)
+    optimizer_state = parallel.full_optimizer_state_dict(model, optimizer)
+    if parallel.is_main():
+        save_checkpoint(
+            output_dir,
+            step,
+            model_state=model_state,
+            optimizer_state=optimizer_state,
+            scheduler=scheduler,
+            config_hash=config_hash,
+            keep=cfg.keep_checkpoints,
+        )
+    parallel.barrier()

@@ -17,14 +17,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import torch
 from torch import nn
 
-from alm.data.student import StudentExampleBuilder, collate_examples
+from alm.config.train import TrainRecipe
 from alm.losses.alm import logp_of_token, next_token_ids, token_stats
 from alm.store.reader import open_store
+from alm.train import parallel
+from alm.train.batch import StudentBatch, StudentExample, StudentExampleBuilder, collate
 
 
 def eval_batches(
@@ -34,9 +35,9 @@ def eval_batches(
     rank: int,
     world_size: int,
     max_sequences: int | None,
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Iterator[StudentBatch]:
     """This rank's share of the held-out store, in stored order, collated in batches."""
-    pending: list[dict[str, Any]] = []
+    pending: list[StudentExample] = []
     for i, seq in enumerate(
         open_store(store_path).iter_sequences(["token_id", "logp", "boundary_logmass"])
     ):
@@ -46,16 +47,16 @@ def eval_batches(
             continue
         pending.append(builder(seq))
         if len(pending) == batch_size:
-            yield collate_examples(pending)
+            yield collate(pending)
             pending = []
     if pending:
-        yield collate_examples(pending)
+        yield collate(pending)
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: Iterator[dict[str, torch.Tensor]],
+    batches: Iterator[StudentBatch],
     device: torch.device,
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
@@ -79,8 +80,10 @@ def evaluate(
     # student NLL, teacher NLL, teacher bytes, |diff| sum, chunks, sequences, student bytes
     totals = torch.zeros(7, dtype=torch.float64)
     for batch in batches:
-        input_ids = batch["input_ids"].to(device)
-        attention_mask = batch["attention_mask"].to(device)
+        figures = batch.eval
+        assert figures is not None, "evaluation batches are built with with_eval=True"
+        input_ids = batch.input_ids.to(device)
+        attention_mask = batch.attention_mask.to(device)
         with autocast():
             logits, _ = model(input_ids, attention_mask)
         next_logp, _ = token_stats(
@@ -90,20 +93,20 @@ def evaluate(
         prefix = torch.cat(
             [token_logp.new_zeros(input_ids.shape[0], 1), token_logp.cumsum(dim=1)], dim=1
         )
-        chunk_mask = batch["eval_chunk_mask"].to(device)
-        student_chunk = prefix.gather(1, batch["chunk_student_end"].to(device)) - prefix.gather(
-            1, batch["chunk_student_start"].to(device)
+        chunk_mask = figures.chunk_mask.to(device)
+        student_chunk = prefix.gather(1, figures.chunk_student_end.to(device)) - prefix.gather(
+            1, figures.chunk_student_start.to(device)
         )
-        diff = (batch["chunk_teacher_logp"].to(device).double() - student_chunk).abs()
+        diff = (figures.chunk_teacher_logp.to(device).double() - student_chunk).abs()
         totals += torch.stack(
             [
                 -token_logp.sum().cpu(),
-                -batch["teacher_logp_sum"].double().sum(),
-                batch["num_bytes"].double().sum(),
+                -figures.teacher_logp_sum.double().sum(),
+                figures.num_bytes.double().sum(),
                 torch.where(chunk_mask, diff, 0.0).sum().cpu(),
                 chunk_mask.sum().double().cpu(),
                 torch.tensor(float(input_ids.shape[0]), dtype=torch.float64),
-                batch["student_num_bytes"].double().sum(),
+                figures.student_num_bytes.double().sum(),
             ]
         )
     totals = all_reduce_sum(totals.to(device)).cpu()
@@ -118,3 +121,26 @@ def evaluate(
         "eval/chunk_abs_logp_diff": diff_sum / max(num_chunks, 1.0),
         "eval/num_sequences": num_sequences,
     }
+
+
+def evaluate_store(
+    model: nn.Module,
+    cfg: TrainRecipe,
+    builder: StudentExampleBuilder,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    vocab_size: int,
+) -> dict[str, float] | None:
+    """The recipe's held-out evaluation (`evaluate` over this rank's share of `cfg.eval.store`), or None without
+    an `eval` section. Every process takes part (the sums are all-reduced)."""
+    if cfg.eval is None:
+        return None
+    batches = eval_batches(
+        cfg.eval.store,
+        builder,
+        cfg.optim.micro_batch_size,
+        parallel.rank(),
+        parallel.world_size(),
+        cfg.eval.max_sequences,
+    )
+    return evaluate(model, batches, device, parallel.all_reduce_sum, autocast, vocab_size)

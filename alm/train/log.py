@@ -92,6 +92,15 @@ class RunLog:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
 
+    def evaluation(self, step: int, figures: dict[str, float] | None) -> None:
+        """Record held-out figures of `step` (nothing when the run has no evaluation)."""
+        if figures is None or not self.enabled:
+            return
+        self.write(step, figures)
+        logger.info(
+            "eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in figures.items())
+        )
+
     def close(self) -> None:
         """Close the bar and the files."""
         self.bar.close()

@@ -1,7 +1,8 @@
-"""One micro-batch on the model side: forward, the chosen losses, their combination (ALM_SPEC §6-§7).
+"""The optimizer step on the model side: forward, the chosen losses, their combination (ALM_SPEC §6-§8).
 
 Owns `TrainModule` (the HF student plus, for the hidden-state loss, a learnt projection when widths differ;
-one module so DDP/FSDP2 wrap both) and `micro_batch_loss`. Loss maths lives in `alm.losses`; this file only
+one module so DDP/FSDP2 wrap both), `micro_batch_loss`, the step's counts (`step_counts`), AdamW with its
+schedule (`make_optimizer`) and the precision context. Loss maths lives in `alm.losses`; this file only
 routes tensors: student logits -> `alm_loss` / `sft_loss`, final-norm hidden states -> `hidden_loss`, several
 losses -> GradMag over the last transformer block (`alm.losses.gradmag`).
 
@@ -11,6 +12,8 @@ gradient norms are the global micro-batch's (all ranks, `alm.losses.gradmag`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -18,10 +21,12 @@ from typing import cast
 import torch
 from torch import nn
 
+from alm.config.train import LossConfig, OptimConfig
 from alm.losses.alm import Divergence, alm_loss
 from alm.losses.gradmag import gradmag_combine, last_block_parameters
 from alm.losses.hidden import hidden_state_loss, make_hidden_projection
 from alm.losses.sft import sft_loss
+from alm.train.batch import StudentBatch
 
 
 class TrainModule(nn.Module):
@@ -70,10 +75,10 @@ class LossSettings:
 
 def micro_batch_loss(
     model: nn.Module,
-    batch: dict[str, torch.Tensor],
+    batch: StudentBatch,
     settings: LossSettings,
     boundary_mask: torch.Tensor,
-    counts: dict[str, torch.Tensor],
+    counts: StepCounts,
     vocab_size: int,
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -81,10 +86,10 @@ def micro_batch_loss(
 
     Args:
         model: the (wrapped) `TrainModule`.
-        batch: collated tensors on the model's device (`alm.data.student.collate_examples`).
+        batch: the micro-batch on the model's device (`alm.train.batch.collate`).
         settings: which losses and their options.
         boundary_mask: bool [V] the student's boundary token set.
-        counts: global counts over the optimizer step: `num_groups`, `num_sft_tokens`, `num_hidden`.
+        counts: the step's global counts (`step_counts`).
         vocab_size: the student tokenizer's size (logit columns beyond it are padding).
         all_reduce_sum: sums over data-parallel processes (GradMag's global micro-batch gradients); None on one
             process.
@@ -100,16 +105,16 @@ def micro_batch_loss(
         AlmError: under GradMag, a loss gets no gradient on the last block.
     """
     with_hidden = "hidden" in settings.names
-    logits, hidden = model(batch["input_ids"], batch["attention_mask"], with_hidden)
+    logits, hidden = model(batch.input_ids, batch.attention_mask, with_hidden)
     losses: dict[str, torch.Tensor] = {}
     metrics: dict[str, torch.Tensor] = {}
     if "alm" in settings.names:
-        num_groups = counts["num_groups"].clamp(min=1)
+        num_groups = counts.num_groups.clamp(min=1)
         out = alm_loss(
             logits,
-            batch["input_ids"],
+            batch.input_ids,
             boundary_mask,
-            batch,
+            batch.targets,
             temperature=settings.temperature,
             divergence=settings.divergence,
             num_valid_groups_global=num_groups,
@@ -125,14 +130,14 @@ def micro_batch_loss(
     if "sft" in settings.names:
         losses["sft"] = sft_loss(
             logits,
-            batch["input_ids"],
-            batch["sft_mask"],
-            num_tokens_global=counts["num_sft_tokens"].clamp(min=1),
+            batch.input_ids,
+            batch.sft_mask,
+            num_tokens_global=counts.num_sft_tokens.clamp(min=1),
             vocab_size=vocab_size,
         )
     if with_hidden:
-        assert hidden is not None
-        teacher_hidden = batch["hidden_teacher"]  # [B, C, d_T], already gathered at the chunk ends
+        assert hidden is not None and batch.hidden_teacher is not None
+        teacher_hidden = batch.hidden_teacher  # [B, C, d_T], already gathered at the chunk ends
         teacher_pos = torch.arange(teacher_hidden.shape[1], device=teacher_hidden.device).expand(
             teacher_hidden.shape[0], -1
         )  # [B, C]
@@ -140,13 +145,13 @@ def micro_batch_loss(
         losses["hidden"] = settings.hidden_weight * hidden_state_loss(
             hidden,
             teacher_hidden,
-            batch["student_chunk_last_pos"],
+            batch.targets.student_chunk_last_pos,
             teacher_pos,
-            batch["chunk_mask"],
+            batch.targets.chunk_mask,
             teacher_second_moment=None
             if second_moment is None
             else second_moment.to(hidden.device),
-            num_valid_chunks_global=counts["num_hidden"].clamp(min=1),
+            num_valid_chunks_global=counts.num_hidden.clamp(min=1),
         )
     for name, value in losses.items():
         metrics[name] = value
@@ -163,3 +168,70 @@ def micro_batch_loss(
             metrics[f"gradmag_weight_{name}"] = weight
     metrics["loss"] = total
     return total, {name: value.detach().double() for name, value in metrics.items()}
+
+
+def loss_settings(loss: LossConfig, teacher_second_moment: torch.Tensor | None) -> LossSettings:
+    """`LossSettings` from the recipe's `loss` section."""
+    return LossSettings(
+        names=tuple(loss.losses()),
+        temperature=loss.temperature,
+        divergence=loss.divergence,
+        hidden_weight=loss.hidden,
+        combine=loss.combine,
+        teacher_second_moment=teacher_second_moment,
+        debias=loss.debias,
+    )
+
+
+@dataclass(frozen=True)
+class StepCounts:
+    """The step's global normalisers (§6.3): valid ALM groups, SFT tokens and hidden-state chunks over all its
+    micro-batches and processes (int64 scalars)."""
+
+    num_groups: torch.Tensor
+    num_sft_tokens: torch.Tensor
+    num_hidden: torch.Tensor
+
+
+def step_counts(
+    micro_batches: list[StudentBatch],
+    device: torch.device,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+) -> StepCounts:
+    """Count this process's groups, SFT tokens and hidden-state chunks over the step's micro-batches, and sum the
+    counts over processes (`all_reduce_sum`)."""
+    local = torch.tensor(
+        [
+            sum(int(b.targets.num_groups) for b in micro_batches),
+            sum(int(b.num_sft_tokens) for b in micro_batches),
+            sum(int(b.targets.chunk_mask.sum()) for b in micro_batches),
+        ],
+        dtype=torch.int64,
+        device=device,
+    )
+    num_groups, num_sft_tokens, num_hidden = all_reduce_sum(local)
+    return StepCounts(num_groups, num_sft_tokens, num_hidden)
+
+
+def make_optimizer(
+    params: list[nn.Parameter], optim: OptimConfig
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its schedule: linear warmup over `warmup_steps`, then linear decay to 0 at `steps` (§8)."""
+    optimizer = torch.optim.AdamW(
+        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    schedule = functools.partial(_lr_factor, warmup=optim.warmup_steps, total=optim.steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def _lr_factor(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def precision_context(use_bf16: bool, device_type: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on the device (GPU runs with `precision: auto`), or nothing."""
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)

@@ -12,7 +12,7 @@ from store_helpers import make_plan
 from alm.errors import StoreError
 from alm.store.finalize import finalize_store
 from alm.store.inspect import compare_stores, compare_stores_stats, inspect_stats, inspect_store
-from alm.store.schema import BOUNDARY_CLASS_NAMES
+from alm.store.schema import BOUNDARY_CLASS_NAMES, DEFAULT_BOUNDARY_CLASSES
 from alm.store.writer import ShardWriter, prepare_store
 from alm.vocab import vocab_from_tokenizer
 
@@ -94,13 +94,15 @@ def test_inspect_figures_match_direct_computation(tmp_path, vocab):
     for c, name in enumerate(BOUNDARY_CLASS_NAMES):
         assert s["boundary_mean_prob"][name] == pytest.approx(prob[:, c].mean(), rel=1e-9)
         assert s["boundary_frac_above_gamma"][name] == pytest.approx((prob[:, c] > 0.1).mean())
-    total = prob.sum(axis=1)
+    total = prob[:, list(DEFAULT_BOUNDARY_CLASSES)].sum(
+        axis=1
+    )  # the one default set (alm.boundary)
     assert s["boundary_total_mean_prob"] == pytest.approx(total.mean(), rel=1e-9)
     assert s["boundary_total_frac_above_gamma"] == pytest.approx((total > 0.1).mean())
     # top-k bounds: lower = sum of top-k probs in the boundary set, upper = lower + mass outside the top-k
     topk_id = np.concatenate([q["topk_id"] for q in seqs])
     p_topk = np.exp(np.concatenate([q["topk_logp"] for q in seqs]).astype(np.float64))
-    in_set = vocab.boundary_class[topk_id] >= 0
+    in_set = np.isin(vocab.boundary_class[topk_id], DEFAULT_BOUNDARY_CLASSES)
     lower = (p_topk * in_set).sum(axis=1)
     upper = lower + np.clip(1 - p_topk.sum(axis=1), 0, 1)
     t = s["topk_bound"]
@@ -155,7 +157,9 @@ def test_compare_figures_match_direct_computation(tmp_path, vocab):
     assert s["boundary_logmass"]["space"]["mean"] == pytest.approx(d0.mean(), rel=1e-6)
     assert s["boundary_logmass"]["tab"]["num_finite_mismatch"] == len(seqs)
     assert s["boundary_logmass"]["newline"]["max"] == 0.0
-    ta, tb = np.log(np.exp(ba).sum(axis=1)), np.log(np.exp(bb).sum(axis=1))
+    default = list(DEFAULT_BOUNDARY_CLASSES)  # the one default set (alm.boundary)
+    ta = np.log(np.exp(ba[:, default]).sum(axis=1))
+    tb = np.log(np.exp(bb[:, default]).sum(axis=1))
     assert s["boundary_logmass"]["default_set"]["max"] == pytest.approx(
         np.abs(ta - tb).max(), rel=1e-5
     )

@@ -9,6 +9,7 @@ the dtype rule, `batch_invariant` and `revision`.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -69,14 +70,21 @@ def _sequences(lengths=(5, 12, 2, 9)) -> list[np.ndarray]:
     return [rng.integers(0, VOCAB, size=n) for n in lengths]
 
 
-def _exact(teacher_dir, ids, boundary_class, top_k):
+@functools.lru_cache(maxsize=2)
+def _model(teacher_dir):
     import torch
     from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+
+
+def _exact(teacher_dir, ids, boundary_class, top_k):
+    import torch
 
     from alm.teacher.base import boundary_class_masks
     from alm.teacher.scoring import scores_from_logits
 
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    model = _model(teacher_dir)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids.tolist()])).logits[0]
     masks = boundary_class_masks(boundary_class, VOCAB)

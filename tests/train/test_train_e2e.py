@@ -20,8 +20,9 @@ from train_helpers import REPO, train_recipe
 from alm.config import load_yaml_model
 from alm.config.train import TrainRecipe
 from alm.errors import ConfigError, StoreError, StoreMismatchError
+from alm.train.command import run_train_cli
 from alm.train.log import read_metrics
-from alm.train.loop import run_train, run_train_cli
+from alm.train.loop import run_train
 
 
 def losses(output: Path) -> list[float]:
@@ -94,13 +95,13 @@ def test_resume_after_interruption_matches_an_uninterrupted_run_bitwise(
     }
     full = train(tmp_path, "full", **common)
     recipe = train_recipe(tmp_path / "part.yaml", output=tmp_path / "part", **common)
-    cfg = load_yaml_model(TrainRecipe, recipe)
-    run_train(cfg, stop_after_steps=3)  # killed after step 3: its checkpoint is the newest
+    # stopped after step 3 as a time-limited job would be: its checkpoint is the newest
+    run_train(load_yaml_model(TrainRecipe, recipe, ["stop_after_steps=3"]))
     assert not (tmp_path / "part" / "student").exists()
     # a record written after the last checkpoint (the run died before its next one) is dropped on resume
     with (tmp_path / "part" / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "loss": 123.0}\n')
-    run_train(cfg, resume=True)
+    run_train(load_yaml_model(TrainRecipe, recipe), resume=True)
     assert losses(tmp_path / "part") == losses(full)
     weights_full = load_file(full / "student" / "model.safetensors")
     weights_part = load_file(tmp_path / "part" / "student" / "model.safetensors")
@@ -282,15 +283,6 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path, stores, student_dir):
     assert "--resume" in result.stderr and "Traceback" not in result.stderr
 
 
-# Stops a run after `argv[2]` steps, as if killed right after that step's checkpoint (as the resume test above).
-_TRAIN_AND_STOP = (
-    "import sys; from alm.config import load_yaml_model; from alm.config.train import TrainRecipe; "
-    "from alm.train import parallel; from alm.train.loop import run_train; "
-    "run_train(load_yaml_model(TrainRecipe, sys.argv[1]), stop_after_steps=int(sys.argv[2])); "
-    "parallel.shutdown()"
-)
-
-
 def torchrun_two(port: int, *command: str) -> None:
     env = {
         **os.environ,
@@ -328,7 +320,7 @@ def test_torchrun_fsdp2_resume_after_interruption_matches_an_uninterrupted_run_b
     part = train_recipe(tmp_path / "part.yaml", output=tmp_path / "part", **common)
     # killed after step 2, with a checkpoint that gathers both ranks' optimizer shards; steps 3 and 4 then
     # depend on the restored Adam moments (the loss of step 4 and the final weights)
-    torchrun_two(29520, "--no-python", sys.executable, "-c", _TRAIN_AND_STOP, str(part), "2")
+    torchrun_two(29520, "-m", "alm.cli", "train", str(part), "--set", "stop_after_steps=2")
     assert not (tmp_path / "part" / "student").exists()
     torchrun_two(29521, "-m", "alm.cli", "train", str(part), "--resume")
     # Exact, not close: FSDP2 on CPU reduces the same shards in the same order in both runs, and the

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alm.data.loader import SequenceOrder, ShardRef
+from alm.train.loader import SequenceOrder, ShardRef
 
 
 def shards(sizes: list[int]) -> list[ShardRef]:

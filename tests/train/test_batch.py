@@ -12,9 +12,10 @@ import pytest
 import torch
 from factories import bpe_tokenizer, byte_tokenizer, corpus_texts, sentencepiece_tokenizer
 
-from alm.data.student import StudentExampleBuilder, chunk_logp_sums, collate_examples, token_in_loss
+from alm.align.targets import chunk_logp_sums
 from alm.store.reader import StoredSequence
-from alm.templates import chat_document, plain_document, render
+from alm.templates import chat_document, plain_document, render, token_in_loss
+from alm.train.batch import StudentExampleBuilder, collate
 from alm.vocab import vocab_from_tokenizer
 
 
@@ -75,8 +76,8 @@ def test_groups_cover_the_same_bytes_on_both_sides(student_kind):
         doc = plain_document(f"d{i}", "t", i, text.encode())
         stored = stored_from(doc, teacher_tok, seed=i)
         example = builder(teacher_tok, student_tok, with_eval=True)(stored)
-        targets = example["targets"]
-        ids = example["input_ids"]
+        targets = example.targets
+        ids = example.input_ids
         assert targets.num_groups > 0
         for g in range(targets.num_groups):
             s0, s1 = targets.student_group_start[g], targets.student_group_end[g]
@@ -88,7 +89,7 @@ def test_groups_cover_the_same_bytes_on_both_sides(student_kind):
                 student_bytes.lstrip(b" ") == teacher_bytes.lstrip(b" ")
                 or student_bytes == teacher_bytes
             )
-        assert len(example["chunk_teacher_logp"]) == len(example["chunk_student_start"]) > 0
+        assert len(example.eval.chunk_teacher_logp) == len(example.eval.chunk_student_start) > 0
 
 
 def test_student_tokens_are_the_documents_student_rendering():
@@ -97,9 +98,9 @@ def test_student_tokens_are_the_documents_student_rendering():
     doc = plain_document("d", "t", 0, text)
     example = builder(teacher_tok, student_tok)(stored_from(doc, teacher_tok))
     expected = render(doc, student_tok, vocab_from_tokenizer(student_tok), None)
-    np.testing.assert_array_equal(example["input_ids"], expected.token_id)
+    np.testing.assert_array_equal(example.input_ids, expected.token_id)
     # plain document: bos, bytes..., eos; the loss covers every text byte and the closing eos, not the bos
-    assert not example["sft_mask"][0] and example["sft_mask"][1:].all()
+    assert not example.sft_mask[0] and example.sft_mask[1:].all()
 
 
 def test_chat_loss_mask_trains_assistant_turns_and_their_closing_block():
@@ -118,7 +119,7 @@ def test_chat_loss_mask_trains_assistant_turns_and_their_closing_block():
     stored = stored_from(doc, teacher_tok)
     example = builder(teacher_tok, student_tok)(stored)
     student = render(doc, student_tok, vocab_from_tokenizer(student_tok), None)
-    mask = example["sft_mask"]
+    mask = example.sft_mask
     trained_text = b"".join(
         student.text[s:e]
         for s, e, r, m in zip(student.start_byte, student.end_byte, student.role, mask)
@@ -131,7 +132,7 @@ def test_chat_loss_mask_trains_assistant_turns_and_their_closing_block():
     assert trained_blocks == ["eot"] * (list(student.role).count("eot") // 2)  # 2 of 4 turns
     # ALM groups only inside the loss region too
     in_loss = token_in_loss(student.start_byte, student.end_byte, student.role, stored.loss_spans)
-    t = example["targets"]
+    t = example.targets
     for g in range(t.num_groups):
         assert in_loss[t.student_group_start[g] : t.student_group_end[g]].all()
 
@@ -143,8 +144,8 @@ def test_truncated_student_keeps_only_the_aligned_prefix():
     # 64 teacher tokens cover at least 64 bytes whatever the corpus, so a 48-byte student is truncated
     assert len(stored.text) > 48
     example = builder(teacher_tok, student_tok, max_length=48)(stored)
-    assert len(example["input_ids"]) == 48
-    assert example["targets"].student_group_end.max() <= 48
+    assert len(example.input_ids) == 48
+    assert example.targets.student_group_end.max() <= 48
 
 
 def test_hidden_rows_are_the_teacher_states_at_greedy_chunk_ends():
@@ -153,8 +154,8 @@ def test_hidden_rows_are_the_teacher_states_at_greedy_chunk_ends():
         plain_document("d", "t", 0, corpus_texts(1)[0].encode()), teacher_tok, hidden_size=8
     )
     example = builder(teacher_tok, student_tok, with_hidden=True)(stored)
-    pos = example["targets"].teacher_chunk_last_pos
-    np.testing.assert_array_equal(example["hidden_teacher"], stored.hidden_float32()[pos])
+    pos = example.targets.teacher_chunk_last_pos
+    np.testing.assert_array_equal(example.hidden_teacher, stored.hidden_float32()[pos])
 
 
 def test_collate_pads_without_changing_any_example():
@@ -168,17 +169,17 @@ def test_collate_pads_without_changing_any_example():
         )
         for i, t in enumerate(corpus_texts(3))
     ]
-    batch = collate_examples(examples)
+    batch = collate(examples)
     for i, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        assert torch.equal(batch["input_ids"][i, :n], torch.from_numpy(ex["input_ids"]))
-        assert batch["attention_mask"][i].sum() == n
-        g = ex["targets"].num_groups
-        assert batch["group_mask"][i].sum() == g
-        c = ex["targets"].num_chunks
-        assert torch.equal(batch["hidden_teacher"][i, :c], torch.from_numpy(ex["hidden_teacher"]))
-    assert int(batch["num_groups"]) == sum(e["targets"].num_groups for e in examples)
-    assert int(batch["num_sft_tokens"]) == sum(int(e["sft_mask"].sum()) for e in examples)
+        n = len(ex.input_ids)
+        assert torch.equal(batch.input_ids[i, :n], torch.from_numpy(ex.input_ids))
+        assert batch.attention_mask[i].sum() == n
+        g = ex.targets.num_groups
+        assert batch.targets.group_mask[i].sum() == g
+        c = ex.targets.num_chunks
+        assert torch.equal(batch.hidden_teacher[i, :c], torch.from_numpy(ex.hidden_teacher))
+    assert int(batch.targets.num_groups) == sum(e.targets.num_groups for e in examples)
+    assert int(batch.num_sft_tokens) == sum(int(e.sft_mask.sum()) for e in examples)
 
 
 def test_chunk_logp_sums_match_direct_sums():
