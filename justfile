@@ -44,6 +44,8 @@ demo *ARGS:
 bench: bootstrap
     for f in bench/bench_*.py; do {{venv}}/python "$f"; done
 
-# on a CUDA machine: HF (and vLLM when installed) backends on the same data, compared
+# on a CUDA machine (one call, a few minutes): precompute FLOP rate and ALM-step MFU of ~1B models built from
+# real configurations (bench/gpu_perf.py), then HF (and vLLM when installed) backends compared
 gpu-check: bootstrap
+    {{venv}}/python bench/gpu_perf.py
     {{venv}}/python bench/gpu_check.py

@@ -11,7 +11,8 @@ float16 boundary log-masses), then times, best of `--repeat`, reading every shar
   into memory (page cache warm in both cases).
 
 Prints one line per figure: the ratio is baseline time / store time (throughput relative to memmap; target
->= 0.5x), and the bytes per token of the default fields on disk (target <= 20).
+>= 0.5x), and the bytes per token of the default fields on disk. The values are random (less compressible than a
+real teacher's), so the sizes here are an upper bound; `bench/bench_store_codecs.py` measures real stores.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def build_store(
         data_spec_fingerprint="bench",
         num_shards=num_shards,
         max_length=1024,
+        precision="compact",  # what `alm precompute` writes by default
     )
     layout = prepare_store(path, plan, overwrite=True)
     per_shard = num_tokens // num_shards
@@ -151,9 +153,7 @@ def main() -> None:
             f"iter_sequences vs memmap: {t_memmap / t_sequences:.2f}x "
             f"({n / t_sequences / 1e6:.1f} M tokens/s, {stats['num_sequences'] / t_sequences:,.0f} sequences/s)"
         )
-        print(
-            f"bytes/token on disk, default fields: {stats['bytes_per_token_default_fields']:.2f} (target <= 20)"
-        )
+        print(f"bytes/token on disk, default fields: {stats['bytes_per_token_default_fields']:.2f}")
         print(
             f"bytes/token on disk, whole store (with index and text): {stats['bytes_per_token_total']:.2f}"
         )

@@ -88,6 +88,7 @@ def write_recipe(folder: Path, teacher: Path, spec: Path | dict, output: Path, *
         "top_k": TOP_K,
         "hidden_states": True,
         "shard_size": 4,
+        "precision": "exact",  # values compared with direct computation; `compact`: tests/store/test_store_precision.py
         **extra,
     }
     path = folder / "recipe.yaml"
@@ -447,7 +448,13 @@ def test_demo_recipe_with_smollm2_matches_direct_computation(tmp_path) -> None:
     repo = Path(__file__).resolve().parents[1]
     message = run_precompute(
         repo / "stages" / "demo_precompute.yaml",
-        overrides=[f"output={tmp_path / 'store'}", "data.limit=6", "shard_size=3", "max_length=64"],
+        overrides=[
+            f"output={tmp_path / 'store'}",
+            "data.limit=6",
+            "shard_size=3",
+            "max_length=64",
+            "precision=exact",
+        ],
     )
     assert "is finished" in message
     store = open_store(tmp_path / "store")

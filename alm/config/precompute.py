@@ -145,6 +145,14 @@ class PrecomputeRecipe(StrictModel):
     hidden_dtype: Literal["bfloat16", "float16"] = Field(
         default="bfloat16", description="16-bit encoding of stored hidden states."
     )
+    precision: Literal["compact", "exact"] = Field(
+        default="compact",
+        description=(
+            "Stored float precision: `compact` rounds logp to 10 and boundary_logmass to 7 mantissa bits (a "
+            "fifth smaller; the ALM loss and its gradient move by < 1e-3 relative, docs/store.md), `exact` "
+            "keeps float32 logp and float16 boundary_logmass as computed."
+        ),
+    )
     shard_size: int = Field(
         default=1024,
         ge=1,

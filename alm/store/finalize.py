@@ -7,7 +7,6 @@ and checksums match its `shard.json`, and its fingerprints match the plan. Impor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -234,7 +233,7 @@ def finalize_store(
     location.write_bytes(
         render_card(manifest).encode(), CARD_FILE
     )  # before the manifest: it is last
-    location.write_bytes(json.dumps(manifest, indent=2).encode(), schema.MANIFEST_FILE)
+    location.write_bytes(schema.json_bytes(manifest), schema.MANIFEST_FILE)
     logger.info(
         "finalized %s: %d shards, %d sequences, %d tokens",
         location.url,

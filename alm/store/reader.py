@@ -150,17 +150,21 @@ class ShardData:
 def _read_raw_chunks(
     location: Location, array_path: str, meta: dict[str, Any]
 ) -> np.ndarray | None:
-    """Read an uncompressed, token-chunked Zarr v3 array straight from its chunk files into one buffer.
+    """Read a token-chunked Zarr v3 array straight from its chunk files into one buffer.
 
-    The fast path for alm's own layout (codecs = little-endian `bytes` only, regular chunks over the token axis,
-    default "/" chunk keys): one file read per chunk, into the output, like a memmap copy. Returns None for any
-    other layout, which then goes through zarr.
+    The fast path for alm's own layouts (codecs: little-endian `bytes`, optionally followed by one `blosc`
+    compressor; regular chunks over the token axis; default "/" chunk keys): one file read per chunk, copied
+    (version 1) or Blosc-decompressed (version 2) into the output. Returns None for any other layout, which then
+    goes through zarr.
     """
     try:
         shape = tuple(meta["shape"])
         chunk_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        codecs = meta["codecs"]
+        blosc = len(codecs) == 2 and codecs[1].get("name") == "blosc"
         plain = (
-            meta["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+            codecs[0] == {"name": "bytes", "configuration": {"endian": "little"}}
+            and (len(codecs) == 1 or blosc)
             and meta["chunk_grid"]["name"] == "regular"
             and meta["chunk_key_encoding"]
             == {"name": "default", "configuration": {"separator": "/"}}
@@ -172,6 +176,8 @@ def _read_raw_chunks(
         return None
     if not plain:
         return None
+    if blosc:
+        return _read_blosc_chunks(location, array_path, shape, chunk_shape, dtype)
     out = np.empty(shape, dtype=dtype)
     flat = out.reshape(-1).view(np.uint8)
     chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
@@ -212,6 +218,56 @@ def _read_raw_chunks(
     return out
 
 
+def _read_blosc_chunks(
+    location: Location,
+    array_path: str,
+    shape: tuple[int, ...],
+    chunk_shape: tuple[int, ...],
+    dtype: np.dtype,
+) -> np.ndarray:
+    """Decompress every Blosc chunk of a version 2 array into one output buffer (no intermediate copies)."""
+    from numcodecs import blosc  # pyright: ignore[reportAttributeAccessIssue]  # a C extension
+
+    out = np.empty(shape, dtype=dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    suffix = "/0" * (len(shape) - 1)
+    offsets = list(range(0, flat.nbytes, chunk_bytes))
+    keys = [f"{array_path}/c/{c}{suffix}" for c in range(len(offsets))]
+    if location.is_local or not keys:
+        fetched = {}
+    else:  # one batched request: async filesystems (s3, gcs, http) fetch the chunks concurrently
+        paths = [location.path(k) for k in keys]
+        got = location.fs.cat(paths, on_error="omit")
+        fetched = {k: got[p] for k, p in zip(keys, paths) if p in got}
+    for key, offset in zip(keys, offsets):
+        view = flat[offset : offset + chunk_bytes]
+        if location.is_local:
+            try:
+                with open(location.path(key), "rb", buffering=0) as fh:
+                    data = fh.read()
+            except FileNotFoundError:
+                data = None
+        else:
+            data = fetched.get(key)
+        if data is None:
+            view[:] = 0  # a chunk never written holds the fill value (0)
+            continue
+        # the last chunk of an array is stored whole (padded to the chunk length): decode it aside when the
+        # output ends inside it
+        try:
+            if len(view) == chunk_bytes:
+                blosc.decompress(data, view)
+            else:
+                view[:] = np.frombuffer(blosc.decompress(data), dtype=np.uint8)[: len(view)]
+        except (RuntimeError, ValueError) as err:
+            raise StoreError(
+                f"{location.url}/{key}: the chunk file cannot be decompressed ({err}); the store is damaged, "
+                "recompute the shard"
+            ) from err
+    return out
+
+
 def read_shard_arrays(
     location: Location, shard_path: str, names: list[str] | None = None
 ) -> dict[str, np.ndarray]:
@@ -239,10 +295,11 @@ def read_shard_arrays(
 def read_shard_index(
     location: Location, shard_path: str, columns: list[str] | None = None
 ) -> pa.Table:
-    """A shard's per-sequence index (Arrow IPC file), optionally only some columns.
+    """A shard's per-sequence index (Arrow IPC file, Zstd-compressed buffers in version 2), optionally only some
+    columns.
 
-    Local files are memory-mapped (zero copy; committed shard files are never modified in place, only replaced
-    by rename), remote ones read in one request.
+    Local files are memory-mapped (zero copy for version 1's uncompressed buffers; committed shard files are never
+    modified in place, only replaced by rename), remote ones read in one request.
     """
     if location.is_local:
         path = location.path(shard_path, schema.INDEX_FILE)
@@ -250,8 +307,9 @@ def read_shard_index(
             table = pa.ipc.open_file(pa.memory_map(path)).read_all()
         except FileNotFoundError as err:
             raise StoreError(f"{location.url}: missing file {path}") from err
-        return table.select(columns) if columns is not None else table
-    return schema.index_from_ipc_bytes(location.read_bytes(shard_path, schema.INDEX_FILE), columns)
+    else:
+        table = schema.index_from_bytes(location.read_bytes(shard_path, schema.INDEX_FILE))
+    return table.select(columns) if columns is not None else table
 
 
 class TeacherStore:
@@ -263,6 +321,9 @@ class TeacherStore:
         self.location = location
         self.plan_doc = plan_doc
         self._manifest = manifest
+        self.format_version = int(
+            (manifest or plan_doc).get("format_version", schema.FORMAT_VERSION)
+        )
         if manifest is not None:
             self.shard_indices = [int(s["index"]) for s in manifest["shards"]]
             self.field_specs: dict[str, dict[str, Any]] = manifest["fields"]
@@ -388,7 +449,7 @@ def read_manifest(location: Location) -> dict[str, Any] | None:
     if not location.exists(schema.MANIFEST_FILE):
         return None
     manifest = location.read_json(schema.MANIFEST_FILE)
-    schema.check_format(manifest, f"{location.url}/{schema.MANIFEST_FILE}")
+    schema.check_format(manifest, f"{location.url}/{schema.MANIFEST_FILE}")  # versions 1 and 2
     return manifest
 
 

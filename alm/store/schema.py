@@ -1,4 +1,4 @@
-"""The teacher store format, version 1: names, dtypes, shapes, the per-sequence index schema, validation.
+"""The teacher store format, version 2: names, dtypes, shapes, codecs, the per-sequence index schema, validation.
 
 Owns every constant of the on-disk format (`docs/store.md` is its prose description): the format name and
 version, the per-token field names with their dtypes and shapes, the boundary-class definition
@@ -6,10 +6,17 @@ version, the per-token field names with their dtypes and shapes, the boundary-cl
 checks that a sequence handed to the writer is well formed. Pure: imports numpy and pyarrow only; never torch,
 never `alm.config`. The boundary classes are the store's own definition (the format is versioned apart from the
 code); `tests/store/test_schema.py` checks that `alm.vocab` classifies tokens the same way.
+
+Version 2 (this code writes it) compresses every array (Blosc zstd with byte shuffle, `array_compressors`) and the
+index's Arrow buffers (Zstd, `index_to_bytes`), writes compact JSON, drops the consolidated Zarr metadata, and can
+round `logp` / `boundary_logmass` to fewer mantissa bits (`precision: compact`, `PRECISION_MANTISSA_BITS`).
+Version 1 stores (uncompressed arrays and index) are still read (`READABLE_FORMAT_VERSIONS`). The codec choice
+is measured by `bench/bench_store_codecs.py`; the figures are in `docs/store.md`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +34,14 @@ from alm.boundary import boundary_class_of as boundary_class_of
 from alm.errors import StoreError
 
 FORMAT_NAME = "alm-teacher-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
 
 MANIFEST_FILE = "alm-store.json"
 PLAN_FILE = "alm-store.plan.json"
 SHARDS_DIR = "shards"
 SHARD_FILE = "shard.json"
-INDEX_FILE = "index.arrow"  # Arrow IPC file (uncompressed): reads at memory speed
+INDEX_FILE = "index.arrow"  # an Arrow IPC file; version 2 compresses its buffers with Zstd (`index_to_bytes`)
 ARRAYS_DIR = "arrays"  # the shard's Zarr v3 group, inside the shard folder
 VOCAB_DIR = "vocab"
 VOCAB_TABLE_FILE = "vocab/teacher_vocab.parquet"
@@ -45,8 +53,31 @@ ALL_FIELDS: tuple[str, ...] = DEFAULT_FIELDS + OPTIONAL_FIELDS
 HIDDEN_ENCODINGS: tuple[str, ...] = ("bfloat16", "float16")
 
 # Default Zarr chunk length along the token axis. Large chunks keep whole-shard reads close to memmap speed
-# (per-chunk overhead dominates below ~100k tokens). Arrays are stored uncompressed for the same reason.
+# (per-chunk overhead dominates below ~100k tokens).
 CHUNK_TOKENS = 262_144
+
+# Array compression (version 2), chosen per field by `bench/bench_store_codecs.py` on real teacher stores (the
+# table is in docs/store.md): Blosc with zstd and byte shuffle is the smallest of the codecs Zarr ships for every
+# field (plain Zstd, bit shuffle and lz4 are all larger), and decodes fast enough for whole-shard reads.
+BLOSC_CNAME = "zstd"
+BLOSC_CLEVEL = 5
+BLOSC_SHUFFLE = "shuffle"
+BLOSC_BLOCKSIZE = (
+    1 << 20
+)  # bytes per Blosc block: large blocks decode about twice as fast as the automatic size
+
+# Precision of the stored floats. `exact` keeps float32 `logp` and float16 `boundary_logmass` bit for bit as the
+# writer received them (after the float16 cast); `compact` rounds their mantissas to the bits given here (the
+# dtype stays the same, the low bits become zero and compress away). The relative error of every value is at most
+# 2**-(bits + 1). On the demo store the ALM loss moves by 1.3e-5 and its gradient by 1.8e-4 relative (mostly a few
+# gamma-merge decisions at the 0.1 threshold that flip; tests/store/test_store_precision.py checks < 1e-3). Fewer
+# boundary_logmass bits flip more merges (6 bits: 4.5e-4, 5 bits: 6.7e-4), logp is insensitive (8 bits: 1.4e-5).
+# Other fields are always exact.
+PRECISIONS: tuple[str, ...] = ("exact", "compact")
+PRECISION_MANTISSA_BITS: dict[str, dict[str, int]] = {
+    "exact": {},
+    "compact": {"logp": 10, "boundary_logmass": 7},
+}
 
 SEGMENT_TYPE = pa.struct(
     [
@@ -85,11 +116,16 @@ class FieldSpec:
     dtype: str
     trailing_shape: tuple[int, ...]
     encoding: str | None = None
+    mantissa_bits: int | None = (
+        None  # rounded to this many mantissa bits (`precision: compact`); None: exact
+    )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"dtype": self.dtype, "shape": ["N", *self.trailing_shape]}
         if self.encoding:
             out["encoding"] = self.encoding
+        if self.mantissa_bits is not None:
+            out["mantissa_bits"] = self.mantissa_bits
         return out
 
 
@@ -99,6 +135,7 @@ def field_specs(
     top_k: int = 0,
     hidden_size: int = 0,
     hidden_encoding: str = "bfloat16",
+    precision: str = "exact",
 ) -> dict[str, FieldSpec]:
     """The dtype and shape of each stored field.
 
@@ -107,10 +144,14 @@ def field_specs(
         top_k: k of `topk_id`/`topk_logp` (required > 0 when those are stored).
         hidden_size: d of `hidden` (required > 0 when stored).
         hidden_encoding: `bfloat16` (stored as its uint16 bit pattern) or `float16`.
+        precision: `exact` or `compact` (`PRECISION_MANTISSA_BITS`).
 
     Raises:
-        StoreError: unknown field, a missing default field, or a missing size.
+        StoreError: unknown field, a missing default field, a missing size, or an unknown precision.
     """
+    if precision not in PRECISIONS:
+        raise StoreError(f"store precision {precision!r}; use one of {list(PRECISIONS)}")
+    bits = PRECISION_MANTISSA_BITS[precision]
     names = list(dict.fromkeys(fields))
     unknown = [n for n in names if n not in ALL_FIELDS]
     if unknown:
@@ -122,8 +163,13 @@ def field_specs(
         raise StoreError(f"store fields {names}: `topk_id` and `topk_logp` must be stored together")
     specs = {
         "token_id": FieldSpec("token_id", "int32", ()),
-        "logp": FieldSpec("logp", "float32", ()),
-        "boundary_logmass": FieldSpec("boundary_logmass", "float16", (NUM_BOUNDARY_CLASSES,)),
+        "logp": FieldSpec("logp", "float32", (), mantissa_bits=bits.get("logp")),
+        "boundary_logmass": FieldSpec(
+            "boundary_logmass",
+            "float16",
+            (NUM_BOUNDARY_CLASSES,),
+            mantissa_bits=bits.get("boundary_logmass"),
+        ),
     }
     if "topk_id" in names:
         if top_k <= 0:
@@ -252,8 +298,16 @@ def validate_sequence(
     return num_tokens
 
 
-def check_format(manifest_or_plan: Mapping[str, Any], where: str) -> None:
-    """Refuse a plan or manifest of another format or a newer version.
+def check_format(
+    manifest_or_plan: Mapping[str, Any], where: str, *, for_writing: bool = False
+) -> int:
+    """Refuse a plan or manifest of another format or an unknown version; return its format version.
+
+    Args:
+        manifest_or_plan: the parsed JSON document.
+        where: the file, for messages.
+        for_writing: only the current version (`FORMAT_VERSION`) is accepted: shards are never added to a store of
+            an older version.
 
     Raises:
         StoreError: naming the file and the versions.
@@ -264,22 +318,81 @@ def check_format(manifest_or_plan: Mapping[str, Any], where: str) -> None:
         raise StoreError(
             f"{where} has format {name!r}, not {FORMAT_NAME!r}; this is not an alm teacher store"
         )
-    if version != FORMAT_VERSION:
+    if for_writing and version != FORMAT_VERSION:
         raise StoreError(
-            f"{where} has format version {version}, this alm reads version {FORMAT_VERSION}; "
-            "use the alm version that wrote it or recompute the store"
+            f"{where} has format version {version}, this alm writes version {FORMAT_VERSION}; finish it with "
+            "the alm version that started it, or recompute it into a new folder (or pass --overwrite)"
         )
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise StoreError(
+            f"{where} has format version {version}, this alm reads versions "
+            f"{list(READABLE_FORMAT_VERSIONS)}; use the alm version that wrote it or recompute the store"
+        )
+    return int(version)
 
 
-def index_to_ipc_bytes(table: pa.Table) -> bytes:
-    """A shard index as the bytes of an uncompressed Arrow IPC file (`pyarrow.ipc.open_file` reads it)."""
+def json_bytes(document: Any) -> bytes:
+    """A JSON file of the store (plan, shard.json, manifest) as compact UTF-8 bytes (version 2: no indentation)."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def array_compressors(dtype: str) -> list[Any]:
+    """The Zarr v3 compressors of a per-token array of this numpy dtype (version 2: Blosc zstd, byte shuffle)."""
+    from zarr.codecs import BloscCodec
+
+    return [
+        BloscCodec(
+            cname=BLOSC_CNAME,
+            clevel=BLOSC_CLEVEL,
+            shuffle=BLOSC_SHUFFLE,
+            typesize=np.dtype(dtype).itemsize,
+            blocksize=BLOSC_BLOCKSIZE,
+        )
+    ]
+
+
+def codec_label(dtype: str) -> str:
+    """The chosen array codec in `bench/bench_store_codecs.py`'s naming."""
+    return f"blosc {BLOSC_CNAME} {BLOSC_CLEVEL} {BLOSC_SHUFFLE}"
+
+
+# The index (version 2) is an Arrow IPC file whose buffers are Zstd-compressed: measured by
+# bench/bench_store_codecs.py, Parquet (Zstd, delta-encoded integers, no statistics) is 0.1-1.4 B/token smaller but
+# decodes about 25x slower (the nested segment lists), which would dominate whole-shard reads; Arrow's lz4 is 1.7x
+# larger. `pyarrow.ipc.open_file` reads both versions (compression is per buffer, recorded in the file).
+INDEX_ZSTD_LEVEL = 9
+
+
+def index_to_bytes(table: pa.Table) -> bytes:
+    """A shard index as the bytes of `index.arrow` (Zstd-compressed buffers; `pyarrow.ipc.open_file` reads it)."""
+    options = pa.ipc.IpcWriteOptions(
+        compression=pa.Codec("zstd", compression_level=INDEX_ZSTD_LEVEL)
+    )
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema) as writer:
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
 
-def index_from_ipc_bytes(data: bytes, columns: list[str] | None = None) -> pa.Table:
-    """Read a shard index written by `index_to_ipc_bytes` (optionally only some columns)."""
-    table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
-    return table.select(columns) if columns is not None else table
+def index_from_bytes(data: bytes | pa.Buffer) -> pa.Table:
+    """Read a shard index file (either version)."""
+    return pa.ipc.open_file(pa.BufferReader(data)).read_all()
+
+
+def round_mantissa(values: np.ndarray, keep_bits: int) -> np.ndarray:
+    """Round float16/float32 values to `keep_bits` mantissa bits (nearest, ties away from zero).
+
+    Non-finite values (NaN, ±inf) are kept as they are. The result has the input's dtype; its low mantissa bits are
+    zero, which is what lets the shuffling compressors store it in fewer bytes.
+    """
+    values = np.ascontiguousarray(values)
+    mantissa_bits = {np.dtype(np.float16): 10, np.dtype(np.float32): 23}[values.dtype]
+    drop = mantissa_bits - int(keep_bits)
+    if drop <= 0:
+        return values.copy()
+    uint = np.uint16 if values.dtype == np.float16 else np.uint32
+    bits = values.view(uint)
+    half = uint(1 << (drop - 1))
+    mask = uint(~((1 << drop) - 1) & (0xFFFF if uint is np.uint16 else 0xFFFFFFFF))
+    rounded = ((bits + half) & mask).view(values.dtype)
+    return np.where(np.isfinite(values), rounded, values)

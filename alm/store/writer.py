@@ -36,12 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import logging
 import os
 import tempfile
 import uuid
-import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -91,6 +89,8 @@ class StorePlan:
         top_k: k of the stored top-k (0 when not stored).
         hidden_size: teacher hidden size d when `hidden` is stored, else 0.
         hidden_encoding: `bfloat16` (uint16 bit patterns) or `float16`.
+        precision: `exact` (stored as given) or `compact` (`logp` and `boundary_logmass` rounded to the mantissa
+            bits of `schema.PRECISION_MANTISSA_BITS`; what `alm precompute` writes by default).
         teacher_revision: model revision (commit) if known.
         teacher_config_hash: hash of the teacher's config.
         backend: `hf` or `vllm`.
@@ -112,6 +112,7 @@ class StorePlan:
     top_k: int = 0
     hidden_size: int = 0
     hidden_encoding: str = "bfloat16"
+    precision: str = "exact"
     teacher_revision: str | None = None
     teacher_config_hash: str = ""
     backend: str = "hf"
@@ -133,6 +134,7 @@ class StorePlan:
             top_k=self.top_k,
             hidden_size=self.hidden_size,
             hidden_encoding=self.hidden_encoding,
+            precision=self.precision,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -227,17 +229,17 @@ def plan_document(plan: StorePlan) -> dict[str, Any]:
 
 
 def read_plan(location: Location) -> StorePlan:
-    """Read and check a store's plan file.
+    """Read and check a store's plan file, for writing or finalizing (only the current format version).
 
     Raises:
-        StoreError: no plan file, another format, or a newer version.
+        StoreError: no plan file, another format, or another version.
     """
     if not location.exists(schema.PLAN_FILE):
         raise StoreError(
             f"{location.url} has no {schema.PLAN_FILE}; it is not an alm teacher store"
         )
     doc = location.read_json(schema.PLAN_FILE)
-    schema.check_format(doc, f"{location.url}/{schema.PLAN_FILE}")
+    schema.check_format(doc, f"{location.url}/{schema.PLAN_FILE}", for_writing=True)
     return StorePlan.from_json(doc["plan"])
 
 
@@ -298,7 +300,7 @@ def prepare_store(
         )
         for entry in _STORE_ENTRIES:
             location.remove(entry)
-    location.write_bytes(json.dumps(plan_document(plan), indent=2).encode(), schema.PLAN_FILE)
+    location.write_bytes(schema.json_bytes(plan_document(plan)), schema.PLAN_FILE)
     return StoreLayout(location, plan)
 
 
@@ -424,7 +426,7 @@ class ShardWriter:
                 shape=(0, *spec.trailing_shape),
                 dtype=spec.dtype,
                 chunks=(chunk, *spec.trailing_shape),
-                compressors=None,  # uncompressed: whole-shard reads run at memmap speed (docs/store.md)
+                compressors=schema.array_compressors(spec.dtype),
                 fill_value=0,
                 config={
                     "write_empty_chunks": True
@@ -484,7 +486,10 @@ class ShardWriter:
         span_rows = schema.normalize_loss_spans(loss_spans)
         num_tokens = schema.validate_sequence(seq_id, text, seg_rows, span_rows, arrays, self.specs)
         for name, spec in self.specs.items():
-            self._buffers[name].append(np.asarray(arrays[name]).astype(spec.dtype, copy=False))
+            values = np.asarray(arrays[name]).astype(spec.dtype, copy=False)
+            if spec.mantissa_bits is not None:  # `precision: compact`
+                values = schema.round_mantissa(values, spec.mantissa_bits)
+            self._buffers[name].append(values)
         token_start = self._written_tokens + self._buffered_tokens
         self._rows.append(
             {
@@ -515,6 +520,12 @@ class ShardWriter:
             if final
             else (self._buffered_tokens // self.chunk_tokens) * self.chunk_tokens
         )
+        with zarr.config.set(
+            {"json_indent": None}
+        ):  # compact zarr.json files (fixed bytes per shard)
+            self._write_buffered(num_write, final)
+
+    def _write_buffered(self, num_write: int, final: bool) -> None:
         if not self._arrays:
             self._create_arrays(num_write, final)
         if num_write == 0:
@@ -551,12 +562,10 @@ class ShardWriter:
             return
         loc = self.layout.location
         self._flush(final=True)
-        with warnings.catch_warnings():
-            # "consolidated metadata is not part of the v3 spec": readers without it fall back
-            warnings.simplefilter("ignore")
-            zarr.consolidate_metadata(self._group.store)
+        # no consolidated metadata (version 2): it repeated every array's zarr.json in the group's (fixed bytes per
+        # shard), and readers open arrays by name
         table = pa.Table.from_pylist(self._rows, schema=schema.INDEX_SCHEMA)
-        index_bytes = schema.index_to_ipc_bytes(table)
+        index_bytes = schema.index_to_bytes(table)
         loc.write_bytes(index_bytes, self._dir, schema.INDEX_FILE)
         plan = self.layout.plan
         seq_ids = sorted(self._seen_seq_ids)
@@ -590,7 +599,7 @@ class ShardWriter:
             "backend_versions": dict(plan.backend_versions),
             "created_at": utc_now(),
         }
-        loc.write_bytes(json.dumps(doc, indent=2).encode(), self._dir, schema.SHARD_FILE)
+        loc.write_bytes(schema.json_bytes(doc), self._dir, schema.SHARD_FILE)
         self._open = False
         if loc.is_local:
             final = self.layout.shard_path(self.shard_index)

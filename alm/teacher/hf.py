@@ -2,8 +2,12 @@
 
 Batched teacher forcing on CPU (fp32 weights) or GPU (bf16 weights by default), under `torch.inference_mode`:
 
-- sequences are grouped by a **token budget** (`plan_batches`: longest first, rows x longest row <= budget) and
-  right-padded with an attention mask; the output order is always the input order;
+- sequences are **packed**, several per row (`packed_layout`: first-fit decreasing, rows as long as the longest
+  sequence, grouped by a **token budget**: rows x row length <= budget). Each sequence's
+  position ids restart at 0, which transformers turns into a block-diagonal causal mask (varlen kernels with flash
+  attention), so no sequence sees another and padding is only the unfilled tail of a row. A probe at load time
+  checks that the model honours packed position ids; a model that does not is scored one sequence per row,
+  right-padded with an attention mask (`pack=False` forces that). The output order is always the input order;
 - the model's decoder runs once per batch; the LM head is then applied to the valid positions only, in row chunks,
   in **fp32** (an fp32 copy of the head weight), so neither the padded [B, T, V] logits nor a full fp32 [tokens, V]
   tensor ever exists (`alm.teacher.scoring.scores_from_hidden`);
@@ -31,7 +35,12 @@ import numpy as np
 import torch
 
 from alm.errors import BackendUnavailableError, ConfigError
-from alm.teacher.base import TeacherScores, boundary_class_masks, plan_batches
+from alm.teacher.base import (
+    TeacherScores,
+    boundary_class_masks,
+    packed_layout,
+    plan_padded_batches,
+)
 from alm.teacher.scoring import LogitTransform, class_mass_matrix, scores_from_hidden
 
 logger = logging.getLogger(__name__)
@@ -175,8 +184,10 @@ class HFTeacher:
         device: `auto`, `cpu`, `cuda`, `cuda:1`, ...
         top_k: top-k entries per position (0: none).
         hidden_states: also return final-norm hidden states.
-        token_budget: padded tokens per forward (rows x longest row).
+        token_budget: tokens per forward (rows x row length, padding included).
         row_chunk: positions per LM-head / fp32 log-softmax chunk.
+        pack: pack several sequences per row (when the model honours packed position ids, see the module
+            docstring); False scores one sequence per row.
 
     Raises:
         ConfigError: the model cannot be loaded.
@@ -198,6 +209,7 @@ class HFTeacher:
         hidden_states: bool = False,
         token_budget: int = 4096,
         row_chunk: int = 1024,
+        pack: bool = True,
     ) -> None:
         import transformers
         from transformers import AutoModelForCausalLM
@@ -240,6 +252,7 @@ class HFTeacher:
             self.head_weight = head.weight.detach().to(torch.float32)
             self.head_bias = None if head.bias is None else head.bias.detach().to(torch.float32)
         self._logits_buffer: torch.Tensor | None = None
+        self.pack = bool(pack) and self._probe_packing()
         logger.info(
             "teacher %s on %s (%s), vocab %d, %s",
             self.model_id,
@@ -290,41 +303,97 @@ class HFTeacher:
             out.add_(self.head_bias)
         return self.logit_transform.apply_(out)
 
+    @torch.inference_mode()
+    def _probe_packing(self) -> bool:
+        """True when two sequences packed into one row score like each alone (packed position ids honoured)."""
+        first = np.arange(3, 11, dtype=np.int64) % self.vocab_size
+        second = np.arange(20, 25, dtype=np.int64) % self.vocab_size
+        try:
+            packed = self._forward_rows([[first, second]])[0][len(first) :]
+            alone = self._forward_rows([[second]])[0]
+        except (TypeError, ValueError, RuntimeError) as exc:
+            logger.info("teacher does not take packed rows (%s); scoring one sequence per row", exc)
+            return False
+        scale = float(alone.abs().max()) + 1e-6
+        if not torch.allclose(packed, alone, rtol=1e-3, atol=1e-3 * scale):
+            logger.info("teacher ignores packed position ids; scoring one sequence per row")
+            return False
+        return True
+
+    def _forward_rows(self, rows: list[list[np.ndarray]]) -> torch.Tensor:
+        """Decoder output [R, W, d] (or logits [R, W, V] without the head path) of packed rows."""
+        input_ids, position_ids, _ = self._packed_inputs(rows)
+        model = self.decoder if self.use_head_path else self.model
+        out = model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state if self.use_head_path else out.logits
+
+    def _packed_inputs(
+        self, rows: list[list[np.ndarray]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input ids, position ids (restarting at 0 for each sequence and for the padded tail) and the valid mask,
+        each [R, W] with W the longest row."""
+        row_lengths = [sum(len(ids) for ids in row) for row in rows]
+        width = max(row_lengths)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)  # [R, W]
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # [R, W]
+        for r, row in enumerate(rows):
+            offset = 0
+            for ids in row:
+                n = len(ids)
+                input_ids[r, offset : offset + n] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+                position_ids[r, offset : offset + n] = torch.arange(n)
+                offset += n
+            # the padded tail is a block of its own: no real token attends to it
+            position_ids[r, offset:] = torch.arange(width - offset)
+        valid = torch.arange(width)[None, :] < torch.as_tensor(row_lengths)[:, None]  # [R, W]
+        return input_ids.to(self.device), position_ids.to(self.device), valid.to(self.device)
+
     def score(self, batch_token_ids: list[np.ndarray]) -> list[TeacherScores]:
-        """Score sequences (teacher forcing), batched by the token budget; output order = input order."""
+        """Score sequences (teacher forcing), packed and batched by the token budget; output order = input order."""
         results: list[TeacherScores | None] = [None] * len(batch_token_ids)
         lengths = [len(ids) for ids in batch_token_ids]
-        for batch in plan_batches(lengths, self.token_budget):
-            for idx, scores in zip(
-                batch, self._score_padded([batch_token_ids[i] for i in batch]), strict=True
-            ):
+        if lengths and min(lengths) < 1:
+            raise ValueError("cannot score an empty token sequence")
+        if not self.pack:
+            for batch in plan_padded_batches(lengths, self.token_budget):
+                rows = [[i] for i in batch]
+                for idx, scores in zip(batch, self._score_rows(batch_token_ids, rows), strict=True):
+                    results[idx] = scores
+            return results  # type: ignore[return-value]
+        for rows in packed_layout(lengths, self.token_budget):
+            order = [idx for row in rows for idx in row]
+            for idx, scores in zip(order, self._score_rows(batch_token_ids, rows), strict=True):
                 results[idx] = scores
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _score_padded(self, sequences: list[np.ndarray]) -> list[TeacherScores]:
-        lengths = [len(ids) for ids in sequences]
-        if min(lengths) < 1:
-            raise ValueError("cannot score an empty token sequence")
-        max_len = max(lengths)
-        input_ids = torch.zeros((len(sequences), max_len), dtype=torch.long)  # [B, T], right-padded
-        attention_mask = torch.zeros((len(sequences), max_len), dtype=torch.long)  # [B, T]
-        for row, ids in enumerate(sequences):
-            input_ids[row, : len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
-            attention_mask[row, : len(ids)] = 1
+    def _score_rows(
+        self, sequences: list[np.ndarray], rows: list[list[int]]
+    ) -> list[TeacherScores]:
+        """Score one forward pass: `rows` of indices into `sequences`; scores in row-major order."""
+        packed = [[sequences[i] for i in row] for row in rows]
+        lengths = [len(sequences[i]) for row in rows for i in row]
+        if self.pack:
+            input_ids, position_ids, valid = self._packed_inputs(packed)
+            model_inputs = {"input_ids": input_ids, "position_ids": position_ids}
+        else:  # one sequence per row, right-padded with an attention mask
+            width = max(lengths)
+            input_ids = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
+            for r, (ids,) in enumerate(packed):
+                input_ids[r, : len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+                attention_mask[r, : len(ids)] = 1
+            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+            valid = attention_mask.bool()
+            model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if int(input_ids.max()) >= self.vocab_size:
             raise ConfigError(
                 f"token id {int(input_ids.max())} is outside the teacher model's {self.vocab_size} output rows: the "
                 "tokenizer does not belong to this model"
             )
-        input_ids = input_ids.to(self.device)
-        attention_mask = attention_mask.to(self.device)
-        valid = attention_mask.bool()  # [B, T]
-        flat_ids = input_ids[valid]  # [N], sequences laid end to end
+        flat_ids = input_ids[valid]  # [N], sequences laid end to end (row-major)
         if self.use_head_path:
-            hidden = self.decoder(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).last_hidden_state  # [B, T, d]
+            hidden = self.decoder(**model_inputs, use_cache=False).last_hidden_state  # [B, T, d]
             flat_hidden = hidden[valid]  # [N, d]
             del hidden
             return scores_from_hidden(
@@ -338,8 +407,7 @@ class HFTeacher:
                 keep_hidden=self.hidden_states,
             )
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            **model_inputs,
             use_cache=False,
             output_hidden_states=self.hidden_states,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from store_helpers import make_plan, random_store
 
@@ -62,9 +64,9 @@ def test_store_path_that_is_a_file_is_refused(tmp_path):
 def test_store_of_another_format_version_needs_overwrite(tmp_path):
     random_store(tmp_path, make_plan(num_shards=1))
     plan_file = tmp_path / "alm-store.plan.json"
-    plan_file.write_text(
-        plan_file.read_text().replace('"format_version": 1', '"format_version": 0')
-    )
+    plan_doc = json.loads(plan_file.read_text())
+    plan_doc["format_version"] = 0
+    plan_file.write_text(json.dumps(plan_doc))
     with pytest.raises(StoreError, match=r"unreadable plan: .*format version 0.*--overwrite"):
         prepare_store(tmp_path, make_plan(num_shards=1))
     layout = prepare_store(tmp_path, make_plan(num_shards=1), overwrite=True)

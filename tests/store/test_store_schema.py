@@ -85,7 +85,14 @@ def test_field_specs_dtypes_and_refusals():
 
 
 def test_newer_format_version_is_refused():
-    with pytest.raises(StoreError, match="format version 2"):
-        schema.check_format({"format": schema.FORMAT_NAME, "format_version": 2}, "x")
+    with pytest.raises(StoreError, match="format version 3"):
+        schema.check_format({"format": schema.FORMAT_NAME, "format_version": 3}, "x")
     with pytest.raises(StoreError, match="not an alm teacher store"):
         schema.check_format({"format": "other"}, "x")
+
+
+def test_version_1_is_read_but_never_written():
+    v1 = {"format": schema.FORMAT_NAME, "format_version": 1}
+    assert schema.check_format(v1, "x") == 1
+    with pytest.raises(StoreError, match="writes version 2"):
+        schema.check_format(v1, "x", for_writing=True)

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alm.teacher.base import boundary_class_masks, plan_batches
+from alm.teacher.base import boundary_class_masks, plan_padded_batches
 from alm.teacher.scoring import class_mass_matrix, scores_from_hidden, scores_from_logits
 from tests.tolerance import assert_fp32_close
 
@@ -188,13 +188,13 @@ def test_concatenated_sequences_score_like_separate_ones() -> None:
 
 @settings(deadline=None, max_examples=60)
 @given(lengths=st.lists(st.integers(1, 50), min_size=0, max_size=30), budget=st.integers(1, 200))
-def test_plan_batches_covers_each_sequence_once_within_budget(
+def test_padded_batches_cover_each_sequence_once_within_budget(
     lengths: list[int], budget: int
 ) -> None:
-    batches = plan_batches(lengths, budget)
+    batches = plan_padded_batches(lengths, budget)
     flat = [i for batch in batches for i in batch]
     assert sorted(flat) == list(range(len(lengths)))
     for batch in batches:
         padded = len(batch) * max(lengths[i] for i in batch)
         assert padded <= budget or len(batch) == 1
-    assert plan_batches(lengths, budget) == batches
+    assert plan_padded_batches(lengths, budget) == batches
