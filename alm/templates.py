@@ -154,16 +154,22 @@ def _text_in_spans(start_byte: np.ndarray, end_byte: np.ndarray, spans: np.ndarr
     byte at o is covered (it belongs to the text that follows it)."""
     if len(spans) == 0:
         return np.zeros(len(start_byte), bool)
-    index = (
-        np.searchsorted(spans[:, 0], start_byte, side="right") - 1
-    )  # last span starting at or before
-    span_end = spans[np.maximum(index, 0), 1]
-    inside = (index >= 0) & (end_byte <= span_end)
-    return inside & ((end_byte > start_byte) | (start_byte < span_end))
+    # A zero-width range at o counts as the byte [o, o + 1).
+    last_byte_end = np.maximum(end_byte, start_byte + 1)
+    if len(spans) == 1:  # the common case: plain text, `loss: all`, one trained turn
+        return (start_byte >= spans[0, 0]) & (last_byte_end <= spans[0, 1])
+    # the last span starting at or before each token decides (the spans are merged)
+    index = np.searchsorted(spans[:, 0], start_byte, side="right") - 1
+    return (index >= 0) & (last_byte_end <= spans[np.maximum(index, 0), 1])
 
 
 def token_in_loss(
-    start_byte: Any, end_byte: Any, role: Sequence[Any] | np.ndarray | None, loss_spans: Any
+    start_byte: Any,
+    end_byte: Any,
+    role: Sequence[Any] | np.ndarray | None,
+    loss_spans: Any,
+    *,
+    is_block: np.ndarray | None = None,
 ) -> np.ndarray:
     """Which tokens of one sequence are in the loss region: THE loss-region rule (ALM_SPEC §3, §13.8).
 
@@ -181,6 +187,7 @@ def token_in_loss(
         start_byte, end_byte: int [n], token byte offsets in the content text (blocks: zero width).
         role: [n], None for text tokens, the block role otherwise; None for an all-text sequence.
         loss_spans: int [k, 2] byte ranges `[start, end)` of the trainable text (merged here).
+        is_block: bool [n], `role != None`, when the caller has it already (saves a pass over `role`).
 
     Returns:
         bool [n].
@@ -192,10 +199,14 @@ def token_in_loss(
     if role is None:
         return in_loss
     roles = role if isinstance(role, np.ndarray) else np.array(list(role), dtype=object)
-    # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
-    is_block = np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
-    all_text_trained = bool(in_loss[~is_block].all())
-    for pos in np.flatnonzero(is_block).tolist():  # a handful per sequence, in order
+    block: np.ndarray = (
+        # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
+        np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+        if is_block is None
+        else is_block
+    )
+    all_text_trained = bool(in_loss[~block].all())
+    for pos in np.flatnonzero(block).tolist():  # a handful per sequence, in order
         current = roles[pos]
         if pos > 0 and roles[pos - 1] == current:  # inside a run: its first token decided
             in_loss[pos] = in_loss[pos - 1]

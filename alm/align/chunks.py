@@ -215,9 +215,13 @@ def _ranges(index: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray,
 
 def _all_in_loss(side: _Side, index: np.ndarray, num_chunks: int, loss_spans: Any) -> np.ndarray:
     """Per chunk: every token of this side that belongs to it is in the loss (`token_in_loss`)."""
-    outside = ~token_in_loss(side.start_byte, side.end_byte, side.role, loss_spans)
-    member = index >= 0
-    return np.bincount(index[member & outside], minlength=num_chunks)[:num_chunks] == 0
+    in_loss = token_in_loss(
+        side.start_byte, side.end_byte, side.role, loss_spans, is_block=side.is_block
+    )
+    chunk = index[np.flatnonzero(~in_loss)]  # chunks holding a token outside the loss (-1/-2: none)
+    out = np.ones(num_chunks, bool)
+    out[chunk[chunk >= 0]] = False
+    return out
 
 
 def _sorted_intersection(first: np.ndarray, second: np.ndarray) -> np.ndarray:
