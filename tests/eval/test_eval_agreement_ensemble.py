@@ -35,7 +35,9 @@ def teacher_and_store(tmp_path_factory) -> tuple[Path, Path]:
     tokenizer = bpe_tokenizer(512)
     tiny_llama(len(tokenizer), seed=7).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return folder, precompute(root, folder, "heldout", split="heldout", limit=6, hidden=False)
+    return folder, precompute(
+        root, folder, "heldout", split="heldout", limit=6, hidden=False, precision="exact"
+    )
 
 
 def test_the_teacher_itself_has_zero_chunk_disagreement_and_zero_binarised_kl(

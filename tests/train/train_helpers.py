@@ -16,7 +16,14 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 def precompute(
-    root: Path, teacher: Path, name: str, *, split: str, limit: int, hidden: bool
+    root: Path,
+    teacher: Path,
+    name: str,
+    *,
+    split: str,
+    limit: int,
+    hidden: bool,
+    precision: str | None = None,
 ) -> Path:
     from alm.precompute import run_precompute
 
@@ -30,6 +37,10 @@ def precompute(
         "hidden_states": hidden,
         "shard_size": 4,
     }
+    if (
+        precision is not None
+    ):  # `exact` keeps fp32 logp bit for bit (the default store rounds, docs/store.md)
+        recipe["precision"] = precision
     run_precompute(write_yaml(root / f"{name}.yaml", recipe), shard="0/1")
     return root / name
 
