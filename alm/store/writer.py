@@ -544,7 +544,9 @@ class ShardWriter:
             except OSError as err:  # a full disk while committing: nothing partial is left
                 self.abort()
                 raise self._write_error(err) from None
-            except StoreError:  # a write the location already turned into a message: still nothing partial
+            except (
+                StoreError
+            ):  # a write the location already turned into a message: still nothing partial
                 self.abort()
                 raise
         else:
