@@ -156,10 +156,9 @@ def train_bpe(out: Path, vocab_size: int, teacher_tokenizer: Any) -> None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = list(dict.fromkeys(teacher_tokenizer.all_special_tokens))
-    for added in teacher_tokenizer.added_tokens_decoder.values():
-        if getattr(added, "special", False) and added.content not in specials:
-            specials.append(added.content)
+    from alm.train.student import special_token_strings
+
+    specials = special_token_strings(teacher_tokenizer)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()

@@ -228,6 +228,31 @@ class ShardCheck:
             raise self.error(rel, f"is not valid JSON ({err})") from None
 
 
+def _plan_chunks(
+    location: Location,
+    check: ShardCheck,
+    array_rel: str,
+    shape: tuple[int, ...],
+    chunk_shape: tuple[int, ...],
+    dtype: np.dtype,
+) -> tuple[np.ndarray, np.ndarray, int, list[str], list[int], dict[str, bytes]]:
+    """The output buffer of a token-chunked array, its byte view, the bytes per chunk, each chunk's file key and
+    byte offset in the output, and (remote stores only) every chunk file fetched in one batched request."""
+    out = np.empty(shape, dtype=dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    suffix = "/0" * (len(shape) - 1)
+    offsets = list(range(0, flat.nbytes, chunk_bytes))
+    keys = [f"{array_rel}/c/{c}{suffix}" for c in range(len(offsets))]
+    fetched: dict[str, bytes] = {}
+    if not location.is_local and keys:
+        # one batched request: async filesystems (s3, gcs, http) fetch the chunks concurrently
+        paths = [location.path(check.shard_path, k) for k in keys]
+        got = location.fs.cat(paths, on_error="omit")
+        fetched = {k: got[p] for k, p in zip(keys, paths) if p in got}
+    return out, flat, chunk_bytes, keys, offsets, fetched
+
+
 def _read_raw_chunks(
     location: Location, check: ShardCheck, array_rel: str, meta: dict[str, Any]
 ) -> np.ndarray | None:
@@ -260,18 +285,9 @@ def _read_raw_chunks(
         return None
     if blosc:
         return _read_blosc_chunks(location, check, array_rel, shape, chunk_shape, dtype)
-    out = np.empty(shape, dtype=dtype)
-    flat = out.reshape(-1).view(np.uint8)
-    chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
-    suffix = "/0" * (len(shape) - 1)
-    offsets = list(range(0, flat.nbytes, chunk_bytes))
-    keys = [f"{array_rel}/c/{c}{suffix}" for c in range(len(offsets))]
-    fetched: dict[str, bytes] = {}
-    if not location.is_local and keys:
-        # one batched request: async filesystems (s3, gcs, http) fetch the chunks concurrently
-        paths = [location.path(check.shard_path, k) for k in keys]
-        fetched = location.fs.cat(paths, on_error="omit")
-        fetched = {k: fetched[p] for k, p in zip(keys, paths) if p in fetched}
+    out, flat, chunk_bytes, keys, offsets, fetched = _plan_chunks(
+        location, check, array_rel, shape, chunk_shape, dtype
+    )
     for key, offset in zip(keys, offsets):
         view = flat[offset : offset + chunk_bytes]
         # the last chunk is padded to a whole chunk on disk: its file holds `chunk_bytes`, the array less
@@ -339,18 +355,9 @@ def _read_blosc_chunks(
     compressed chunk file checked against the shard's inventory first; a missing chunk is an error."""
     from numcodecs import blosc  # pyright: ignore[reportAttributeAccessIssue]  # a C extension
 
-    out = np.empty(shape, dtype=dtype)
-    flat = out.reshape(-1).view(np.uint8)
-    chunk_bytes = int(np.prod(chunk_shape)) * dtype.itemsize
-    suffix = "/0" * (len(shape) - 1)
-    offsets = list(range(0, flat.nbytes, chunk_bytes))
-    keys = [f"{array_rel}/c/{c}{suffix}" for c in range(len(offsets))]
-    fetched: dict[str, bytes] = {}
-    if not location.is_local and keys:
-        # one batched request: async filesystems (s3, gcs, http) fetch the chunks concurrently
-        paths = [location.path(check.shard_path, k) for k in keys]
-        got = location.fs.cat(paths, on_error="omit")
-        fetched = {k: got[p] for k, p in zip(keys, paths) if p in got}
+    out, flat, chunk_bytes, keys, offsets, fetched = _plan_chunks(
+        location, check, array_rel, shape, chunk_shape, dtype
+    )
     for key, offset in zip(keys, offsets):
         view = flat[offset : offset + chunk_bytes]
         if location.is_local:
