@@ -139,7 +139,7 @@ _WANDB_ID_FILE = "alm-run-id"
 def _start_wandb(output_dir: Path, run_config: dict[str, Any]) -> Any:
     """A Weights & Biases run in `OUTPUT/wandb/`; a resumed run continues the same W&B run (its id is kept in
     `OUTPUT/wandb/alm-run-id`). Project and mode come from `WANDB_PROJECT` (default `alm`) and `WANDB_MODE`."""
-    import wandb
+    import wandb  # pyright: ignore[reportMissingImports]  (the optional `wandb` extra)
 
     folder = output_dir / WANDB_DIR
     folder.mkdir(parents=True, exist_ok=True)

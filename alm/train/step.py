@@ -250,6 +250,9 @@ def lr_factor(optim: OptimConfig) -> Callable[[int], float]:
             num_training_steps=optim.steps,
             scheduler_specific_kwargs=dict(optim.lr_scheduler_kwargs),
         )
+        assert isinstance(
+            schedule, torch.optim.lr_scheduler.LambdaLR
+        )  # every schedule offered is one
         hf_factor = schedule.lr_lambdas[0]
         hf_factor(0)
     except (TypeError, ValueError) as err:
