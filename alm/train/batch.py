@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alm.align import align_sequences
+from alm.align import Chunks, align_sequences
 from alm.align.targets import (
     AlmTargets,
     build_alm_targets,
@@ -173,6 +173,10 @@ class StudentExampleBuilder:
         )
 
     def __call__(self, seq: Any) -> StudentExample:
+        return self.build(seq)[0]
+
+    def build(self, seq: Any) -> tuple[StudentExample, Chunks]:
+        """The example and every aligned greedy chunk behind it (in the loss or not; `alm align` caches both)."""
         teacher = sequence_from_ids(seq, self.teacher_vocab)
         student = render(
             document_from_stored(seq),
@@ -212,13 +216,14 @@ class StudentExampleBuilder:
                 student_num_bytes=int(student.end_byte.max()) if len(student.end_byte) else 0,
                 teacher_logp_sum=float(np.nansum(np.asarray(seq.logp, dtype=np.float64)[1:])),
             )
-        return StudentExample(
+        example = StudentExample(
             input_ids=np.asarray(student.token_id, dtype=np.int64),
             sft_mask=sft_mask,
             targets=targets,
             hidden_teacher=hidden_teacher,
             eval=eval_example,
         )
+        return example, chunks_all
 
 
 def _pad_rows(rows: list[np.ndarray], fill: float | bool) -> tuple[torch.Tensor, torch.Tensor]:
