@@ -364,6 +364,8 @@ def run_align(
     """The `alm align` command. Returns the summary to print."""
     from alm.store.verify import shard_progress
 
+    if (student is None) == (recipe is None):
+        raise ConfigError("give exactly one of --student TOKENIZER or --recipe TRAIN_RECIPE")
     builder = builder_for(
         open_store(store_path), student=student, recipe=recipe, max_length=max_length
     )

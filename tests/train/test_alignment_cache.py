@@ -302,3 +302,99 @@ def test_unfinished_store_is_refused(stores, student_dir, tmp_path):
             open_store(store_path, allow_unfinished=True), student=str(student_dir)
         )
         write_alignments(str(store_path), builder)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The command line, through the installed entry point (exit code 2 for every user error)
+
+
+def _alm(*args: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "alm"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_align_cli_user_errors_exit_2(stores, student_dir, tmp_path):
+    store_path = _copy_store(stores["plain"], tmp_path)
+    recipe = train_recipe(
+        tmp_path / "r.yaml",
+        store=store_path,
+        output=tmp_path / "run",
+        student={"model": str(student_dir)},
+    )
+    cases = [
+        ((str(store_path),), "exactly one of --student"),
+        ((str(store_path), "--student", "bytes", "--recipe", str(recipe)), "exactly one of"),
+        ((str(store_path), "--recipe", str(recipe), "--max-length", "9"), "--max-length goes with"),
+        ((str(store_path), "--student", str(tmp_path / "no-such-tokenizer")), "cannot be loaded"),
+        ((str(store_path), "--student", "bytes", "--max-length", "1"), "at least 2"),
+        ((str(tmp_path / "no-store"), "--student", "bytes"), "no teacher store"),
+    ]
+    for args, message in cases:
+        result = _alm("align", *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (store_path / "alignments").exists()  # nothing half-written
+
+
+def test_align_inspect_verify_through_the_cli(stores, student_dir, tmp_path):
+    store_path = _copy_store(stores["plain"], tmp_path)
+    first = _alm("align", str(store_path), "--student", str(student_dir), "--max-length", "40")
+    assert first.returncode == 0, first.stderr
+    assert "alignment cache" in first.stdout and "max_length 40" in first.stdout
+    (cache_root,) = (store_path / "alignments").iterdir()
+    manifest = (cache_root / "alm-alignments.json").read_bytes()
+
+    other = _alm("align", str(store_path), "--student", str(student_dir), "--max-length", "41")
+    assert other.returncode == 2 and "other settings" in other.stderr
+    assert (cache_root / "alm-alignments.json").read_bytes() == manifest
+
+    again = _alm("align", str(store_path), "--student", str(student_dir), "--max-length", "40")
+    assert again.returncode == 0 and "0 shard(s) written" in again.stdout
+
+    inspected = _alm("inspect", str(store_path), "--student", "bytes")
+    assert inspected.returncode == 0, inspected.stderr
+    assert "chunk length histogram" in inspected.stdout and "aligned now" in inspected.stdout
+    both = _alm("inspect", str(store_path), "--student", "bytes", "--compare", str(store_path))
+    assert both.returncode == 2
+
+    verified = _alm("verify", str(store_path))
+    assert verified.returncode == 0, verified.stderr
+    assert f"alignment cache alignments/{cache_root.name}" in verified.stdout
+    (cache_root / "shards" / "shard-00000.arrow").unlink()
+    broken = _alm("verify", str(store_path))
+    assert broken.returncode == 2 and "shard-00000.arrow is missing" in broken.stderr
+
+
+def test_precompute_writes_alignment_caches_for_students(teacher_dir, student_dir, tmp_path):
+    from train_helpers import DATA_SPEC, write_yaml
+
+    recipe = write_yaml(
+        tmp_path / "pre.yaml",
+        {
+            "teacher": {"model": str(teacher_dir), "backend": "hf", "device": "cpu", "dtype": "float32"},
+            "data": {"spec": str(DATA_SPEC), "split": "train", "limit": 6},
+            "output": str(tmp_path / "store"),
+            "max_length": 48,
+            "token_budget": 512,
+            "shard_size": 4,
+        },
+    )
+    result = _alm("precompute", str(recipe), "--students", "bytes", "--students", str(student_dir))
+    assert result.returncode == 0, result.stderr
+    store = open_store(tmp_path / "store")
+    keys = cache_format.list_cache_keys(store)
+    assert len(keys) == 2
+    for key in keys:
+        cache = cache_format.open_cache(store, key)
+        assert cache is not None and cache.manifest["totals"]["num_sequences"] == store.num_sequences
