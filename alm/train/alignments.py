@@ -300,7 +300,10 @@ def student_config_for(store: TeacherStore, student: str) -> StudentConfig:
     """`--student TOKENIZER` as a student section: a tokenizer id/folder, or `bytes` (the pure byte tokenizer with
     the teacher's special tokens, as `transfer: {tokenizer: bytes}` builds it from the store's tokenizer)."""
     if student == "bytes":
-        return StudentConfig(transfer=TransferConfig(from_=store.tokenizer_path, tokenizer="bytes"))
+        transfer = TransferConfig.model_validate(
+            {"from": store.tokenizer_path, "tokenizer": "bytes"}
+        )
+        return StudentConfig(transfer=transfer)
     return StudentConfig(model=student)
 
 

@@ -31,7 +31,9 @@ from alm.train.alignments import (
 )
 from alm.train.batch import collate
 
-MAX_LENGTH = 40  # below the store's 48 teacher tokens: the student side is truncated for some sequences
+MAX_LENGTH = (
+    40  # below the store's 48 teacher tokens: the student side is truncated for some sequences
+)
 
 
 def _copy_store(src: Path, tmp_path: Path, name: str = "store") -> Path:
@@ -64,9 +66,7 @@ def test_cached_examples_equal_on_the_fly_examples_bit_for_bit(
 ):
     store_path = _copy_store(stores["train"], tmp_path)
     store = open_store(store_path)
-    builder = builder_for(
-        store, student=_student(student_name, student_dir), max_length=MAX_LENGTH
-    )
+    builder = builder_for(store, student=_student(student_name, student_dir), max_length=MAX_LENGTH)
     summary = write_alignments(str(store_path), builder)
     assert summary.num_shards_written == len(store.shard_indices) > 1
     assert (store_path / "alignments" / cache_key_of(builder) / "alm-alignments.json").is_file()
@@ -189,8 +189,14 @@ def test_stale_cache_is_refused_or_ignored(stores, student_dir, tmp_path, caplog
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="alm.train.alignments"):
             assert find_cache(StoreRef(path=str(store_path)), builder, with_hidden=False) is None
-        assert any("aligning on the fly" in r.getMessage() and why in r.getMessage() for r in caplog.records)
-    assert find_cache(StoreRef(path=str(store_path), alignments="off"), same, with_hidden=False) is None
+        assert any(
+            "aligning on the fly" in r.getMessage() and why in r.getMessage()
+            for r in caplog.records
+        )
+    assert (
+        find_cache(StoreRef(path=str(store_path), alignments="off"), same, with_hidden=False)
+        is None
+    )
 
     # `alm align` with other settings for the same tokenizer: refused, then replaced with --overwrite
     with pytest.raises(StoreMismatchError, match="other settings"):
@@ -215,7 +221,7 @@ def test_cache_of_a_recomputed_store_shard_is_stale(stores, student_dir, tmp_pat
     doc_path.write_text(json.dumps(with_checksum(doc)))
     cache = cache_format.open_cache(store, key)
     assert cache is not None
-    with pytest.raises(StoreCorruptError, match="shard-00000.json"):
+    with pytest.raises(StoreCorruptError, match=r"shard-00000\.json"):
         cache.read_shard(store, 0)  # the manifest lists the old JSON's checksum
 
 
@@ -255,7 +261,9 @@ def test_verify_catches_a_corrupted_cache_file(stores, student_dir, tmp_path):
     data = bytearray(arrow.read_bytes())
     data[len(data) // 2] ^= 0xFF
     arrow.write_bytes(bytes(data))
-    with pytest.raises(StoreCorruptError, match=r"shard-00001\.arrow has the right size but different"):
+    with pytest.raises(
+        StoreCorruptError, match=r"shard-00001\.arrow has the right size but different"
+    ):
         run_verify(store_path)
     cached = CachedExamples(str(store_path), cache_key_of(builder), with_hidden=False)
     seq = next(store.read_shard(1).sequences())
@@ -382,7 +390,12 @@ def test_precompute_writes_alignment_caches_for_students(teacher_dir, student_di
     recipe = write_yaml(
         tmp_path / "pre.yaml",
         {
-            "teacher": {"model": str(teacher_dir), "backend": "hf", "device": "cpu", "dtype": "float32"},
+            "teacher": {
+                "model": str(teacher_dir),
+                "backend": "hf",
+                "device": "cpu",
+                "dtype": "float32",
+            },
             "data": {"spec": str(DATA_SPEC), "split": "train", "limit": 6},
             "output": str(tmp_path / "store"),
             "max_length": 48,
@@ -397,4 +410,6 @@ def test_precompute_writes_alignment_caches_for_students(teacher_dir, student_di
     assert len(keys) == 2
     for key in keys:
         cache = cache_format.open_cache(store, key)
-        assert cache is not None and cache.manifest["totals"]["num_sequences"] == store.num_sequences
+        assert (
+            cache is not None and cache.manifest["totals"]["num_sequences"] == store.num_sequences
+        )
