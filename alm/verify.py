@@ -5,7 +5,8 @@
 
 What the store layer checks is in `alm.store.verify`; this module adds what needs the teacher tokenizer (saved in
 the store's `vocab/tokenizer/`): every sequence that was not truncated re-renders from its stored text bytes and
-segments to exactly the stored teacher ids (`alm.templates.render`, the precompute's own rule). `--deep` loads
+segments to exactly the stored teacher ids (`alm.templates.render`, the precompute's own rule), and every
+alignment cache under `alignments/` is checked too (`alm.store.alignments.verify_cache`). `--deep` loads
 the teacher model the manifest names and re-scores a fixed sample of sequences; it reports the largest absolute
 difference of `logp` and `boundary_logmass` (the stored float16 masses round by about 2^-11 relative).
 
