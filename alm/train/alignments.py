@@ -212,6 +212,17 @@ def find_cache(
     """
     if ref.alignments == "off":
         return None
+    if builder.baseline is not None:
+        # the baselines' paired positions and top-k are not part of the cache
+        if ref.alignments == "required":
+            raise StoreMismatchError(
+                f"store {ref.path}: stores[].alignments is `required`, but alignment caches hold ALM targets "
+                f"and loss.kind {builder.baseline} aligns on the fly; set alignments: auto or off"
+            )
+        logger.info(
+            "store %s: aligning on the fly (loss %s is not cached)", ref.path, builder.baseline
+        )
+        return None
     store = open_store(ref.path)
     key = cache_key_of(builder)
     settings = alignment_settings(builder)

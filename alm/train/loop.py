@@ -24,6 +24,7 @@ import torch
 
 from alm.config import config_hash
 from alm.config.train import TrainRecipe
+from alm.errors import ConfigError
 from alm.store.replace import remove_replaced, written_run_files
 from alm.train import parallel
 from alm.train.alignments import find_cache
@@ -78,6 +79,13 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
 
     # The student (one module with the hidden-state projection), wrapped for 1 or N processes, and AdamW.
     student = load_student(cfg.student, teacher_model=stores.teacher_model, seed=cfg.seed)
+    baseline = cfg.loss.baseline()
+    if baseline == "topk_kd" and student.vocab.fingerprint() != stores.teacher_fingerprint:
+        raise ConfigError(
+            f"loss.kind topk_kd needs the teacher's tokenizer, but the student tokenizer has fingerprint "
+            f"{student.vocab.fingerprint()} and the store's teacher {stores.teacher_fingerprint}; use "
+            "uld, mined+sft or alm for a student with another tokenizer"
+        )
     hf_model = apply_lora(student.model, cfg.lora) if cfg.lora else student.model
     with_hidden = cfg.loss.hidden > 0
     settings = loss_settings(
@@ -113,13 +121,16 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
         gamma=cfg.loss.gamma,
         debias=cfg.loss.debias,
         with_hidden=with_hidden,
+        baseline=baseline,
     )
     dataset = MicroBatches(
         stores,
         builder,
         micro_batch_size=cfg.optim.micro_batch_size,
         seed=cfg.seed,
-        fields=["token_id", "logp", "boundary_logmass"] + (["hidden"] if with_hidden else []),
+        fields=["token_id", "logp", "boundary_logmass"]
+        + (["hidden"] if with_hidden else [])
+        + (["topk_id", "topk_logp"] if baseline is not None else []),
         rank=parallel.rank(),
         world_size=parallel.world_size(),
         alignment_caches=[find_cache(ref, builder, with_hidden=with_hidden) for ref in cfg.stores],

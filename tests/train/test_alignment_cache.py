@@ -29,7 +29,7 @@ from alm.train.alignments import (
     record_from_example,
     write_alignments,
 )
-from alm.train.batch import collate
+from alm.train.batch import StudentExampleBuilder, collate
 
 MAX_LENGTH = (
     40  # below the store's 48 teacher tokens: the student side is truncated for some sequences
@@ -71,7 +71,17 @@ def test_cached_examples_equal_on_the_fly_examples_bit_for_bit(
     assert summary.num_shards_written == len(store.shard_indices) > 1
     assert (store_path / "alignments" / cache_key_of(builder) / "alm-alignments.json").is_file()
 
-    hidden_builder = builder.__class__(**{**vars(builder), "with_hidden": True})
+    hidden_builder = StudentExampleBuilder(
+        teacher_vocab=builder.teacher_vocab,
+        student_tokenizer=builder.student_tokenizer,
+        student_vocab=builder.student_vocab,
+        student_family=builder.student_family,
+        max_length=builder.max_length,
+        boundary_class_ids=builder.boundary_class_ids,
+        gamma=builder.gamma,
+        debias=builder.debias,
+        with_hidden=True,
+    )
     cached = CachedExamples(str(store_path), cache_key_of(builder), with_hidden=True)
     fresh_examples, cached_examples = [], []
     num_groups = 0
