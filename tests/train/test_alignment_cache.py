@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -326,13 +327,21 @@ def test_unfinished_store_is_refused(stores, student_dir, tmp_path):
 # The command line, through the installed entry point (exit code 2 for every user error)
 
 
-def _alm(*args: str):
+@dataclass
+class _Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _alm_entry_point(*args: str) -> _Result:
+    """The installed `alm` in a subprocess, exactly as a user runs it."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
+    done = subprocess.run(
         [str(Path(sys.executable).parent / "alm"), *args],
         env=env,
         capture_output=True,
@@ -340,9 +349,31 @@ def _alm(*args: str):
         timeout=300,
         check=False,
     )
+    return _Result(done.returncode, done.stdout, done.stderr)
 
 
-def test_align_cli_user_errors_exit_2(stores, student_dir, tmp_path):
+@pytest.fixture
+def alm(capsys, monkeypatch):
+    """`alm ARGS` through `alm.cli.main` in this process (the same code as the entry point; no start-up cost)."""
+    import sys
+
+    from alm.cli import main
+
+    def run(*args: str) -> _Result:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["alm", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        out = capsys.readouterr()
+        return _Result(code, out.out, out.err)
+
+    return run
+
+
+def test_align_cli_user_errors_exit_2(stores, student_dir, tmp_path, alm):
     store_path = _copy_store(stores["plain"], tmp_path)
     recipe = train_recipe(
         tmp_path / "r.yaml",
@@ -358,43 +389,45 @@ def test_align_cli_user_errors_exit_2(stores, student_dir, tmp_path):
         ((str(store_path), "--student", "bytes", "--max-length", "1"), "at least 2"),
         ((str(tmp_path / "no-store"), "--student", "bytes"), "no teacher store"),
     ]
+    entry_point = _alm_entry_point("align", *cases[0][0])
+    assert entry_point.returncode == 2 and cases[0][1] in entry_point.stderr
     for args, message in cases:
-        result = _alm("align", *args)
+        result = alm("align", *args)
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (store_path / "alignments").exists()  # nothing half-written
 
 
-def test_align_inspect_verify_through_the_cli(stores, student_dir, tmp_path):
+def test_align_inspect_verify_through_the_cli(stores, student_dir, tmp_path, alm):
     store_path = _copy_store(stores["plain"], tmp_path)
-    first = _alm("align", str(store_path), "--student", str(student_dir), "--max-length", "40")
+    first = alm("align", str(store_path), "--student", str(student_dir), "--max-length", "40")
     assert first.returncode == 0, first.stderr
     assert "alignment cache" in first.stdout and "max_length 40" in first.stdout
     (cache_root,) = (store_path / "alignments").iterdir()
     manifest = (cache_root / "alm-alignments.json").read_bytes()
 
-    other = _alm("align", str(store_path), "--student", str(student_dir), "--max-length", "41")
+    other = alm("align", str(store_path), "--student", str(student_dir), "--max-length", "41")
     assert other.returncode == 2 and "other settings" in other.stderr
     assert (cache_root / "alm-alignments.json").read_bytes() == manifest
 
-    again = _alm("align", str(store_path), "--student", str(student_dir), "--max-length", "40")
+    again = alm("align", str(store_path), "--student", str(student_dir), "--max-length", "40")
     assert again.returncode == 0 and "0 shard(s) written" in again.stdout
 
-    inspected = _alm("inspect", str(store_path), "--student", "bytes")
+    inspected = alm("inspect", str(store_path), "--student", "bytes")
     assert inspected.returncode == 0, inspected.stderr
     assert "chunk length histogram" in inspected.stdout and "aligned now" in inspected.stdout
-    both = _alm("inspect", str(store_path), "--student", "bytes", "--compare", str(store_path))
+    both = alm("inspect", str(store_path), "--student", "bytes", "--compare", str(store_path))
     assert both.returncode == 2
 
-    verified = _alm("verify", str(store_path))
+    verified = alm("verify", str(store_path))
     assert verified.returncode == 0, verified.stderr
     assert f"alignment cache alignments/{cache_root.name}" in verified.stdout
     (cache_root / "shards" / "shard-00000.arrow").unlink()
-    broken = _alm("verify", str(store_path))
+    broken = alm("verify", str(store_path))
     assert broken.returncode == 2 and "shard-00000.arrow is missing" in broken.stderr
 
 
-def test_precompute_writes_alignment_caches_for_students(teacher_dir, student_dir, tmp_path):
+def test_precompute_writes_alignment_caches_for_students(teacher_dir, student_dir, tmp_path, alm):
     from train_helpers import DATA_SPEC, write_yaml
 
     recipe = write_yaml(
@@ -413,7 +446,7 @@ def test_precompute_writes_alignment_caches_for_students(teacher_dir, student_di
             "shard_size": 4,
         },
     )
-    result = _alm("precompute", str(recipe), "--students", "bytes", "--students", str(student_dir))
+    result = alm("precompute", str(recipe), "--students", "bytes", "--students", str(student_dir))
     assert result.returncode == 0, result.stderr
     store = open_store(tmp_path / "store")
     keys = cache_format.list_cache_keys(store)
