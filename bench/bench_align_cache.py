@@ -107,7 +107,7 @@ def main() -> None:
         )
         store = open_store(store_path)
         stores = open_training_stores([StoreRef(path=store_path)])
-        text_bytes = int(store.manifest["totals"]["num_text_bytes"])
+        text_bytes = int(store.manifest.num_text_bytes)
         num_sequences = store.num_sequences
         num_batches = num_sequences // args.batch
         print(

@@ -198,8 +198,8 @@ def store_facts(store: TeacherStore) -> dict[str, Any]:
     """The store's identity that a cache depends on: its plan and teacher tokenizer fingerprints."""
     manifest = store.manifest
     return {
-        "store_plan_fingerprint": manifest.get("plan_fingerprint"),
-        "teacher_tokenizer_fingerprint": manifest.get("tokenizer_fingerprint"),
+        "store_plan_fingerprint": manifest.plan_fingerprint,
+        "teacher_tokenizer_fingerprint": manifest.tokenizer_fingerprint,
     }
 
 
@@ -213,8 +213,8 @@ def settings_fingerprint(store: TeacherStore, settings: Mapping[str, Any]) -> st
 
 
 def _store_shard_checksum(store: TeacherStore, shard_index: int) -> str | None:
-    entry = next(s for s in store.manifest["shards"] if int(s["index"]) == shard_index)
-    return entry.get("checksum") or entry.get("index_sha256")
+    entry = store.manifest.shard(shard_index)
+    return entry.checksum or entry.index_sha256
 
 
 def _now() -> str:

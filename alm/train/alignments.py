@@ -353,7 +353,7 @@ def builder_for(
                 raise ConfigError(f"--max-length {max_length}: must be at least 2")
             student_cfg = student_cfg.model_copy(update={"max_length": max_length})
         loss = LossConfig()
-    teacher_model = (store.manifest.get("teacher") or {}).get("model")
+    teacher_model = store.manifest.teacher_model
     tokenizer, family, _, _ = load_student_tokenizer(student_cfg, teacher_model=teacher_model)
     return StudentExampleBuilder(
         teacher_vocab=store.vocab,
@@ -477,7 +477,7 @@ def inspect_student(
     builder = builder_for(store, student=student, recipe=recipe)
     key = cache_key_of(builder)
     cache = cache_format.open_cache(store, key)
-    num_text_bytes = int(store.manifest.get("totals", {}).get("num_text_bytes", 0))
+    num_text_bytes = int(store.manifest.num_text_bytes)
     if cache is not None and cache.stale_reason(store, alignment_settings(builder)) is None:
         records: Iterable[AlignedSequence] = (
             r for j in store.shard_indices for r in cache.read_shard(store, j).records()

@@ -297,7 +297,7 @@ def test_chunk_statistics_match_a_direct_count(stores, student_dir):
         covered += int(sum(in_loss.end_byte - in_loss.start_byte))
     assert stats["num_chunks_in_loss"] == len(chunk_lengths)
     assert stats["num_groups"] == groups
-    assert stats["bytes_covered"] == covered / store.manifest["totals"]["num_text_bytes"]
+    assert stats["bytes_covered"] == covered / store.manifest.num_text_bytes
     histogram = {(lo, hi): n for lo, hi, n in stats["chunk_bytes_histogram"]}
     assert sum(histogram.values()) == len(chunk_lengths)
     assert histogram[(1, 1)] == sum(1 for n in chunk_lengths if n == 1)
