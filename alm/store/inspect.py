@@ -114,7 +114,7 @@ def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any
         )
     stats["disk_bytes_per_field"] = field_bytes
     stats["disk_bytes_index"] = sum(
-        loc.size_bytes(f"{schema.SHARDS_DIR}/shard-{j:05d}", schema.INDEX_FILE)
+        loc.size_bytes(f"{schema.SHARDS_DIR}/shard-{j:05d}", schema.index_file(st.format_version))
         for j in st.shard_indices
     )
     stats["disk_bytes_total"] = loc.size_bytes()
