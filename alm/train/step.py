@@ -13,6 +13,7 @@ gradient norms are the global micro-batch's (all ranks, `alm.losses.gradmag`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from typing import cast
 import torch
 from torch import nn
 
-from alm.config.train import LossConfig, OptimConfig
+from alm.config.train import BaselineLoss, LossConfig, OptimConfig
+from alm.errors import ConfigError
 from alm.losses.alm import Divergence, alm_loss
+from alm.losses.baselines import topk_forward_kl, topk_kd_loss, uld_loss
 from alm.losses.gradmag import gradmag_combine, last_block_parameters
 from alm.losses.hidden import hidden_state_loss, make_hidden_projection
 from alm.losses.sft import sft_loss
@@ -71,6 +74,10 @@ class LossSettings:
         None  # fp32 [d_T], the hidden loss's per-channel normaliser
     )
     debias: bool = True  # add the student's boundary log-mass at group ends (§5.2)
+    baseline: BaselineLoss | None = None  # a baseline from the stored top-k (docs/baselines.md)
+    baseline_weight: float = (
+        0.1  # w of (1 - w)·SFT + w·baseline under combine "sum" (uld/mined + sft)
+    )
 
 
 def micro_batch_loss(
@@ -153,11 +160,24 @@ def micro_batch_loss(
             else second_moment.to(hidden.device),
             num_valid_chunks_global=counts.num_hidden.clamp(min=1),
         )
+    if settings.baseline is not None:
+        losses[settings.baseline] = _baseline_loss(
+            logits, batch, settings.baseline, counts, vocab_size
+        )
     for name, value in losses.items():
         metrics[name] = value
     if "alm" in losses:
         metrics["alm"] = metrics.pop("alm_excess")
-    if len(losses) == 1 or settings.combine == "sum":
+    if settings.combine == "sum" and settings.baseline in ("uld", "mined") and "sft" in losses:
+        # FuseLLM's MinED: 0.9·CE + 0.1·KL; ULD's CE + λ·ULD likewise as (1 - w)·SFT + w·ULD
+        w = settings.baseline_weight
+        assert settings.baseline is not None
+        total = (1.0 - w) * losses["sft"] + w * losses[settings.baseline]
+        total = total + sum(
+            (v for k, v in losses.items() if k not in ("sft", settings.baseline)),
+            torch.zeros_like(total),
+        )
+    elif len(losses) == 1 or settings.combine == "sum":
         total = cast(torch.Tensor, sum(losses.values()))
     else:
         # read after the forward: under FSDP2 these are the unsharded tensors the forward used
@@ -170,6 +190,50 @@ def micro_batch_loss(
     return total, {name: value.detach().double() for name, value in metrics.items()}
 
 
+def _baseline_loss(
+    logits: torch.Tensor,
+    batch: StudentBatch,
+    baseline: BaselineLoss,
+    counts: StepCounts,
+    vocab_size: int,
+) -> torch.Tensor:
+    """A baseline's loss on the student logits at the paired positions (`alm.train.batch.baseline_positions`)."""
+    distill = batch.distill
+    assert distill is not None, "a baseline loss needs StudentExampleBuilder(baseline=...)"
+    index = distill.student_pos[..., None].expand(-1, -1, logits.shape[-1])  # [B, P, V']
+    picked = logits.gather(1, index)  # [B, P, V'], the logits predicting each paired token
+    num_positions = counts.num_distill.clamp(min=1)
+    match baseline:
+        case "topk_kd":
+            return topk_kd_loss(
+                picked,
+                distill.topk_id,
+                distill.topk_logp,
+                distill.mask,
+                num_positions_global=num_positions,
+                vocab_size=vocab_size,
+            )
+        case "uld":
+            return uld_loss(
+                picked,
+                distill.topk_logp,
+                distill.mask,
+                num_positions_global=num_positions,
+                vocab_size=vocab_size,
+            )
+        case "mined":
+            # the ids were carried through the MinED map in the builder (`MinedVocabMap`): the KL of
+            # `mined_kl_loss` on student ids
+            return topk_forward_kl(
+                picked,
+                distill.topk_id,
+                distill.topk_logp,
+                distill.mask,
+                num_positions_global=num_positions,
+                vocab_size=vocab_size,
+            )
+
+
 def loss_settings(loss: LossConfig, teacher_second_moment: torch.Tensor | None) -> LossSettings:
     """`LossSettings` from the recipe's `loss` section."""
     return LossSettings(
@@ -180,6 +244,8 @@ def loss_settings(loss: LossConfig, teacher_second_moment: torch.Tensor | None) 
         combine=loss.combine,
         teacher_second_moment=teacher_second_moment,
         debias=loss.debias,
+        baseline=loss.baseline(),
+        baseline_weight=loss.baseline_weight,
     )
 
 
@@ -191,6 +257,9 @@ class StepCounts:
     num_groups: torch.Tensor
     num_sft_tokens: torch.Tensor
     num_hidden: torch.Tensor
+    num_distill: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.tensor(0)
+    )  # a baseline's paired positions (0 without a baseline)
 
 
 def step_counts(
@@ -205,29 +274,66 @@ def step_counts(
             sum(int(b.targets.num_groups) for b in micro_batches),
             sum(int(b.num_sft_tokens) for b in micro_batches),
             sum(int(b.targets.chunk_mask.sum()) for b in micro_batches),
+            sum(int(b.distill.mask.sum()) for b in micro_batches if b.distill is not None),
         ],
         dtype=torch.int64,
         device=device,
     )
-    num_groups, num_sft_tokens, num_hidden = all_reduce_sum(local)
-    return StepCounts(num_groups, num_sft_tokens, num_hidden)
+    num_groups, num_sft_tokens, num_hidden, num_distill = all_reduce_sum(local)
+    return StepCounts(num_groups, num_sft_tokens, num_hidden, num_distill)
 
 
 def make_optimizer(
     params: list[nn.Parameter], optim: OptimConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its schedule: linear warmup over `warmup_steps`, then linear decay to 0 at `steps` (§8)."""
+    """AdamW and its learning-rate schedule (`make_schedule`; default: linear warmup, linear decay to 0, §8).
+
+    Raises:
+        ConfigError: `optim.lr_scheduler_kwargs` do not fit `optim.lr_scheduler_type`.
+    """
     optimizer = torch.optim.AdamW(
         params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
     )
-    schedule = functools.partial(_lr_factor, warmup=optim.warmup_steps, total=optim.steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim))
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+def lr_factor(optim: OptimConfig) -> Callable[[int], float]:
+    """The multiplier of the peak learning rate at each step (0-based), from `transformers.get_scheduler`.
+
+    The warmup steps take the factor of the *next* step, so warmup ends on the peak and no step runs at lr 0
+    (transformers starts warmup at 0, which wastes the first step); after warmup the factor is transformers'.
+
+    Raises:
+        ConfigError: `optim.lr_scheduler_kwargs` do not fit `optim.lr_scheduler_type`.
+    """
+    from transformers import get_scheduler
+
+    # A throwaway optimizer: only the schedule's factor function is kept (a picklable functools.partial). Its lr
+    # is the peak, since `cosine_with_min_lr`'s `min_lr` is divided by it.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim.lr)
+    try:
+        schedule = get_scheduler(
+            optim.lr_scheduler_type,
+            probe,
+            num_warmup_steps=optim.warmup_steps,
+            num_training_steps=optim.steps,
+            scheduler_specific_kwargs=dict(optim.lr_scheduler_kwargs),
+        )
+        assert isinstance(
+            schedule, torch.optim.lr_scheduler.LambdaLR
+        )  # every schedule offered is one
+        hf_factor = schedule.lr_lambdas[0]
+        hf_factor(0)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"optim.lr_scheduler_type {optim.lr_scheduler_type!r} with lr_scheduler_kwargs "
+            f"{dict(optim.lr_scheduler_kwargs)}: {err}"
+        ) from None
+    return functools.partial(_warmup_shifted, hf_factor=hf_factor, warmup=optim.warmup_steps)
+
+
+def _warmup_shifted(step: int, hf_factor: Callable[[int], float], warmup: int) -> float:
+    return float(hf_factor(step + 1 if step < warmup else step))
 
 
 def precision_context(use_bf16: bool, device_type: str) -> contextlib.AbstractContextManager:
