@@ -38,9 +38,10 @@ from alm.vocab import TokenizedText, Vocab, encode_text, token_offsets
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["chatml", "llama3", "gemma", "plain", "template"]
+Family = Literal["chatml", "llama3", "gemma", "plain", "role_prefix", "template"]
 # `template`: the tokenizer's own Jinja `chat_template` (`_template_blocks`); the others are fixed block strings.
-FAMILIES: tuple[str, ...] = ("chatml", "llama3", "gemma", "plain", "template")
+# `role_prefix`: plain-text role prefixes for base models without chat special tokens.
+FAMILIES: tuple[str, ...] = ("chatml", "llama3", "gemma", "plain", "role_prefix", "template")
 LossRegion = Literal["all", "assistant", "last_assistant"]
 BLOCK_ROLES = ("bos", "eos", "header:user", "header:assistant", "header:system", "eot")
 # Blocks that open what follows them; every other block (eot, eos) closes what precedes it (`token_in_loss`).
@@ -79,6 +80,15 @@ FAMILY_BLOCKS: dict[str, dict[str, str | None]] = {
         "eot": "<end_of_turn>\n",
     },
     "plain": {"bos": _BOS, "eos": _EOS},
+    # Base models: the roles as plain text, turns separated by a blank line (no special tokens needed).
+    "role_prefix": {
+        "bos": _BOS,
+        "eos": _EOS,
+        "header:user": "User: ",
+        "header:assistant": "Assistant: ",
+        "header:system": "System: ",
+        "eot": "\n\n",
+    },
 }
 
 # A family is detected from the first of these markers that the tokenizer has as a special token.
@@ -383,6 +393,8 @@ def _render_block(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.nd
         )["input_ids"],
         dtype=np.int32,
     )
+    if family == "role_prefix" and role.startswith(("header:", "eot")):
+        return ids  # plain text on purpose
     specials = set(vocab.special_text.values())
     needed = [s for s in _marker_strings(block) if s not in specials]
     if needed or not vocab.is_special[ids].any():

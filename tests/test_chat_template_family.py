@@ -102,3 +102,22 @@ def test_truncation_cuts_a_template_rendering_like_any_other():
     full = render(document, tokenizer, vocab, "template")
     cut = render(document, tokenizer, vocab, "template", max_length=100)
     assert cut.truncated and np.array_equal(cut.token_id, full.token_id[:100])
+
+
+def test_role_prefix_renders_chat_as_plain_text_for_base_models():
+    from alm.templates import family_chat_template
+
+    tokenizer = byte_tokenizer(specials=("<|endoftext|>",))  # a base model: no chat specials
+    vocab = vocab_from_tokenizer(tokenizer)
+    document = chat_document("d", "s", 0, [(r, c.encode()) for r, c in MESSAGES[:2]])
+    seq = render(document, tokenizer, vocab, "role_prefix")
+    assert tokenizer.decode(seq.token_id) == (
+        "<|endoftext|>User: What is 2 + 2?\n\nAssistant: It is 4.\n\n"
+    )
+    in_loss = token_in_loss(seq.start_byte, seq.end_byte, seq.role, seq.loss_spans)
+    assert tokenizer.decode(seq.token_id[in_loss]) == "It is 4.\n\n"
+    # the template a role_prefix student is saved with renders the same tokens
+    tokenizer.chat_template = family_chat_template("role_prefix")
+    messages = [{"role": r, "content": c} for r, c in MESSAGES[:2]]
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert list(ids) == seq.token_id.tolist()

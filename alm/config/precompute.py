@@ -86,12 +86,15 @@ class TeacherConfig(StrictModel):
     device: str = Field(
         default="auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."
     )
-    family: Literal["auto", "chatml", "llama3", "gemma", "plain", "template"] = Field(
-        default="auto",
-        description=(
-            "Template family used to render documents for this teacher; `auto` detects it from the special tokens; "
-            "`template` renders chat with the tokenizer's own Jinja chat_template (prefix-stable ones only)."
-        ),
+    family: Literal["auto", "chatml", "llama3", "gemma", "plain", "role_prefix", "template"] = (
+        Field(
+            default="auto",
+            description=(
+                "Template family used to render documents for this teacher; `auto` detects it from the special tokens; "
+                "`template` renders chat with the tokenizer's own Jinja chat_template (prefix-stable ones only); "
+                "`role_prefix` renders it as plain text (`User: ...`, blank line between turns) for base models."
+            ),
+        )
     )
     vllm: VllmOptions = Field(
         default_factory=VllmOptions, description="vLLM engine settings (backend vllm)."

@@ -508,14 +508,17 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
 def set_chat_template(model: PreTrainedModel, tokenizer: Any, family: str) -> None:
     """Make the student's tokenizer and generation config speak the chat family it was trained in.
 
-    For a chat family (`chatml`, `llama3`, `gemma`): `tokenizer.chat_template` becomes the family's exact
+    `role_prefix` gets its template only. For a chat family (`chatml`, `llama3`, `gemma`): `tokenizer.chat_template` becomes the family's exact
     rendering (`alm.templates.family_chat_template`, so `apply_chat_template` gives the text training rendered),
     `eos_token` its end-of-turn (e.g. `<|im_end|>`, as instruct models ship), and generation stops at the
     end-of-turn or the previous eos. `plain` changes nothing.
     """
     template = family_chat_template(family)
     end_of_turn = FAMILY_END_OF_TURN.get(family)
-    if template is None or end_of_turn is None:
+    if template is None:
+        return
+    if end_of_turn is None:  # `role_prefix`: turns end in plain text, the eos stays as it is
+        tokenizer.chat_template = template
         return
     end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     if end_id is None or end_id == tokenizer.unk_token_id:
