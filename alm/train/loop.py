@@ -47,7 +47,14 @@ from alm.train.step import (
     precision_context,
     step_counts,
 )
-from alm.train.student import apply_lora, load_student, save_student
+from alm.train.student import (
+    SAVE_DTYPES,
+    apply_lora,
+    enable_gradient_checkpointing,
+    load_student,
+    push_student,
+    save_student,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +85,8 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
 
     # The student (one module with the hidden-state projection), wrapped for 1 or N processes, and AdamW.
     student = load_student(cfg.student, teacher_model=stores.teacher_model, seed=cfg.seed)
+    if cfg.student.gradient_checkpointing:
+        enable_gradient_checkpointing(student.model)
     baseline = cfg.loss.baseline()
     if baseline == "topk_kd" and student.vocab.fingerprint() != stores.teacher_fingerprint:
         raise ConfigError(
@@ -142,7 +151,14 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
     autocast = functools.partial(precision_context, use_bf16, device.type)
     eval_args = (model, cfg, builder.for_evaluation(), device, autocast, vocab_size)
 
-    log = RunLog(out, total_steps, start_step, enabled=parallel.is_main())
+    log = RunLog(
+        out,
+        total_steps,
+        start_step,
+        enabled=parallel.is_main(),
+        report_to=cfg.report_to,
+        run_config=cfg.model_dump(mode="json", by_alias=True),
+    )
     if start_step == 0:
         log.evaluation(0, evaluate_store(*eval_args))
     world = parallel.world_size()
@@ -202,8 +218,14 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
             state_dict={
                 k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
             },
+            dtype=SAVE_DTYPES[
+                cfg.save_dtype if cfg.save_dtype != "auto" else "bf16" if use_bf16 else "fp32"
+            ],
         )
         logger.info("student saved to %s; metrics in %s", student_dir(cfg), out / METRICS_FILE)
         remove_replaced(out, written_run_files)  # a run replaced with --overwrite: only alm's files
+        if cfg.push_to_hub:
+            assert cfg.hub_model_id is not None  # the recipe requires it
+            push_student(student_dir(cfg), cfg.hub_model_id, private=cfg.hub_private_repo)
     parallel.barrier()
     return student_dir(cfg)

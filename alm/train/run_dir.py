@@ -32,6 +32,7 @@ _OUR_ENTRIES = (
     METRICS_FILE,
     LOG_FILE,
     "tensorboard",
+    "wandb",
     CONFIG_FILE,
 )
 
