@@ -218,6 +218,7 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
             state_dict={
                 k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
             },
+            family=student.family,
             dtype=SAVE_DTYPES[
                 cfg.save_dtype if cfg.save_dtype != "auto" else "bf16" if use_bf16 else "fp32"
             ],
