@@ -27,6 +27,7 @@ from alm.config.train import TrainRecipe
 from alm.errors import ConfigError
 from alm.store.replace import remove_replaced, written_run_files
 from alm.train import parallel
+from alm.train.alignments import find_cache
 from alm.train.batch import StudentExampleBuilder
 from alm.train.checkpoint import (
     list_checkpoints,
@@ -141,6 +142,7 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
         + (["topk_id", "topk_logp"] if baseline is not None else []),
         rank=parallel.rank(),
         world_size=parallel.world_size(),
+        alignment_caches=[find_cache(ref, builder, with_hidden=with_hidden) for ref in cfg.stores],
     )
     batches = make_loader(dataset, start_step * accum, total_steps * accum, cfg.num_workers)
     vocab_size = len(student.vocab.token_bytes)

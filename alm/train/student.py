@@ -362,32 +362,23 @@ def resolve_model_path(name: str) -> str:
     return resolve_teacher_path(name)
 
 
-def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) -> Student:
-    """Build the student described by `cfg`.
+def load_student_tokenizer(
+    cfg: StudentConfig, *, teacher_model: str | None
+) -> tuple[Any, str, str, Any | None]:
+    """The student's tokenizer exactly as `load_student` builds it, without loading any model.
 
-    Args:
-        cfg: the recipe's `student` section.
-        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
-        seed: seed for the transfer's random draws.
+    Returns:
+        (student tokenizer, template family, model source, the teacher tokenizer for a transfer else None).
 
     Raises:
-        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+        ConfigError: a tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
     """
     if cfg.transfer is None:
         assert cfg.model is not None
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         if cfg.strip_unicode_normalizer:
             tokenizer = without_unicode_normalizer(tokenizer)
-        model = load_causal_lm(cfg.model)
-        vocab = vocab_from_tokenizer(tokenizer)
-        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
-        if num_embeddings < len(vocab.token_bytes):
-            raise ConfigError(
-                f"student tokenizer has {len(vocab.token_bytes)} tokens but the model only "
-                f"{num_embeddings} embeddings; use student.transfer to move a "
-                "model to a new tokenizer"
-            )
-        return Student(model, tokenizer, vocab, cfg.model, resolve_family(cfg.family, tokenizer))
+        return tokenizer, resolve_family(cfg.family, tokenizer), cfg.model, None
     source = cfg.transfer.from_
     if source == "teacher":
         if not teacher_model:
@@ -396,7 +387,6 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
             )
         source = resolve_model_path(teacher_model)
     teacher_tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source)
     if cfg.transfer.tokenizer == "bytes":
         student_tokenizer = byte_tokenizer_like(teacher_tokenizer)
     else:
@@ -413,11 +403,40 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
     family = resolve_family(
         cfg.family, teacher_tokenizer if keeps_teacher_specials else student_tokenizer
     )
+    return student_tokenizer, family, source, teacher_tokenizer
+
+
+def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) -> Student:
+    """Build the student described by `cfg`.
+
+    Args:
+        cfg: the recipe's `student` section.
+        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
+        seed: seed for the transfer's random draws.
+
+    Raises:
+        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+    """
+    tokenizer, family, source, teacher_tokenizer = load_student_tokenizer(
+        cfg, teacher_model=teacher_model
+    )
+    model = load_causal_lm(source)
+    if teacher_tokenizer is None:
+        vocab = vocab_from_tokenizer(tokenizer)
+        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
+        if num_embeddings < len(vocab.token_bytes):
+            raise ConfigError(
+                f"student tokenizer has {len(vocab.token_bytes)} tokens but the model only "
+                f"{num_embeddings} embeddings; use student.transfer to move a "
+                "model to a new tokenizer"
+            )
+        return Student(model, tokenizer, vocab, source, family)
+    assert cfg.transfer is not None
     teacher_embeddings = _embedding_weight(model.get_input_embeddings()).detach().clone()
     transfer_model(
         model,
         teacher_tokenizer,
-        student_tokenizer,
+        tokenizer,
         untie_embeddings=cfg.transfer.untie_embeddings,
         seed=seed,
     )
@@ -426,16 +445,17 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
             model,
             teacher_embeddings,
             vocab_from_tokenizer(teacher_tokenizer),
-            vocab_from_tokenizer(student_tokenizer),
+            vocab_from_tokenizer(tokenizer),
         )
+    keeps_teacher_specials = (
+        cfg.transfer.tokenizer == "bytes" or cfg.transfer.special_tokens == "teacher"
+    )
     logger.info(
         "student renders the %s template family (%s special tokens)",
         family,
         "the teacher's" if keeps_teacher_specials else "its own",
     )
-    return Student(
-        model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source, family
-    )
+    return Student(model, tokenizer, vocab_from_tokenizer(tokenizer), source, family)
 
 
 def with_ngram_embeddings(
