@@ -116,9 +116,12 @@ class StudentConfig(StrictModel):
     transfer: TransferConfig | None = Field(
         default=None, description="Build the student by tokenizer transfer instead."
     )
-    family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
+    family: Literal["auto", "chatml", "llama3", "gemma", "plain", "template"] = Field(
         default="auto",
-        description="Template family used to render the student's sequences; `auto` detects it.",
+        description=(
+            "Template family used to render the student's sequences; `auto` detects it from the special tokens; "
+            "`template` renders chat with the tokenizer's own Jinja chat_template (prefix-stable ones only)."
+        ),
     )
     max_length: int = Field(
         default=512, ge=2, description="Student sequence length in tokens (byte students: ~4x)."
