@@ -158,6 +158,8 @@ class Vocab:
 
     def ids_bytes(self, ids: np.ndarray) -> bytes:
         """The concatenated bytes of `ids` (int [n]), i.e. `b"".join(token_bytes[i] for i in ids)`."""
+        if len(ids) < 64:  # a few tokens: the join is cheaper than the gather's numpy calls
+            return b"".join([self.token_bytes[i] for i in ids.tolist()])
         flat, starts = self.token_bytes_flat
         lengths = self.token_length[ids]  # [n]
         total = int(lengths.sum())

@@ -612,7 +612,7 @@ def test_byte_lookup_encoding_equals_the_byte_tokenizers_own(text):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 511), max_size=50))
+@given(st.lists(st.integers(0, 511), max_size=200))
 def test_ids_bytes_is_the_join_of_the_token_bytes(ids):
     array = np.asarray(ids, dtype=np.int64)
     assert _BPE_VOCAB.ids_bytes(array) == b"".join(_BPE_VOCAB.token_bytes[i] for i in ids)
