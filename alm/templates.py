@@ -300,6 +300,55 @@ def resolve_family(family: str | None, tokenizer_or_vocab: Any) -> str:
     return family
 
 
+# The end-of-turn token of each chat family: what generation stops at after an assistant turn.
+FAMILY_END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+
+
+def family_chat_template(family: str) -> str | None:
+    """A Jinja `chat_template` that renders messages exactly as `render` renders a chat document in `family`
+    (`bos`, then per message its header, content and end-of-turn; no eos, no injected system prompt), so a student
+    saved with it gets from `apply_chat_template` the tokens it was trained on; `add_generation_prompt` appends
+    the assistant header. None for `plain`, which has no chat blocks.
+
+    Raises:
+        ConfigError: an unknown family.
+    """
+    if family not in FAMILIES:
+        raise ConfigError(f"template family {family!r} is unknown; use one of {list(FAMILIES)}")
+    blocks = FAMILY_BLOCKS[family]
+    if "header:user" not in blocks:
+        return None
+
+    def literal(text: str | None) -> str:
+        if not text:
+            return ""
+        if text == _BOS:
+            return "{{ bos_token }}"
+        if text == _EOS:
+            return "{{ eos_token }}"
+        return (
+            "{{ " + repr(text) + " }}"
+        )  # a Python repr of these strings is a valid Jinja string literal
+
+    headers = " ".join(
+        f"{'if' if i == 0 else 'elif'} message['role'] == {role!r} %}}{literal(blocks[f'header:{role}'])}{{%"
+        for i, role in enumerate(CHAT_ROLES)
+    )
+    return (
+        literal(blocks["bos"])
+        + "{% for message in messages %}"
+        + "{% "
+        + headers
+        + " else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+        + "{{ message['content'] }}"
+        + literal(blocks["eot"])
+        + "{% endfor %}"
+        + "{% if add_generation_prompt %}"
+        + literal(blocks["header:assistant"])
+        + "{% endif %}"
+    )
+
+
 def _block_string(family: str, role: str, tokenizer: Any, vocab: Vocab) -> str | None:
     blocks = FAMILY_BLOCKS[family]
     if role not in BLOCK_ROLES:

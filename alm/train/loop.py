@@ -27,6 +27,7 @@ from alm.config.train import TrainRecipe
 from alm.errors import ConfigError
 from alm.store.replace import remove_replaced, written_run_files
 from alm.train import parallel
+from alm.train.alignments import find_cache
 from alm.train.batch import StudentExampleBuilder
 from alm.train.checkpoint import (
     list_checkpoints,
@@ -141,6 +142,7 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
         + (["topk_id", "topk_logp"] if baseline is not None else []),
         rank=parallel.rank(),
         world_size=parallel.world_size(),
+        alignment_caches=[find_cache(ref, builder, with_hidden=with_hidden) for ref in cfg.stores],
     )
     batches = make_loader(dataset, start_step * accum, total_steps * accum, cfg.num_workers)
     vocab_size = len(student.vocab.token_bytes)
@@ -218,6 +220,7 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
             state_dict={
                 k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
             },
+            family=student.family,
             dtype=SAVE_DTYPES[
                 cfg.save_dtype if cfg.save_dtype != "auto" else "bf16" if use_bf16 else "fp32"
             ],

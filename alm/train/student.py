@@ -30,7 +30,7 @@ from torch import nn
 
 from alm.config.train import LoraConfig, StudentConfig
 from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
-from alm.templates import resolve_family
+from alm.templates import FAMILY_END_OF_TURN, family_chat_template, resolve_family
 from alm.vocab import (
     Vocab,
     build_byte_tokenizer,
@@ -360,32 +360,23 @@ def resolve_model_path(name: str) -> str:
     return resolve_teacher_path(name)
 
 
-def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) -> Student:
-    """Build the student described by `cfg`.
+def load_student_tokenizer(
+    cfg: StudentConfig, *, teacher_model: str | None
+) -> tuple[Any, str, str, Any | None]:
+    """The student's tokenizer exactly as `load_student` builds it, without loading any model.
 
-    Args:
-        cfg: the recipe's `student` section.
-        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
-        seed: seed for the transfer's random draws.
+    Returns:
+        (student tokenizer, template family, model source, the teacher tokenizer for a transfer else None).
 
     Raises:
-        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+        ConfigError: a tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
     """
     if cfg.transfer is None:
         assert cfg.model is not None
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         if cfg.strip_unicode_normalizer:
             tokenizer = without_unicode_normalizer(tokenizer)
-        model = load_causal_lm(cfg.model)
-        vocab = vocab_from_tokenizer(tokenizer)
-        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
-        if num_embeddings < len(vocab.token_bytes):
-            raise ConfigError(
-                f"student tokenizer has {len(vocab.token_bytes)} tokens but the model only "
-                f"{num_embeddings} embeddings; use student.transfer to move a "
-                "model to a new tokenizer"
-            )
-        return Student(model, tokenizer, vocab, cfg.model, resolve_family(cfg.family, tokenizer))
+        return tokenizer, resolve_family(cfg.family, tokenizer), cfg.model, None
     source = cfg.transfer.from_
     if source == "teacher":
         if not teacher_model:
@@ -394,7 +385,6 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
             )
         source = resolve_model_path(teacher_model)
     teacher_tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source)
     if cfg.transfer.tokenizer == "bytes":
         student_tokenizer = byte_tokenizer_like(teacher_tokenizer)
     else:
@@ -411,21 +401,51 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
     family = resolve_family(
         cfg.family, teacher_tokenizer if keeps_teacher_specials else student_tokenizer
     )
+    return student_tokenizer, family, source, teacher_tokenizer
+
+
+def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) -> Student:
+    """Build the student described by `cfg`.
+
+    Args:
+        cfg: the recipe's `student` section.
+        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
+        seed: seed for the transfer's random draws.
+
+    Raises:
+        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+    """
+    tokenizer, family, source, teacher_tokenizer = load_student_tokenizer(
+        cfg, teacher_model=teacher_model
+    )
+    model = load_causal_lm(source)
+    if teacher_tokenizer is None:
+        vocab = vocab_from_tokenizer(tokenizer)
+        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
+        if num_embeddings < len(vocab.token_bytes):
+            raise ConfigError(
+                f"student tokenizer has {len(vocab.token_bytes)} tokens but the model only "
+                f"{num_embeddings} embeddings; use student.transfer to move a "
+                "model to a new tokenizer"
+            )
+        return Student(model, tokenizer, vocab, source, family)
+    assert cfg.transfer is not None
     transfer_model(
         model,
         teacher_tokenizer,
-        student_tokenizer,
+        tokenizer,
         untie_embeddings=cfg.transfer.untie_embeddings,
         seed=seed,
+    )
+    keeps_teacher_specials = (
+        cfg.transfer.tokenizer == "bytes" or cfg.transfer.special_tokens == "teacher"
     )
     logger.info(
         "student renders the %s template family (%s special tokens)",
         family,
         "the teacher's" if keeps_teacher_specials else "its own",
     )
-    return Student(
-        model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source, family
-    )
+    return Student(model, tokenizer, vocab_from_tokenizer(tokenizer), source, family)
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
@@ -485,6 +505,37 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
     return peft.get_peft_model(model, lora_config)
 
 
+def set_chat_template(model: PreTrainedModel, tokenizer: Any, family: str) -> None:
+    """Make the student's tokenizer and generation config speak the chat family it was trained in.
+
+    For a chat family (`chatml`, `llama3`, `gemma`): `tokenizer.chat_template` becomes the family's exact
+    rendering (`alm.templates.family_chat_template`, so `apply_chat_template` gives the text training rendered),
+    `eos_token` its end-of-turn (e.g. `<|im_end|>`, as instruct models ship), and generation stops at the
+    end-of-turn or the previous eos. `plain` changes nothing.
+    """
+    template = family_chat_template(family)
+    end_of_turn = FAMILY_END_OF_TURN.get(family)
+    if template is None or end_of_turn is None:
+        return
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    if end_id is None or end_id == tokenizer.unk_token_id:
+        return  # the tokenizer cannot render this family's chat blocks: it was not trained on chat
+    previous_eos = tokenizer.eos_token_id
+    tokenizer.chat_template = template
+    tokenizer.eos_token = end_of_turn
+    stop_ids = list(dict.fromkeys(i for i in (end_id, previous_eos) if i is not None))
+    model.generation_config.eos_token_id = stop_ids
+    model.config.eos_token_id = end_id
+    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info(
+        "saved student: %s chat template, eos %s (generation stops at ids %s)",
+        family,
+        end_of_turn,
+        stop_ids,
+    )
+
+
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -494,6 +545,7 @@ def save_student(
     path: Path,
     state_dict: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
+    family: str | None = None,
 ) -> None:
     """Save the final student (LoRA merged) and its tokenizer so `from_pretrained` loads the folder.
 
@@ -503,6 +555,8 @@ def save_student(
         path: the folder.
         state_dict: full, unsharded weights, used for FSDP2-sharded models; otherwise the model's own are saved.
         dtype: floating-point weights are saved in this dtype (`save_dtype`); `config.json` records it.
+        family: the template family the student was trained in; a chat family is saved as its chat template
+            and end-of-turn (`set_chat_template`).
     """
     from transformers import PreTrainedModel
 
@@ -522,6 +576,8 @@ def save_student(
         if value.is_floating_point():
             memo = (value.data_ptr(), tuple(value.shape), value.stride(), value.device)
             state_dict[key] = converted.setdefault(memo, value.detach().to(dtype))
+    if family is not None:
+        set_chat_template(model, tokenizer, family)
     path.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True  # off while training with gradient checkpointing
     model.save_pretrained(path, state_dict=state_dict)
