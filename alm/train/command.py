@@ -13,6 +13,7 @@ from alm.config.train import TrainRecipe
 from alm.store.replace import output_write_error
 from alm.store.verify import check_store_files
 from alm.train import parallel
+from alm.train.alignments import check_alignment_caches
 from alm.train.loader import check_stores
 from alm.train.log import METRICS_FILE, plot_metrics, read_metrics
 from alm.train.loop import run_train
@@ -31,11 +32,12 @@ def run_train_cli(
         info = check_stores(cfg)
         paths = [ref.path for ref in cfg.stores] + ([cfg.eval.store] if cfg.eval else [])
         checked = [check_store_files(path) for path in dict.fromkeys(paths)]
+        caches = "\n".join(f"# {line}" for line in check_alignment_caches(cfg))
         resolved = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
         return (
             f"{resolved}\n# recipe hash {config_hash(cfg)}; stores OK: {info.num_sequences} sequences, "
             f"teacher tokenizer {info.teacher_fingerprint}; every file of "
-            f"{sum(r.num_shards_checked for r in checked)} shard(s) matches its checksum"
+            f"{sum(r.num_shards_checked for r in checked)} shard(s) matches its checksum\n{caches}"
         )
     try:
         student_dir = run_train(cfg, resume=resume, overwrite=overwrite)

@@ -27,7 +27,7 @@ from alm.config.train import TrainRecipe
 from alm.errors import ConfigError
 from alm.store.replace import remove_replaced, written_run_files
 from alm.train import parallel
-from alm.train.alignments import find_cache
+from alm.train.alignments import check_alignment_caches, find_cache
 from alm.train.batch import StudentExampleBuilder
 from alm.train.checkpoint import (
     list_checkpoints,
@@ -76,6 +76,10 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
     """
     device = parallel.init()
     stores = check_stores(cfg)
+    if any(ref.alignments == "required" for ref in cfg.stores):
+        check_alignment_caches(
+            cfg
+        )  # a missing or stale required cache is refused before any model loads
     out = Path(cfg.output_dir)
     if parallel.is_main():
         prepare_output_dir(cfg, resume, overwrite)
