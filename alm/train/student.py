@@ -30,6 +30,7 @@ from torch import nn
 
 from alm.config.train import LoraConfig, StudentConfig
 from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
+from alm.teacher.default import refuse_missing_folder
 from alm.templates import resolve_family
 from alm.vocab import (
     Vocab,
@@ -81,6 +82,7 @@ def load_tokenizer(name: str) -> Any:
     """
     from transformers import AutoTokenizer
 
+    refuse_missing_folder(name, "student tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -97,7 +99,10 @@ def load_causal_lm(name: str) -> PreTrainedModel:
         ConfigError: the model cannot be found.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would sit above the run's own
+    refuse_missing_folder(name, "student model")
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -360,32 +365,39 @@ def resolve_model_path(name: str) -> str:
     return resolve_teacher_path(name)
 
 
-def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) -> Student:
-    """Build the student described by `cfg`.
+@dataclass
+class StudentTokenizer:
+    """The student's tokenizer before any model loads: the tokenizer, its bytes, the template family it renders,
+    and for a transfer the model it moves and that model's (teacher) tokenizer."""
+
+    tokenizer: Any
+    vocab: Vocab
+    family: str
+    source: str
+    teacher_tokenizer: Any | None = None
+
+
+def load_student_tokenizer(cfg: StudentConfig, *, teacher_model: str | None) -> StudentTokenizer:
+    """The student tokenizer described by `cfg`, checked (bytes reproduced, template family), without a model.
+
+    `alm train --dry-run` stops here; `load_student` goes on to the model.
 
     Args:
         cfg: the recipe's `student` section.
         teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
-        seed: seed for the transfer's random draws.
 
     Raises:
-        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+        ConfigError: a tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+        TokenizerRefusedError: the tokenizer cannot reproduce the bytes of a text (WordPiece, NFKC, no byte
+            fallback, ...).
     """
     if cfg.transfer is None:
         assert cfg.model is not None
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         if cfg.strip_unicode_normalizer:
             tokenizer = without_unicode_normalizer(tokenizer)
-        model = load_causal_lm(cfg.model)
         vocab = vocab_from_tokenizer(tokenizer)
-        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
-        if num_embeddings < len(vocab.token_bytes):
-            raise ConfigError(
-                f"student tokenizer has {len(vocab.token_bytes)} tokens but the model only "
-                f"{num_embeddings} embeddings; use student.transfer to move a "
-                "model to a new tokenizer"
-            )
-        return Student(model, tokenizer, vocab, cfg.model, resolve_family(cfg.family, tokenizer))
+        return StudentTokenizer(tokenizer, vocab, resolve_family(cfg.family, tokenizer), cfg.model)
     source = cfg.transfer.from_
     if source == "teacher":
         if not teacher_model:
@@ -394,7 +406,6 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
             )
         source = resolve_model_path(teacher_model)
     teacher_tokenizer = load_tokenizer(source)
-    model = load_causal_lm(source)
     if cfg.transfer.tokenizer == "bytes":
         student_tokenizer = byte_tokenizer_like(teacher_tokenizer)
     else:
@@ -411,21 +422,54 @@ def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) ->
     family = resolve_family(
         cfg.family, teacher_tokenizer if keeps_teacher_specials else student_tokenizer
     )
-    transfer_model(
-        model,
-        teacher_tokenizer,
-        student_tokenizer,
-        untie_embeddings=cfg.transfer.untie_embeddings,
-        seed=seed,
-    )
+    vocab = vocab_from_tokenizer(student_tokenizer)
     logger.info(
         "student renders the %s template family (%s special tokens)",
         family,
         "the teacher's" if keeps_teacher_specials else "its own",
     )
-    return Student(
-        model, student_tokenizer, vocab_from_tokenizer(student_tokenizer), source, family
-    )
+    return StudentTokenizer(student_tokenizer, vocab, family, source, teacher_tokenizer)
+
+
+def load_student(
+    cfg: StudentConfig,
+    *,
+    teacher_model: str | None,
+    seed: int,
+    tokenizer: StudentTokenizer | None = None,
+) -> Student:
+    """Build the student described by `cfg`: its tokenizer (`load_student_tokenizer`), then the model.
+
+    Args:
+        cfg: the recipe's `student` section.
+        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
+        seed: seed for the transfer's random draws.
+        tokenizer: the result of `load_student_tokenizer(cfg, ...)` when already loaded.
+
+    Raises:
+        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+        TokenizerRefusedError: the student tokenizer cannot reproduce the bytes of a text.
+    """
+    tok = tokenizer or load_student_tokenizer(cfg, teacher_model=teacher_model)
+    model = load_causal_lm(tok.source)
+    if tok.teacher_tokenizer is None:
+        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
+        if num_embeddings < len(tok.vocab.token_bytes):
+            raise ConfigError(
+                f"student tokenizer has {len(tok.vocab.token_bytes)} tokens but the model only "
+                f"{num_embeddings} embeddings; use student.transfer to move a "
+                "model to a new tokenizer"
+            )
+    else:
+        assert cfg.transfer is not None
+        transfer_model(
+            model,
+            tok.teacher_tokenizer,
+            tok.tokenizer,
+            untie_embeddings=cfg.transfer.untie_embeddings,
+            seed=seed,
+        )
+    return Student(model, tok.tokenizer, tok.vocab, tok.source, tok.family)
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
