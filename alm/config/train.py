@@ -19,6 +19,9 @@ from alm.boundary import DEFAULT_BOUNDARY_CLASS_NAMES, BoundaryClass, boundary_c
 from alm.config.load import StrictModel
 
 Divergence = Literal["binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit"]
+LossKind = Literal["alm", "sft", "alm+sft", "topk_kd", "uld", "uld+sft", "mined+sft"]
+BaselineLoss = Literal["topk_kd", "uld", "mined"]
+BASELINE_LOSSES: tuple[BaselineLoss, ...] = ("topk_kd", "uld", "mined")
 
 
 class StoreRef(StrictModel):
@@ -111,8 +114,12 @@ class StudentConfig(StrictModel):
 class LossConfig(StrictModel):
     """Which losses to train with and their options (ALM_SPEC §6-§7)."""
 
-    kind: Literal["alm", "sft", "alm+sft"] = Field(
-        default="alm", description="`alm` (default), `sft`, or `alm+sft` combined with GradMag."
+    kind: LossKind = Field(
+        default="alm",
+        description=(
+            "`alm` (default), `sft`, or `alm+sft` combined with GradMag; baselines from the store's top-k "
+            "(`docs/baselines.md`): `topk_kd` (same tokenizer only), `uld`, `uld+sft`, `mined+sft`."
+        ),
     )
     hidden: float = Field(
         default=0.0,
@@ -145,6 +152,15 @@ class LossConfig(StrictModel):
         default="gradmag",
         description="How several losses are combined: GradMag (paper default) or a plain sum.",
     )
+    baseline_weight: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "`uld+sft` and `mined+sft` with `combine: sum`: (1 - w)·SFT + w·baseline (FuseLLM's MinED: "
+            "0.9·CE + 0.1·KL, so w = 0.1). Ignored under GradMag and by the other kinds."
+        ),
+    )
 
     @field_validator("boundary_classes")
     @classmethod
@@ -154,9 +170,14 @@ class LossConfig(StrictModel):
         return value
 
     def losses(self) -> list[str]:
-        """The active loss names in a fixed order: `alm`, `sft`, `hidden`."""
-        names = [n for n in ("alm", "sft") if n in self.kind.split("+")]
+        """The active loss names in a fixed order: `alm`, `topk_kd`, `uld`, `mined`, `sft`, `hidden`."""
+        parts = self.kind.split("+")
+        names = [n for n in ("alm", *BASELINE_LOSSES, "sft") if n in parts]
         return [*names, "hidden"] if self.hidden > 0 else names
+
+    def baseline(self) -> BaselineLoss | None:
+        """The baseline distillation loss of `kind`, or None (ALM and SFT need no stored top-k)."""
+        return next((n for n in BASELINE_LOSSES if n in self.kind.split("+")), None)
 
     def boundary_class_ids(self) -> list[int]:
         """Store column indices of the chosen boundary classes, ascending."""

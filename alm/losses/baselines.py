@@ -273,3 +273,33 @@ def one_to_one_chunk_positions(chunks: Chunks) -> tuple[np.ndarray, np.ndarray]:
         (chunks.teacher_start[keep] - 1).astype(np.int64),
         (chunks.student_start[keep] - 1).astype(np.int64),
     )
+
+
+class MinedVocabMap:
+    """`mined_vocab_map` filled lazily: only teacher ids that occur (in stored top-k) are ever searched.
+
+    The full map costs V_teacher × V_student edit distances; a store's top-k names far fewer teacher ids, so the
+    map is computed per new id and cached (one cache per DataLoader worker). `fixed` pre-maps ids (e.g. special
+    tokens by role) that the edit distance must not decide.
+    """
+
+    def __init__(
+        self,
+        teacher_token_bytes: list[bytes],
+        student_token_bytes: list[bytes],
+        fixed: dict[int, int] | None = None,
+    ) -> None:
+        self.teacher_token_bytes = list(teacher_token_bytes)
+        self.student_token_bytes = list(student_token_bytes)
+        self._map = np.full(len(self.teacher_token_bytes), -1, dtype=np.int64)
+        for teacher_id, student_id in (fixed or {}).items():
+            self._map[teacher_id] = student_id
+
+    def __call__(self, teacher_ids: np.ndarray) -> np.ndarray:
+        """Student ids (int64, same shape) for `teacher_ids` (int, each in [0, V_teacher))."""
+        ids = np.asarray(teacher_ids, dtype=np.int64)
+        missing = np.unique(ids[self._map[ids] < 0])
+        if missing.size:
+            found = mined_vocab_map(self.teacher_token_bytes, self.student_token_bytes, missing)
+            self._map[missing] = found[missing]
+        return self._map[ids]

@@ -13,7 +13,9 @@ Per stored sequence, on CPU (in DataLoader workers), `StudentExampleBuilder`:
 4. combines the stored boundary classes into the teacher's boundary log-mass (logsumexp over the chosen classes)
    and builds the ALM targets (`alm.align.build_alm_targets`: chunk sums, gamma-merging, debiasing);
 5. adds the student's SFT loss mask (`alm.templates.token_in_loss`, the one loss-region rule), for the hidden-state loss the teacher hidden states at the last token of
-   each greedy chunk, and for evaluation the greedy chunks' teacher log-probs.
+   each greedy chunk, and for evaluation the greedy chunks' teacher log-probs;
+6. for a baseline loss (`topk_kd`, `uld`, `mined`; `docs/baselines.md`), pairs student positions with the
+   teacher's stored top-k (`baseline_positions`), in student ids (MinED: through `MinedVocabMap`).
 
 `collate` pads a micro-batch: the ALM targets through `alm.losses.batch.pad_targets` (the loss's own typed input),
 the rest here. Never decodes text to `str`. Never imports torch.distributed.
@@ -29,14 +31,23 @@ import numpy as np
 import torch
 
 from alm.align import align_sequences
+from alm.align.chunks import Chunks
 from alm.align.targets import (
     AlmTargets,
     build_alm_targets,
     chunk_logp_sums,
     combine_boundary_classes,
 )
+from alm.errors import AlignmentError, StoreError
+from alm.losses.baselines import MinedVocabMap, one_to_one_chunk_positions
 from alm.losses.batch import PaddedTargets, pad_targets
-from alm.templates import document_from_stored, render, sequence_from_ids, token_in_loss
+from alm.templates import (
+    TokenizedSequence,
+    document_from_stored,
+    render,
+    sequence_from_ids,
+    token_in_loss,
+)
 from alm.vocab import Vocab
 
 
@@ -61,6 +72,47 @@ class EvalExample:
 
 
 @dataclass(frozen=True)
+class DistillExample:
+    """A baseline's inputs for one sequence (P = paired positions, k = the store's top-k).
+
+    Attributes:
+        student_pos: int64 [P], student positions whose next-token distribution is matched.
+        teacher_pos: int64 [P], the paired teacher positions (their stored top-k predicts token + 1).
+        topk_id: int64 [P, k], the paired teacher top-k as student-vocabulary ids (`uld` ignores them).
+        topk_logp: float32 [P, k], their teacher natural-log probabilities.
+    """
+
+    student_pos: np.ndarray
+    teacher_pos: np.ndarray
+    topk_id: np.ndarray
+    topk_logp: np.ndarray
+
+
+@dataclass(frozen=True)
+class DistillTargets:
+    """`DistillExample`s padded (P = most positions, at least 1; padded rows are position 0 with a uniform,
+    finite top-k so the masked-out loss terms stay finite).
+
+    Attributes:
+        student_pos: int64 [B, P]; topk_id: int64 [B, P, k]; topk_logp: float32 [B, P, k]; mask: bool [B, P].
+    """
+
+    student_pos: torch.Tensor
+    topk_id: torch.Tensor
+    topk_logp: torch.Tensor
+    mask: torch.Tensor
+
+    def to(self, device: torch.device) -> DistillTargets:
+        """The same targets on `device`."""
+        return DistillTargets(
+            student_pos=self.student_pos.to(device),
+            topk_id=self.topk_id.to(device),
+            topk_logp=self.topk_logp.to(device),
+            mask=self.mask.to(device),
+        )
+
+
+@dataclass(frozen=True)
 class StudentExample:
     """One stored sequence seen by the student (Ts = student tokens, C = greedy chunks, d_T = teacher width).
 
@@ -70,6 +122,7 @@ class StudentExample:
         targets: the ALM targets (groups and greedy chunks).
         hidden_teacher: float32 [C, d_T], the teacher's hidden state at each greedy chunk's last token, or None.
         eval: held-out figures, or None outside evaluation.
+        distill: a baseline loss's paired positions and teacher top-k, or None.
     """
 
     input_ids: np.ndarray
@@ -77,6 +130,7 @@ class StudentExample:
     targets: AlmTargets
     hidden_teacher: np.ndarray | None = None
     eval: EvalExample | None = None
+    distill: DistillExample | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +161,7 @@ class StudentBatch:
         targets: the ALM targets (`PaddedTargets`: groups [B, G], greedy chunks [B, C], counts).
         hidden_teacher: float32 [B, C, d_T] aligned with `targets.chunk_mask`, or None.
         eval: padded held-out figures, or None.
+        distill: a baseline loss's padded inputs, or None.
     """
 
     input_ids: torch.Tensor
@@ -116,6 +171,7 @@ class StudentBatch:
     targets: PaddedTargets
     hidden_teacher: torch.Tensor | None = None
     eval: EvalTargets | None = None
+    distill: DistillTargets | None = None
 
     def to(self, device: torch.device) -> StudentBatch:
         """The tensors the model side reads, on `device` (evaluation figures stay where they are)."""
@@ -127,7 +183,58 @@ class StudentBatch:
             targets=self.targets.to(device),
             hidden_teacher=None if self.hidden_teacher is None else self.hidden_teacher.to(device),
             eval=self.eval,
+            distill=None if self.distill is None else self.distill.to(device),
         )
+
+
+def baseline_positions(
+    baseline: str,
+    teacher: TokenizedSequence,
+    student: TokenizedSequence,
+    chunks: Chunks,
+    teacher_in_loss: np.ndarray,
+    student_in_loss: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(teacher, student) positions whose next-token distributions a baseline compares (int64 [P] each).
+
+    The stored top-k at teacher position q is the distribution predicting token q + 1, so a pair (q, s) matches
+    it with the student's logits at s.
+
+    - `topk_kd` (same tokenizer): the student's tokens are the teacher's, so q = s, for every in-loss token s ≥ 1
+      (predicted at s − 1).
+    - `uld`: Boizard et al. pair the t-th predicted answer token of one model with the t-th of the other, cut to
+      the shorter: the in-loss tokens of each side in order, paired by index.
+    - `mined`: the 1:1 chunks (`alm.losses.baselines.one_to_one_chunk_positions`).
+
+    Args:
+        teacher_in_loss, student_in_loss: bool [Tt], [Ts], each side's loss region (position 0 excluded).
+
+    Raises:
+        AlignmentError: `topk_kd` with a student whose tokens differ from the teacher's.
+    """
+    if baseline == "mined":
+        return one_to_one_chunk_positions(chunks)
+    student_targets = np.flatnonzero(student_in_loss[1:]).astype(
+        np.int64
+    )  # s - 1 for in-loss s >= 1
+    if baseline == "topk_kd":
+        n = len(student.token_id)
+        same = n <= len(teacher.token_id) and np.array_equal(
+            np.asarray(student.token_id, dtype=np.int64),
+            np.asarray(teacher.token_id[:n], dtype=np.int64),
+        )
+        if not same:
+            raise AlignmentError(
+                "loss.kind topk_kd needs the student to tokenize each sequence exactly as the teacher did, but "
+                f"a stored sequence ({len(teacher.token_id)} teacher tokens) re-renders as {n} different "
+                "student tokens; train a student with the teacher's tokenizer and template family, or use a "
+                "cross-tokenizer loss (alm, uld, mined+sft)"
+            )
+        return student_targets, student_targets
+    assert baseline == "uld", baseline
+    teacher_targets = np.flatnonzero(teacher_in_loss[1:]).astype(np.int64)
+    num = min(len(teacher_targets), len(student_targets))
+    return teacher_targets[:num], student_targets[:num]
 
 
 class StudentExampleBuilder:
@@ -146,6 +253,7 @@ class StudentExampleBuilder:
         debias: bool = True,
         with_hidden: bool = False,
         with_eval: bool = False,
+        baseline: str | None = None,
     ) -> None:
         self.teacher_vocab = teacher_vocab
         self.student_tokenizer = student_tokenizer
@@ -157,6 +265,8 @@ class StudentExampleBuilder:
         self.debias = debias
         self.with_hidden = with_hidden
         self.with_eval = with_eval
+        self.baseline = baseline
+        self._mined_map: MinedVocabMap | None = None
 
     def for_evaluation(self) -> StudentExampleBuilder:
         """The same builder for held-out evaluation: with the evaluation figures, without hidden states."""
@@ -195,6 +305,9 @@ class StudentExampleBuilder:
         )
         sft_mask = token_in_loss(student.start_byte, student.end_byte, student.role, loss_spans)
         sft_mask[0] = False  # position 0 is never predicted
+        distill = None
+        if self.baseline is not None:
+            distill = self._distill(seq, teacher, student, chunks_all, loss_spans, sft_mask)
         hidden_teacher = None
         if self.with_hidden:
             # §7.1: the last token of every greedy chunk, loss masks not applied.
@@ -218,6 +331,59 @@ class StudentExampleBuilder:
             targets=targets,
             hidden_teacher=hidden_teacher,
             eval=eval_example,
+            distill=distill,
+        )
+
+    def _mined(self) -> MinedVocabMap:
+        if self._mined_map is None:
+            # special tokens map by role (eos to eos), never by the edit distance of their empty bytes
+            fixed = {}
+            for teacher_id, role in self.teacher_vocab.special_role.items():
+                student_id = self.student_vocab.id_for_role(role)
+                if student_id is not None:
+                    fixed[teacher_id] = student_id
+            self._mined_map = MinedVocabMap(
+                list(self.teacher_vocab.token_bytes), list(self.student_vocab.token_bytes), fixed
+            )
+        return self._mined_map
+
+    def _distill(
+        self,
+        seq: Any,
+        teacher: TokenizedSequence,
+        student: TokenizedSequence,
+        chunks: Chunks,
+        loss_spans: np.ndarray,
+        sft_mask: np.ndarray,
+    ) -> DistillExample:
+        assert self.baseline is not None
+        if seq.topk_id is None or seq.topk_logp is None:
+            raise StoreError(
+                f"loss.kind needs the stored top-k, but sequence {seq.seq_id} has no `topk_id`/`topk_logp`; "
+                "rerun precompute with e.g. `top_k: 64`"
+            )
+        teacher_in_loss = token_in_loss(
+            teacher.start_byte, teacher.end_byte, teacher.role, loss_spans
+        )
+        teacher_in_loss[0] = False
+        teacher_pos, student_pos = baseline_positions(
+            self.baseline, teacher, student, chunks, teacher_in_loss, sft_mask
+        )
+        topk_id = np.asarray(seq.topk_id, dtype=np.int64)[teacher_pos]  # [P, k], teacher ids
+        if topk_id.size and (topk_id.min() < 0 or topk_id.max() >= self.teacher_vocab.size):
+            raise StoreError(
+                f"sequence {seq.seq_id}: stored top-k ids leave the teacher vocabulary "
+                f"[0, {self.teacher_vocab.size}); the store is inconsistent with its vocabulary"
+            )
+        if self.baseline == "mined":
+            topk_id = self._mined()(topk_id)  # [P, k], student ids
+        elif self.baseline == "uld":
+            topk_id = np.zeros_like(topk_id)  # sorted probabilities need no ids
+        return DistillExample(
+            student_pos=student_pos,
+            teacher_pos=teacher_pos,
+            topk_id=topk_id,
+            topk_logp=np.asarray(seq.topk_logp, dtype=np.float32)[teacher_pos],
         )
 
 
@@ -245,12 +411,22 @@ def _collate_eval(examples: Sequence[EvalExample]) -> EvalTargets:
     )
 
 
+def _collate_distill(examples: Sequence[DistillExample]) -> DistillTargets:
+    student_pos, mask = _pad_rows([e.student_pos for e in examples], 0)
+    k = examples[0].topk_logp.shape[-1]
+    topk_id, _ = _pad_rows([e.topk_id.reshape(-1, k) for e in examples], 0)
+    # padded rows: a uniform top-k over id 0 repeated, finite everywhere (masked out of the loss)
+    topk_logp, _ = _pad_rows([e.topk_logp.reshape(-1, k) for e in examples], -float(np.log(k)))
+    return DistillTargets(student_pos=student_pos, topk_id=topk_id, topk_logp=topk_logp, mask=mask)
+
+
 def collate(examples: Sequence[StudentExample]) -> StudentBatch:
     """Pad examples into one `StudentBatch` of CPU tensors (ids padded with 0, masks with False)."""
     input_ids, attention_mask = _pad_rows([e.input_ids for e in examples], 0)
     sft_mask, _ = _pad_rows([e.sft_mask for e in examples], False)
     hidden = [e.hidden_teacher for e in examples]
     evals = [e.eval for e in examples]
+    distills = [e.distill for e in examples]
     return StudentBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -263,4 +439,7 @@ def collate(examples: Sequence[StudentExample]) -> StudentBatch:
         eval=None
         if any(e is None for e in evals)
         else _collate_eval([e for e in evals if e is not None]),
+        distill=None
+        if any(d is None for d in distills)
+        else _collate_distill([d for d in distills if d is not None]),
     )

@@ -20,6 +20,7 @@ from alm.train.loader import (
     check_stores,
     example_builder,
     loss_region_sample_batches,
+    training_fields,
 )
 from alm.train.log import METRICS_FILE, plot_metrics, read_metrics
 from alm.train.loop import run_train
@@ -88,9 +89,12 @@ def dry_run_report(cfg: TrainRecipe) -> str:
         f"# student tokenizer {student.source!r}: {len(student.vocab.token_bytes)} tokens, "
         f"{student.family} template family"
     ]
+    training_paths = [ref.path for ref in cfg.stores]
     for path in dict.fromkeys(paths):
-        seq = next(open_store(path).iter_sequences(["token_id", "logp", "boundary_logmass"]))
-        example = builder(seq)
+        training = path in training_paths
+        fields = training_fields(cfg) if training else ["token_id", "logp", "boundary_logmass"]
+        seq = next(open_store(path).iter_sequences(fields))
+        example = (builder if training else builder.for_evaluation())(seq)
         ids = example.input_ids.tolist()
         shown = student.tokenizer.decode(ids[:_SHOWN_TOKENS], skip_special_tokens=False)
         lines.append(
@@ -100,7 +104,11 @@ def dry_run_report(cfg: TrainRecipe) -> str:
             f"first {min(len(ids), _SHOWN_TOKENS)} student tokens: {shown!r}"
         )
     dataset = MicroBatches(
-        info, builder, micro_batch_size=cfg.optim.micro_batch_size, seed=cfg.seed
+        info,
+        builder,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        seed=cfg.seed,
+        fields=training_fields(cfg),
     )
     refuse_empty_loss_region(
         [dataset[k] for k in range(loss_region_sample_batches(cfg))],

@@ -116,13 +116,19 @@ def check_stores(cfg: TrainRecipe) -> TrainingStores:
         cfg.stores,
         hidden_weight=cfg.loss.hidden,
         eval_store=cfg.eval.store if cfg.eval is not None else None,
+        topk_loss_kind=cfg.loss.kind if cfg.loss.baseline() is not None else None,
     )
 
 
 def open_training_stores(
-    refs: Sequence[StoreRef], *, hidden_weight: float = 0.0, eval_store: str | None = None
+    refs: Sequence[StoreRef],
+    *,
+    hidden_weight: float = 0.0,
+    eval_store: str | None = None,
+    topk_loss_kind: str | None = None,
 ) -> TrainingStores:
-    """`check_stores` from its parts: the store references, the hidden-state loss weight and the eval store.
+    """`check_stores` from its parts: the store references, the hidden-state loss weight, the eval store and the
+    loss kind that needs the stored top-k (a baseline; None for ALM and SFT).
 
     Raises:
         StoreError, StoreMismatchError: as `check_stores`.
@@ -154,6 +160,12 @@ def open_training_stores(
             problems.append(
                 f"store {ref.path} has no `hidden` field (it stores {list(store.fields)}) but loss.hidden="
                 f"{hidden_weight}; rerun precompute with hidden states or set loss.hidden: 0"
+            )
+        if topk_loss_kind is not None and not {"topk_id", "topk_logp"} <= set(store.fields):
+            problems.append(
+                f"store {ref.path} has no `topk_id`/`topk_logp` fields (it stores {list(store.fields)}) but "
+                f"loss.kind={topk_loss_kind} trains from the teacher's stored top-k; rerun precompute with "
+                "e.g. `top_k: 64` in its recipe (docs/baselines.md), or use loss.kind alm"
             )
         shards.extend(_shard_refs(store_index, store))
     if eval_store is not None:
@@ -308,6 +320,16 @@ def example_builder(
         gamma=cfg.loss.gamma,
         debias=cfg.loss.debias,
         with_hidden=cfg.loss.hidden > 0,
+        baseline=cfg.loss.baseline(),
+    )
+
+
+def training_fields(cfg: TrainRecipe) -> list[str]:
+    """The store fields the recipe's losses read."""
+    return (
+        ["token_id", "logp", "boundary_logmass"]
+        + (["hidden"] if cfg.loss.hidden > 0 else [])
+        + (["topk_id", "topk_logp"] if cfg.loss.baseline() is not None else [])
     )
 
 

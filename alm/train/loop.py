@@ -26,6 +26,7 @@ import torch
 
 from alm.config import config_hash
 from alm.config.train import TrainRecipe
+from alm.errors import ConfigError
 from alm.store.replace import remove_replaced, written_run_files
 from alm.train import parallel
 from alm.train.checkpoint import (
@@ -42,6 +43,7 @@ from alm.train.loader import (
     loss_region_sample_batches,
     make_loader,
     teacher_hidden_second_moment,
+    training_fields,
 )
 from alm.train.log import METRICS_FILE, RunLog, truncate_metrics
 from alm.train.run_dir import (
@@ -105,13 +107,23 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
     # The student's tokenizer and the data (this process's micro-batches), checked before anything is written
     # or any model loads: a refused tokenizer or an empty loss region fails here.
     student_tokenizer = load_student_tokenizer(cfg.student, teacher_model=stores.teacher_model)
+    baseline = cfg.loss.baseline()
+    if (
+        baseline == "topk_kd"
+        and student_tokenizer.vocab.fingerprint() != stores.teacher_fingerprint
+    ):
+        raise ConfigError(
+            f"loss.kind topk_kd needs the teacher's tokenizer, but the student tokenizer has fingerprint "
+            f"{student_tokenizer.vocab.fingerprint()} and the store's teacher {stores.teacher_fingerprint}; use "
+            "uld, mined+sft or alm for a student with another tokenizer"
+        )
     builder = example_builder(cfg, stores.teacher_vocab, student_tokenizer)
     dataset = MicroBatches(
         stores,
         builder,
         micro_batch_size=cfg.optim.micro_batch_size,
         seed=cfg.seed,
-        fields=["token_id", "logp", "boundary_logmass"] + (["hidden"] if with_hidden else []),
+        fields=training_fields(cfg),
         rank=parallel.rank(),
         world_size=parallel.world_size(),
     )

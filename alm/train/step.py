@@ -13,6 +13,7 @@ gradient norms are the global micro-batch's (all ranks, `alm.losses.gradmag`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,9 +22,10 @@ from typing import cast
 import torch
 from torch import nn
 
-from alm.config.train import LossConfig, OptimConfig
+from alm.config.train import BaselineLoss, LossConfig, OptimConfig
 from alm.errors import ConfigError
 from alm.losses.alm import Divergence, alm_loss
+from alm.losses.baselines import topk_forward_kl, topk_kd_loss, uld_loss
 from alm.losses.gradmag import gradmag_combine, last_block_parameters
 from alm.losses.hidden import hidden_state_loss, make_hidden_projection
 from alm.losses.sft import sft_loss
@@ -72,6 +74,10 @@ class LossSettings:
         None  # fp32 [d_T], the hidden loss's per-channel normaliser
     )
     debias: bool = True  # add the student's boundary log-mass at group ends (§5.2)
+    baseline: BaselineLoss | None = None  # a baseline from the stored top-k (docs/baselines.md)
+    baseline_weight: float = (
+        0.1  # w of (1 - w)·SFT + w·baseline under combine "sum" (uld/mined + sft)
+    )
 
 
 def micro_batch_loss(
@@ -154,11 +160,24 @@ def micro_batch_loss(
             else second_moment.to(hidden.device),
             num_valid_chunks_global=counts.num_hidden.clamp(min=1),
         )
+    if settings.baseline is not None:
+        losses[settings.baseline] = _baseline_loss(
+            logits, batch, settings.baseline, counts, vocab_size
+        )
     for name, value in losses.items():
         metrics[name] = value
     if "alm" in losses:
         metrics["alm"] = metrics.pop("alm_excess")
-    if len(losses) == 1 or settings.combine == "sum":
+    if settings.combine == "sum" and settings.baseline in ("uld", "mined") and "sft" in losses:
+        # FuseLLM's MinED: 0.9·CE + 0.1·KL; ULD's CE + λ·ULD likewise as (1 - w)·SFT + w·ULD
+        w = settings.baseline_weight
+        assert settings.baseline is not None
+        total = (1.0 - w) * losses["sft"] + w * losses[settings.baseline]
+        total = total + sum(
+            (v for k, v in losses.items() if k not in ("sft", settings.baseline)),
+            torch.zeros_like(total),
+        )
+    elif len(losses) == 1 or settings.combine == "sum":
         total = cast(torch.Tensor, sum(losses.values()))
     else:
         # read after the forward: under FSDP2 these are the unsharded tensors the forward used
@@ -171,6 +190,50 @@ def micro_batch_loss(
     return total, {name: value.detach().double() for name, value in metrics.items()}
 
 
+def _baseline_loss(
+    logits: torch.Tensor,
+    batch: StudentBatch,
+    baseline: BaselineLoss,
+    counts: StepCounts,
+    vocab_size: int,
+) -> torch.Tensor:
+    """A baseline's loss on the student logits at the paired positions (`alm.train.batch.baseline_positions`)."""
+    distill = batch.distill
+    assert distill is not None, "a baseline loss needs StudentExampleBuilder(baseline=...)"
+    index = distill.student_pos[..., None].expand(-1, -1, logits.shape[-1])  # [B, P, V']
+    picked = logits.gather(1, index)  # [B, P, V'], the logits predicting each paired token
+    num_positions = counts.num_distill.clamp(min=1)
+    match baseline:
+        case "topk_kd":
+            return topk_kd_loss(
+                picked,
+                distill.topk_id,
+                distill.topk_logp,
+                distill.mask,
+                num_positions_global=num_positions,
+                vocab_size=vocab_size,
+            )
+        case "uld":
+            return uld_loss(
+                picked,
+                distill.topk_logp,
+                distill.mask,
+                num_positions_global=num_positions,
+                vocab_size=vocab_size,
+            )
+        case "mined":
+            # the ids were carried through the MinED map in the builder (`MinedVocabMap`): the KL of
+            # `mined_kl_loss` on student ids
+            return topk_forward_kl(
+                picked,
+                distill.topk_id,
+                distill.topk_logp,
+                distill.mask,
+                num_positions_global=num_positions,
+                vocab_size=vocab_size,
+            )
+
+
 def loss_settings(loss: LossConfig, teacher_second_moment: torch.Tensor | None) -> LossSettings:
     """`LossSettings` from the recipe's `loss` section."""
     return LossSettings(
@@ -181,6 +244,8 @@ def loss_settings(loss: LossConfig, teacher_second_moment: torch.Tensor | None) 
         combine=loss.combine,
         teacher_second_moment=teacher_second_moment,
         debias=loss.debias,
+        baseline=loss.baseline(),
+        baseline_weight=loss.baseline_weight,
     )
 
 
@@ -192,6 +257,9 @@ class StepCounts:
     num_groups: torch.Tensor
     num_sft_tokens: torch.Tensor
     num_hidden: torch.Tensor
+    num_distill: torch.Tensor = dataclasses.field(
+        default_factory=lambda: torch.tensor(0)
+    )  # a baseline's paired positions (0 without a baseline)
 
 
 def step_counts(
@@ -206,23 +274,24 @@ def step_counts(
             sum(int(b.targets.num_groups) for b in micro_batches),
             sum(int(b.num_sft_tokens) for b in micro_batches),
             sum(int(b.targets.chunk_mask.sum()) for b in micro_batches),
+            sum(int(b.distill.mask.sum()) for b in micro_batches if b.distill is not None),
         ],
         dtype=torch.int64,
         device=device,
     )
-    num_groups, num_sft_tokens, num_hidden = all_reduce_sum(local)
-    return StepCounts(num_groups, num_sft_tokens, num_hidden)
+    num_groups, num_sft_tokens, num_hidden, num_distill = all_reduce_sum(local)
+    return StepCounts(num_groups, num_sft_tokens, num_hidden, num_distill)
 
 
 def empty_losses(counts: StepCounts, loss_names: list[str]) -> list[str]:
-    """The active losses (`alm`, `sft`, `hidden`) that have nothing to learn from in `counts`: no valid ALM group,
-    no SFT token in the loss region, no hidden-state chunk."""
+    """The active losses that have nothing to learn from in `counts`: no valid ALM group, no SFT token in the loss
+    region, no hidden-state chunk, no position a baseline pairs (`topk_kd`, `uld`, `mined`)."""
     have = {
         "alm": int(counts.num_groups),
         "sft": int(counts.num_sft_tokens),
         "hidden": int(counts.num_hidden),
     }
-    return [name for name in loss_names if have[name] == 0]
+    return [name for name in loss_names if have.get(name, int(counts.num_distill)) == 0]
 
 
 def refuse_empty_loss_region(

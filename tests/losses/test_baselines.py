@@ -16,6 +16,7 @@ import torch
 
 from alm.align.chunks import Chunks
 from alm.losses.baselines import (
+    MinedVocabMap,
     mined_kl_loss,
     mined_vocab_map,
     one_to_one_chunk_positions,
@@ -234,3 +235,18 @@ def test_one_to_one_chunks_pair_the_predicting_positions() -> None:
     )
     teacher_pos, student_pos = one_to_one_chunk_positions(chunks)
     assert teacher_pos.tolist() == [1] and student_pos.tolist() == [2]
+
+
+def test_lazy_mined_map_equals_the_full_map_and_keeps_fixed_ids() -> None:
+    rng = np.random.default_rng(5)
+    alphabet = b"xyz ab"
+    teacher = [bytes(rng.choice(list(alphabet), rng.integers(1, 6))) for _ in range(30)]
+    student = [bytes(rng.choice(list(alphabet), rng.integers(1, 4))) for _ in range(20)]
+    full = mined_vocab_map(teacher, student)
+    lazy = MinedVocabMap(teacher, student, fixed={0: 7})
+    ids = rng.integers(0, 30, size=(4, 3))
+    got = lazy(ids)
+    assert got.shape == (4, 3)
+    want = np.where(ids == 0, 7, full[ids])
+    assert got.tolist() == want.tolist()
+    assert lazy(np.arange(30)).tolist() == [7, *full[1:].tolist()]  # cached and new ids agree

@@ -24,6 +24,7 @@ def precompute(
     limit: int,
     hidden: bool,
     precision: str | None = None,
+    top_k: int = 0,
 ) -> Path:
     from alm.precompute import run_precompute
 
@@ -36,6 +37,7 @@ def precompute(
         "row_chunk": 64,
         "hidden_states": hidden,
         "shard_size": 4,
+        "top_k": top_k,
     }
     if (
         precision is not None
