@@ -5,13 +5,14 @@
 #   bash scripts/bootstrap.sh          # then use .venv/bin/alm, .venv/bin/just, .venv/bin/pytest
 #
 # torch is pinned to the CPU wheel (2.13.0) first, so that nothing pulls a multi-GB CUDA build; on a GPU
-# machine set ALM_TORCH_SPEC (e.g. ALM_TORCH_SPEC="torch==2.14.0") to choose another build.
+# machine set ALM_TORCH_SPEC (e.g. ALM_TORCH_SPEC="torch==2.14.0") to choose another build (README, "pip install
+# into my environment / on a GPU machine"); a changed ALM_TORCH_SPEC makes the next run install again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 STAMP=$VENV/.alm-bootstrap-stamp
-want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)
+want=$( (cat pyproject.toml scripts/bootstrap.sh; echo "torch: ${ALM_TORCH_SPEC:-}") | sha256sum | cut -c1-16)
 if [[ -x $VENV/bin/python && -f $STAMP && "$(cat "$STAMP")" == "$want" ]]; then
   exit 0
 fi

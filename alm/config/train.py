@@ -11,6 +11,8 @@ Imports only `alm.config.load`, `alm.boundary` (the class table and default set)
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -18,6 +20,21 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from alm.boundary import DEFAULT_BOUNDARY_CLASS_NAMES, BoundaryClass, boundary_class_ids
 from alm.config.load import StrictModel
 
+LrSchedule = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_min_lr",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "warmup_stable_decay",
+]
+_TRUE = {"1", "ON", "YES", "TRUE"}  # how huggingface_hub reads a boolean environment variable
+Tracker = Literal["tensorboard", "wandb"]
+# The package each tracker needs (checked at config time, so a missing one is one clear error, never skipped).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 Divergence = Literal["binary_ce", "reverse_binary_kl", "abs_exp", "abs", "binary_kl_temp_limit"]
 LossKind = Literal["alm", "sft", "alm+sft", "topk_kd", "uld", "uld+sft", "mined+sft"]
 BaselineLoss = Literal["topk_kd", "uld", "mined"]
@@ -88,6 +105,13 @@ class StudentConfig(StrictModel):
     )
     max_length: int = Field(
         default=512, ge=2, description="Student sequence length in tokens (byte students: ~4x)."
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description=(
+            "Recompute each transformer block's activations in the backward pass instead of keeping them "
+            "(transformers' `gradient_checkpointing_enable`, non-reentrant): less memory, ~30% more compute."
+        ),
     )
     strip_unicode_normalizer: bool = Field(
         default=False,
@@ -195,6 +219,22 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(
         default=0, ge=0, description="Linear warmup steps (then linear decay to 0 at `steps`)."
     )
+    lr_scheduler_type: LrSchedule = Field(
+        default="linear",
+        description=(
+            "Learning-rate schedule, by `transformers.get_scheduler` name: `linear` (warmup, then linear decay "
+            "to 0), `cosine`, `cosine_with_min_lr`, `cosine_with_restarts`, `polynomial`, `constant`, "
+            "`constant_with_warmup`, `inverse_sqrt`, `warmup_stable_decay`. Warmup reaches the peak on its last "
+            "step (no step runs at lr 0)."
+        ),
+    )
+    lr_scheduler_kwargs: dict[str, float | int] = Field(
+        default_factory=dict,
+        description=(
+            "Extra arguments of the schedule (`transformers.get_scheduler`'s `scheduler_specific_kwargs`), e.g. "
+            "`{min_lr_rate: 0.1}` for `cosine_with_min_lr`, `{num_cycles: 2}` for `cosine_with_restarts`."
+        ),
+    )
     grad_clip: float | None = Field(
         default=1.0, gt=0.0, description="Global gradient-norm clip; null disables it."
     )
@@ -293,7 +333,25 @@ class TrainRecipe(StrictModel):
         description="Save a resumable checkpoint when this many minutes passed since the last one (0: off).",
     )
     keep_checkpoints: int = Field(
-        default=2, ge=1, description="How many recent checkpoints to keep."
+        default=2,
+        ge=1,
+        description="How many recent checkpoints to keep (like `save_total_limit`).",
+    )
+    keep_checkpoint_every_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Also keep, beyond the newest `keep_checkpoints`, every checkpoint whose step is a multiple of this "
+            "(a permanent trail for later evaluation). null: none."
+        ),
+    )
+    keep_checkpoint_every_minutes: float | None = Field(
+        default=None,
+        gt=0.0,
+        description=(
+            "Also keep, beyond the newest `keep_checkpoints`, the first checkpoint saved at least this many "
+            "minutes after the previous one kept this way (by the time `state.pt` was written). null: none."
+        ),
     )
     log_every: int = Field(default=1, ge=1, description="Write metrics every N steps.")
     num_workers: int = Field(
@@ -313,6 +371,58 @@ class TrainRecipe(StrictModel):
             "number of cores). On a shared or small machine fewer threads can run faster."
         ),
     )
+    save_dtype: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description=(
+            "dtype of the saved student's weights: `auto` is the training dtype (bf16 when the run trains under "
+            "bf16 autocast, i.e. on GPU with `precision: auto`, else fp32), or `fp32` / `bf16`. Checkpoints "
+            "always keep the fp32 master weights."
+        ),
+    )
+    report_to: list[Tracker] = Field(
+        default_factory=list,
+        description=(
+            "Experiment trackers that get the logged scalars, as in transformers/TRL: `tensorboard` "
+            "(`OUTPUT/tensorboard/`, pip install 'alm[tensorboard]'), `wandb` (pip install 'alm[wandb]'; "
+            "`WANDB_PROJECT`, `WANDB_MODE=offline` and the other `WANDB_*` variables apply), or `none` (the "
+            "default). A string names one tracker. A tracker whose package is missing is refused here."
+        ),
+    )
+    push_to_hub: bool = Field(
+        default=False,
+        description=(
+            "Upload the final student folder to the Hugging Face Hub repo `hub_model_id` (created if missing; "
+            "the token comes from `HF_TOKEN` or `hf auth login`). Refused with HF_HUB_OFFLINE=1."
+        ),
+    )
+    hub_model_id: str | None = Field(
+        default=None,
+        description="Hub repo of the student for `push_to_hub`, e.g. `me/smollm2-bytes`.",
+    )
+    hub_private_repo: bool = Field(
+        default=False, description="Create the `hub_model_id` repo as private."
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_as_list(cls, value: Any) -> Any:
+        if value is None or value == "none" or value == ["none"]:
+            return []
+        if value == "all":
+            return list(TRACKER_PACKAGES)
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        missing = [t for t in value if importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
+        if missing:
+            extras = ",".join(missing)
+            raise ValueError(
+                f"report_to names {missing} but the package is not installed: pip install 'alm[{extras}]' "
+                "(or drop it from report_to)"
+            )
+        return value
 
     @field_validator("stores", mode="before")
     @classmethod
@@ -336,6 +446,13 @@ class TrainRecipe(StrictModel):
             )
         if self.parallel == "fsdp2" and self.lora is not None:
             problems.append("parallel: fsdp2 with LoRA is not supported; use ddp")
+        if self.push_to_hub and not self.hub_model_id:
+            problems.append("push_to_hub needs hub_model_id (the Hub repo, e.g. me/my-student)")
+        if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:
+            problems.append(
+                "push_to_hub is set but HF_HUB_OFFLINE is on: unset HF_HUB_OFFLINE, or set push_to_hub: false "
+                "and upload the student folder later"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

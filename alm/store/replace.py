@@ -110,7 +110,7 @@ def written_run_files(root: Path) -> set[str]:
     for rel in _files(root):
         if (
             rel in _RUN_FILES
-            or rel.startswith("tensorboard/")
+            or rel.startswith(("tensorboard/", "wandb/"))
             or _CHECKPOINT_FILE.fullmatch(rel)
             or (
                 rel.startswith("student/") and _STUDENT_FILE.fullmatch(rel.removeprefix("student/"))

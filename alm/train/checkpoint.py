@@ -62,6 +62,8 @@ def save_checkpoint(
     config_hash: str,
     extra: dict[str, Any] | None = None,
     keep: int = 2,
+    keep_every_steps: int | None = None,
+    keep_every_minutes: float | None = None,
 ) -> Path:
     """Write the checkpoint of `step` atomically and keep only the newest `keep` checkpoints.
 
@@ -74,6 +76,7 @@ def save_checkpoint(
         config_hash: the recipe's hash.
         extra: anything else to keep.
         keep: how many checkpoints to keep, newest first.
+        keep_every_steps, keep_every_minutes: older ones also kept (`retained_checkpoints`).
 
     Returns:
         the checkpoint folder.
@@ -97,10 +100,54 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    checkpoints = list_checkpoints(output_dir)
+    kept = retained_checkpoints(
+        [(_step_of(p), (p / "state.pt").stat().st_mtime) for p in checkpoints],
+        keep=keep,
+        every_steps=keep_every_steps,
+        every_minutes=keep_every_minutes,
+    )
+    for old in checkpoints:
+        if _step_of(old) not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpoint saved: %s", final)
     return final
+
+
+def retained_checkpoints(
+    checkpoints: list[tuple[int, float]],
+    *,
+    keep: int,
+    every_steps: int | None = None,
+    every_minutes: float | None = None,
+) -> set[int]:
+    """The steps of the checkpoints to keep (`keep_checkpoints`, `keep_checkpoint_every_*`; orbax's rules).
+
+    Args:
+        checkpoints: `(step, saved_at)` of every finished checkpoint, `saved_at` in seconds (file mtime).
+        keep: the newest `keep` are kept (transformers' `save_total_limit`).
+        every_steps: also keep every checkpoint whose step is a multiple of this.
+        every_minutes: also keep, oldest first, each checkpoint saved at least this many minutes after the
+            previous one kept by this rule (the oldest is kept).
+
+    Returns:
+        the steps to keep.
+    """
+    ordered = sorted(checkpoints)
+    kept = {step for step, _ in ordered[-keep:]} if keep > 0 else set()
+    if every_steps:
+        kept |= {step for step, _ in ordered if step % every_steps == 0}
+    if every_minutes:
+        last_kept_at: float | None = None
+        for step, saved_at in ordered:
+            if last_kept_at is None or saved_at - last_kept_at >= every_minutes * 60:
+                kept.add(step)
+                last_kept_at = saved_at
+    return kept
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -150,5 +197,7 @@ def save_run_checkpoint(
             scheduler=scheduler,
             config_hash=config_hash,
             keep=cfg.keep_checkpoints,
+            keep_every_steps=cfg.keep_checkpoint_every_steps,
+            keep_every_minutes=cfg.keep_checkpoint_every_minutes,
         )
     parallel.barrier()

@@ -5,7 +5,8 @@
 - `metrics.jsonl`: one JSON object per logged step (`step`, `loss`, per-loss values, `lr`, `grad_norm`,
   `tokens_per_s`, ...) and per evaluation (`eval/*`);
 - `train.log`: the readable log (the `alm` loggers, INFO and above);
-- `tensorboard/`: the same scalars, when `tensorboard` is installed;
+- `tensorboard/`: the same scalars, with `report_to: [tensorboard]`;
+- `wandb/`: the Weights & Biases run files, with `report_to: [wandb]` (`WANDB_MODE=offline` keeps them local);
 - `metrics.png`: losses and held-out bits per byte, drawn at the end when `matplotlib` is installed.
 """
 
@@ -14,7 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +32,22 @@ LOG_FILE = "train.log"
 
 
 class RunLog:
-    """Progress bar, JSONL metrics, TensorBoard scalars and the run's log file."""
+    """Progress bar, JSONL metrics, the trackers' scalars (`report_to`) and the run's log file."""
 
-    def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool) -> None:
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        start_step: int,
+        enabled: bool,
+        report_to: Sequence[str] = (),
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
         self.enabled = enabled
         self.output_dir = output_dir
         self._metrics = None
         self._tb = None
+        self._wandb = None
         self._handler: logging.Handler | None = None
         self._last_time = time.perf_counter()
         self._tokens = 0
@@ -59,12 +72,13 @@ class RunLog:
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
         )
         logging.getLogger("alm").addHandler(self._handler)
-        try:
+        # the recipe checked that each tracker's package is installed (`TrainRecipe.report_to`)
+        if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(output_dir / "tensorboard"))
-        except ImportError:
-            self._tb = None
+            self._tb = SummaryWriter(str(output_dir / TENSORBOARD_DIR))
+        if "wandb" in report_to:
+            self._wandb = _start_wandb(output_dir, run_config or {})
 
     def count_tokens(self, num_tokens: int) -> None:
         """Add student tokens processed since the last logged step (for tokens/s)."""
@@ -92,10 +106,12 @@ class RunLog:
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
+        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     def evaluation(self, step: int, figures: dict[str, float] | None) -> None:
         """Record held-out figures of `step` (nothing when the run has no evaluation)."""
@@ -119,9 +135,37 @@ class RunLog:
             self._metrics.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._handler is not None:
             logging.getLogger("alm").removeHandler(self._handler)
             self._handler.close()
+
+
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
+_WANDB_ID_FILE = "alm-run-id"
+
+
+def _start_wandb(output_dir: Path, run_config: dict[str, Any]) -> Any:
+    """A Weights & Biases run in `OUTPUT/wandb/`; a resumed run continues the same W&B run (its id is kept in
+    `OUTPUT/wandb/alm-run-id`). Project and mode come from `WANDB_PROJECT` (default `alm`) and `WANDB_MODE`."""
+    import wandb  # pyright: ignore[reportMissingImports]  (the optional `wandb` extra)
+
+    folder = output_dir / WANDB_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / _WANDB_ID_FILE
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(8) + "\n", encoding="utf-8")
+    return wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "alm"),
+        name=output_dir.resolve().name,
+        id=id_file.read_text(encoding="utf-8").strip(),
+        resume="allow",
+        dir=str(output_dir),
+        config=run_config,
+        settings=wandb.Settings(console="off"),
+    )
 
 
 def _plain(value: Any) -> Any:

@@ -66,7 +66,15 @@ from alm.train.step import (
     refuse_empty_loss_region,
     step_counts,
 )
-from alm.train.student import apply_lora, load_student, load_student_tokenizer, save_student
+from alm.train.student import (
+    SAVE_DTYPES,
+    apply_lora,
+    enable_gradient_checkpointing,
+    load_student,
+    load_student_tokenizer,
+    push_student,
+    save_student,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +153,8 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
     student = load_student(
         cfg.student, teacher_model=stores.teacher_model, seed=cfg.seed, tokenizer=student_tokenizer
     )
+    if cfg.student.gradient_checkpointing:
+        enable_gradient_checkpointing(student.model)
     hf_model = apply_lora(student.model, cfg.lora) if cfg.lora else student.model
     settings = loss_settings(
         cfg.loss, teacher_hidden_second_moment(cfg.stores[0].path) if with_hidden else None
@@ -179,7 +189,14 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
     autocast = functools.partial(precision_context, use_bf16, device.type)
     eval_args = (model, cfg, builder.for_evaluation(), device, autocast, vocab_size)
 
-    log = RunLog(out, total_steps, start_step, enabled=parallel.is_main())
+    log = RunLog(
+        out,
+        total_steps,
+        start_step,
+        enabled=parallel.is_main(),
+        report_to=cfg.report_to,
+        run_config=cfg.model_dump(mode="json", by_alias=True),
+    )
     for change in changes:
         logger.info("resumed with a changed setting (recorded in config.yaml): %s", change)
     if checkpoints:
@@ -190,9 +207,7 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
             total_steps,
             lr_now(scheduler),
         )
-    if start_step == 0 or _evaluates_at(
-        cfg, start_step
-    ):  # a resumed run redoes its step's evaluation
+    if start_step == 0 or _evaluates_at(cfg, start_step):  # a resumed run redoes that evaluation
         log.evaluation(start_step, evaluate_store(*eval_args))
     world = parallel.world_size()
     stop.deferring = True  # from here a signal ends the run after its step, with a checkpoint
@@ -273,10 +288,16 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
             state_dict={
                 k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
             },
+            dtype=SAVE_DTYPES[
+                cfg.save_dtype if cfg.save_dtype != "auto" else "bf16" if use_bf16 else "fp32"
+            ],
         )
         logger.info("student saved to %s; metrics in %s", student_dir(cfg), out / METRICS_FILE)
         mark_finished(cfg, total_steps)
         remove_replaced(out, written_run_files)  # a run replaced with --overwrite: only alm's files
+        if cfg.push_to_hub:
+            assert cfg.hub_model_id is not None  # the recipe requires it
+            push_student(student_dir(cfg), cfg.hub_model_id, private=cfg.hub_private_repo)
     parallel.barrier()
     return student_dir(cfg)
 

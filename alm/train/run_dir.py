@@ -35,6 +35,7 @@ _OUR_ENTRIES = (
     METRICS_FILE,
     LOG_FILE,
     "tensorboard",
+    "wandb",
     CONFIG_FILE,
 )
 
@@ -58,6 +59,13 @@ RESUMABLE_CHANGES = (
     "stop_after_steps",
     "num_workers",
     "threads",
+    "report_to",
+    "save_dtype",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+    "keep_checkpoint_every_steps",
+    "keep_checkpoint_every_minutes",
 )
 
 

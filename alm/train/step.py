@@ -324,12 +324,15 @@ def refuse_empty_loss_region(
 def make_optimizer(
     params: list[nn.Parameter], optim: OptimConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its schedule: linear warmup over `warmup_steps`, then linear decay to 0 at `steps` (§8)."""
+    """AdamW and its learning-rate schedule (`make_schedule`; default: linear warmup, linear decay to 0, §8).
+
+    Raises:
+        ConfigError: `optim.lr_scheduler_kwargs` do not fit `optim.lr_scheduler_type`.
+    """
     optimizer = torch.optim.AdamW(
         params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
     )
-    schedule = functools.partial(_lr_factor, warmup=optim.warmup_steps, total=optim.steps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim))
 
 
 def apply_schedule(
@@ -348,10 +351,43 @@ def apply_schedule(
     scheduler._last_lr = rates  # what get_last_lr() reports for the next step
 
 
-def _lr_factor(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+def lr_factor(optim: OptimConfig) -> Callable[[int], float]:
+    """The multiplier of the peak learning rate at each step (0-based), from `transformers.get_scheduler`.
+
+    The warmup steps take the factor of the *next* step, so warmup ends on the peak and no step runs at lr 0
+    (transformers starts warmup at 0, which wastes the first step); after warmup the factor is transformers'.
+
+    Raises:
+        ConfigError: `optim.lr_scheduler_kwargs` do not fit `optim.lr_scheduler_type`.
+    """
+    from transformers import get_scheduler
+
+    # A throwaway optimizer: only the schedule's factor function is kept (a picklable functools.partial). Its lr
+    # is the peak, since `cosine_with_min_lr`'s `min_lr` is divided by it.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=optim.lr)
+    try:
+        schedule = get_scheduler(
+            optim.lr_scheduler_type,
+            probe,
+            num_warmup_steps=optim.warmup_steps,
+            num_training_steps=optim.steps,
+            scheduler_specific_kwargs=dict(optim.lr_scheduler_kwargs),
+        )
+        assert isinstance(
+            schedule, torch.optim.lr_scheduler.LambdaLR
+        )  # every schedule offered is one
+        hf_factor = schedule.lr_lambdas[0]
+        hf_factor(0)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"optim.lr_scheduler_type {optim.lr_scheduler_type!r} with lr_scheduler_kwargs "
+            f"{dict(optim.lr_scheduler_kwargs)}: {err}"
+        ) from None
+    return functools.partial(_warmup_shifted, hf_factor=hf_factor, warmup=optim.warmup_steps)
+
+
+def _warmup_shifted(step: int, hf_factor: Callable[[int], float], warmup: int) -> float:
+    return float(hf_factor(step + 1 if step < warmup else step))
 
 
 def precision_context(use_bf16: bool, device_type: str) -> contextlib.AbstractContextManager:

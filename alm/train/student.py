@@ -472,6 +472,25 @@ def load_student(
     return Student(model, tok.tokenizer, tok.vocab, tok.source, tok.family)
 
 
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each block's activations in the backward pass (`student.gradient_checkpointing`).
+
+    Non-reentrant checkpointing, so `torch.autograd.grad` on the last block (GradMag), LoRA and FSDP2 work as
+    without it; the KV cache is off while training.
+
+    Raises:
+        ConfigError: the model class does not support gradient checkpointing.
+    """
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"student.gradient_checkpointing: {type(model).__name__} does not support gradient checkpointing; "
+            "set it to false"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    logger.info("gradient checkpointing on (non-reentrant)")
+
+
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
     """Wrap `model` with LoRA adapters (embeddings trained fully when `cfg.train_embeddings`).
 
@@ -510,12 +529,24 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
     return peft.get_peft_model(model, lora_config)
 
 
+SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def save_student(
-    model: nn.Module, tokenizer: Any, path: Path, state_dict: dict[str, torch.Tensor] | None = None
+    model: nn.Module,
+    tokenizer: Any,
+    path: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Save the final student (LoRA merged) and its tokenizer so `from_pretrained` loads the folder.
 
-    `state_dict` (full, unsharded) is used for FSDP2-sharded models; otherwise the model's own weights are saved.
+    Args:
+        model: the trained student (a peft model is merged first).
+        tokenizer: its tokenizer.
+        path: the folder.
+        state_dict: full, unsharded weights, used for FSDP2-sharded models; otherwise the model's own are saved.
+        dtype: floating-point weights are saved in this dtype (`save_dtype`); `config.json` records it.
     """
     from transformers import PreTrainedModel
 
@@ -528,6 +559,52 @@ def save_student(
     ):
         state_dict = None
     assert isinstance(model, PreTrainedModel)
+    state_dict = dict(model.state_dict() if state_dict is None else state_dict)
+    # tied weights (one storage under two names) stay one tensor, so save_pretrained still sees them tied
+    converted: dict[tuple[Any, ...], torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if value.is_floating_point():
+            memo = (value.data_ptr(), tuple(value.shape), value.stride(), value.device)
+            state_dict[key] = converted.setdefault(memo, value.detach().to(dtype))
     path.mkdir(parents=True, exist_ok=True)
+    model.config.use_cache = True  # off while training with gradient checkpointing
     model.save_pretrained(path, state_dict=state_dict)
+    # save_pretrained records the dtype of the model in memory (fp32 master weights); record the saved one
+    model.config.dtype = dtype
+    model.config.save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def push_student(folder: Path, repo_id: str, *, private: bool) -> str:
+    """Upload the saved student `folder` to the Hugging Face Hub repo `repo_id` (`push_to_hub`).
+
+    Creates the repo when missing (private when `private`); the token comes from `HF_TOKEN` or `hf auth login`.
+
+    Returns:
+        the URL of the upload's commit.
+
+    Raises:
+        BackendUnavailableError: the upload failed (the student stays saved in `folder`; the message says how to
+            upload it by hand).
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(
+            folder_path=str(folder),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message="alm train: the final student",
+        )
+    except (
+        Exception
+    ) as err:  # network, authentication, permissions: all leave the saved student as it is
+        raise BackendUnavailableError(
+            f"push_to_hub: uploading {folder} to {repo_id!r} failed ({type(err).__name__}: {err}); the student "
+            f"is saved there: upload it with `hf upload {repo_id} {folder}`"
+        ) from None
+    url = str(getattr(commit, "commit_url", commit))
+    logger.info("student pushed to the Hub: %s", url)
+    return url
