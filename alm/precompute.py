@@ -604,14 +604,13 @@ def run_precompute(
         )
     from alm.store.reader import read_manifest
 
-    manifest = read_manifest(layout.location) or {}
-    totals = manifest.get("totals", {})
-    num_sequences = totals.get("num_sequences", 0)
-    num_tokens = totals.get("num_tokens", 0)
-    disk = totals.get("num_disk_bytes", 0)
+    manifest = read_manifest(layout.location)
+    assert manifest is not None  # try_finalize wrote it
+    num_tokens = manifest.num_tokens
+    disk = manifest.num_disk_bytes
     return (
-        f"{wrote}.\nTeacher store {layout.url} is finished: {num_sequences} sequences, {num_tokens} teacher tokens, "
-        f"{totals.get('num_text_bytes', 0)} text bytes in {num_shards} shard(s), "
+        f"{wrote}.\nTeacher store {layout.url} is finished: {manifest.num_sequences} sequences, {num_tokens} teacher tokens, "
+        f"{manifest.num_text_bytes} text bytes in {num_shards} shard(s), "
         f"{disk / max(num_tokens, 1):.1f} bytes/token on disk (arrays and index with the text).\nManifest: {manifest_path}\n"
         f"Inspect it with: alm inspect {layout.url}"
     )

@@ -3,8 +3,9 @@
 Owns: `Segment` / `Document` (what the data layer produces), the model families (`chatml` for SmolLM2/Qwen2,
 `llama3`, `gemma`, `plain`) and their template blocks, `render` (document -> `TokenizedSequence` with per-token
 byte offsets and roles, the segment table, loss spans and truncation), and the stage-two inverses
-`sequence_from_ids` (stored teacher ids -> per-token offsets/roles) and `document_from_stored` (stored text +
-segment table -> the abstract document a student re-renders with its own family).
+`sequence_from_ids` / `sequence_from_stored` (stored teacher ids -> per-token offsets/roles) and
+`document_from_parts` / `document_from_stored` (stored text + segment table -> the abstract document a student
+re-renders with its own family).
 
 Like tokenkit (§3) we never call `apply_chat_template`: each text segment is tokenized separately
 (`alm.vocab.encode_text`, literal marker strings stay text) and each template block is the family's own string
@@ -26,7 +27,7 @@ import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -198,7 +199,7 @@ def token_in_loss(
     in_loss = _text_in_spans(start, end, spans)
     if role is None:
         return in_loss
-    roles = role if isinstance(role, np.ndarray) else np.array(list(role), dtype=object)
+    roles = np.asarray(role, dtype=object)  # [n]; no copy for an object array
     block: np.ndarray = (
         # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
         np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
@@ -297,6 +298,55 @@ def resolve_family(family: str | None, tokenizer_or_vocab: Any) -> str:
             f"template family {family!r} is unknown; use one of {[*FAMILIES, 'auto']}"
         )
     return family
+
+
+# The end-of-turn token of each chat family: what generation stops at after an assistant turn.
+FAMILY_END_OF_TURN = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "gemma": "<end_of_turn>"}
+
+
+def family_chat_template(family: str) -> str | None:
+    """A Jinja `chat_template` that renders messages exactly as `render` renders a chat document in `family`
+    (`bos`, then per message its header, content and end-of-turn; no eos, no injected system prompt), so a student
+    saved with it gets from `apply_chat_template` the tokens it was trained on; `add_generation_prompt` appends
+    the assistant header. None for `plain`, which has no chat blocks.
+
+    Raises:
+        ConfigError: an unknown family.
+    """
+    if family not in FAMILIES:
+        raise ConfigError(f"template family {family!r} is unknown; use one of {list(FAMILIES)}")
+    blocks = FAMILY_BLOCKS[family]
+    if "header:user" not in blocks:
+        return None
+
+    def literal(text: str | None) -> str:
+        if not text:
+            return ""
+        if text == _BOS:
+            return "{{ bos_token }}"
+        if text == _EOS:
+            return "{{ eos_token }}"
+        return (
+            "{{ " + repr(text) + " }}"
+        )  # a Python repr of these strings is a valid Jinja string literal
+
+    headers = " ".join(
+        f"{'if' if i == 0 else 'elif'} message['role'] == {role!r} %}}{literal(blocks[f'header:{role}'])}{{%"
+        for i, role in enumerate(CHAT_ROLES)
+    )
+    return (
+        literal(blocks["bos"])
+        + "{% for message in messages %}"
+        + "{% "
+        + headers
+        + " else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+        + "{{ message['content'] }}"
+        + literal(blocks["eot"])
+        + "{% endfor %}"
+        + "{% if add_generation_prompt %}"
+        + literal(blocks["header:assistant"])
+        + "{% endif %}"
+    )
 
 
 def _block_string(family: str, role: str, tokenizer: Any, vocab: Vocab) -> str | None:
@@ -569,53 +619,72 @@ def render(
 # Stage two: back from stored sequences
 
 
-def _segment_dicts(segments: Iterable[Any]) -> list[dict[str, Any]]:
-    keys = ("role", "start_byte", "end_byte", "start_pos", "end_pos")
-    out = []
-    for seg in segments:
-        if isinstance(seg, Mapping):
-            values = [seg[k] for k in keys]
-        elif isinstance(seg, Sequence) and not isinstance(seg, str | bytes):
-            values = list(seg)
-        else:
-            values = [getattr(seg, k) for k in keys]
-        out.append({"role": str(values[0]), **{k: int(v) for k, v in zip(keys[1:], values[1:])}})
-    return out
+class StoredTokens(Protocol):
+    """What stage two reads back of a stored (or rendered) teacher sequence: `alm.store.StoredSequence` and
+    `TokenizedSequence` both have these attributes."""
+
+    @property
+    def token_id(self) -> Any: ...  # int [n]
+    @property
+    def text(self) -> bytes: ...
+    @property
+    def segments(self) -> Sequence[Mapping[str, Any]]: ...
+    @property
+    def loss_spans(self) -> Any: ...  # [k, 2] byte ranges
+    @property
+    def truncated(self) -> bool: ...
+    @property
+    def doc_id(self) -> str: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def row(self) -> int: ...
+
+
+def _segment_dicts(segments: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    keys = ("start_byte", "end_byte", "start_pos", "end_pos")
+    return [{"role": str(seg["role"]), **{k: int(seg[k]) for k in keys}} for seg in segments]
+
+
+def sequence_from_stored(stored: StoredTokens, vocab: Vocab) -> TokenizedSequence:
+    """`sequence_from_ids` of a stored sequence's ids, text, segments, loss spans and truncation flag.
+
+    Raises:
+        TokenizerRefusedError, DataError: as `sequence_from_ids`.
+    """
+    return sequence_from_ids(
+        vocab,
+        stored.token_id,
+        stored.text,
+        stored.segments,
+        stored.loss_spans,
+        truncated=bool(stored.truncated),
+    )
 
 
 def sequence_from_ids(
-    vocab_or_stored: Any,
-    token_id: Any = None,
-    text: bytes | None = None,
-    segments: Iterable[Any] | None = None,
+    vocab: Vocab,
+    token_id: Any,
+    text: bytes,
+    segments: Iterable[Mapping[str, Any]],
     loss_spans: Any = None,
+    *,
+    truncated: bool = False,
 ) -> TokenizedSequence:
     """Per-token offsets and roles of a *stored* teacher sequence (stage two).
 
-    Call as `sequence_from_ids(vocab, token_id, text, segments)` or `sequence_from_ids(stored_sequence, vocab)`
-    (anything with `token_id`, `text`, `segments` and optionally `loss_spans`, `truncated` attributes).
-
     Args:
-        vocab_or_stored: the teacher `Vocab` (or a stored sequence, then `token_id` is the Vocab).
+        vocab: the teacher `Vocab`.
         token_id: int [n] stored teacher ids.
         text: the stored content bytes.
-        segments: the stored segment table (dicts, 5-tuples or objects with `role, start_byte, end_byte,
-            start_pos, end_pos`).
+        segments: the stored segment table, dicts `{role, start_byte, end_byte, start_pos, end_pos}`.
         loss_spans: optional [k, 2] byte ranges to carry along.
+        truncated: the stored truncation flag, carried along.
 
     Raises:
         TokenizerRefusedError: a text segment's ids do not reproduce its bytes.
         DataError: the segment table does not tile the tokens.
     """
-    truncated = False
-    if isinstance(vocab_or_stored, Vocab):
-        vocab = vocab_or_stored
-    else:
-        stored, vocab = vocab_or_stored, token_id
-        token_id, text, segments = stored.token_id, stored.text, stored.segments
-        loss_spans = getattr(stored, "loss_spans", None)
-        truncated = bool(getattr(stored, "truncated", False))
-    assert text is not None and segments is not None
     ids = np.asarray(token_id, dtype=np.int32)
     table = _segment_dicts(segments)
     start_byte = np.zeros(len(ids), dtype=np.int64)
@@ -651,9 +720,25 @@ def sequence_from_ids(
     return TokenizedSequence(ids, start_byte, end_byte, role, table, spans, truncated, bytes(text))
 
 
-def document_from_stored(
-    text_or_stored: Any,
-    segments: Iterable[Any] | None = None,
+def document_from_stored(stored: StoredTokens) -> Document:
+    """`document_from_parts` of a stored sequence, with its provenance (doc id, source, row).
+
+    Raises:
+        DataError: a segment lies outside the text.
+    """
+    return document_from_parts(
+        bytes(stored.text),
+        stored.segments,
+        stored.loss_spans,
+        doc_id=str(stored.doc_id or ""),
+        source=str(stored.source or ""),
+        row=int(stored.row),
+    )
+
+
+def document_from_parts(
+    text: bytes,
+    segments: Iterable[Mapping[str, Any]],
     loss_spans: Any = None,
     *,
     doc_id: str = "",
@@ -662,29 +747,27 @@ def document_from_stored(
 ) -> Document:
     """The abstract document behind a stored sequence, for a student to re-render with its own family.
 
-    Call as `document_from_stored(text, segments, loss_spans)` or `document_from_stored(stored_sequence)`.
     Text segments take their bytes from `text` and are in the loss iff their (non-empty) span lies inside the
     loss spans (`token_in_loss`'s text rule); blocks keep their role (including blocks the teacher's family
     rendered as nothing).
 
+    Args:
+        text: the stored content bytes.
+        segments: the stored segment table (dicts, as `sequence_from_ids`).
+        loss_spans: [k, 2] byte ranges of in-loss text, or None.
+        doc_id, source, row: provenance carried into the document.
+
     Raises:
         DataError: a segment lies outside `text`.
     """
-    if isinstance(text_or_stored, bytes | bytearray | memoryview):
-        text = bytes(text_or_stored)
-    else:
-        stored = text_or_stored
-        text, segments, loss_spans = bytes(stored.text), stored.segments, stored.loss_spans
-        doc_id = str(getattr(stored, "doc_id", doc_id) or doc_id)
-        source = str(getattr(stored, "source", source) or source)
-        row = int(getattr(stored, "row", row))
+    text = bytes(text)
     spans = (
         np.zeros((0, 2), np.int64)
         if loss_spans is None
         else merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
     )
     out: list[Segment] = []
-    for seg in _segment_dicts(segments or []):
+    for seg in _segment_dicts(segments):
         sb, eb = seg["start_byte"], seg["end_byte"]
         if not 0 <= sb <= eb <= len(text):
             raise DataError(f"stored segment {seg} lies outside the text ({len(text)} bytes)")

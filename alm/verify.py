@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from alm.errors import AlmError, StoreCorruptError
+from alm.store import schema
 from alm.store.reader import ShardData, TeacherStore
 from alm.store.verify import VerifyReport, shard_progress, verify_store
 
@@ -37,8 +38,8 @@ class _Retokenizer:
 
         self.tokenizer = load_tokenizer(store.tokenizer_path)
         self.vocab = store.vocab
-        self.family = store.manifest.get("settings", {}).get("family") or "plain"
-        self.max_length = int(store.manifest.get("max_length") or 0) or None
+        self.family = store.manifest.settings.get("family") or "plain"
+        self.max_length = store.manifest.max_length
 
     def __call__(self, store: TeacherStore, shard: ShardData) -> list[str]:
         from alm.templates import document_from_stored, render
@@ -47,7 +48,7 @@ class _Retokenizer:
         for seq in shard.sequences():
             if seq.truncated:
                 continue  # cut where the tokens stopped: the last token may merge differently
-            where = f"shards/shard-{shard.shard_index:05d}: sequence seq_id={seq.seq_id}, field token_id"
+            where = f"{schema.shard_path(shard.shard_index)}: sequence seq_id={seq.seq_id}, field token_id"
             try:
                 rendered = render(
                     document_from_stored(seq),
@@ -84,12 +85,15 @@ def deep_rescore(store: TeacherStore, num_sequences: int = DEEP_SAMPLE_SEQUENCES
     from alm.teacher.hf import HFTeacher
 
     manifest = store.manifest
-    settings = manifest.get("settings", {})
+    if manifest.teacher_model is None:
+        raise StoreCorruptError(
+            f"{store.url}/{schema.MANIFEST_FILE} names no teacher model; --deep cannot re-score it"
+        )
     teacher = HFTeacher(
-        resolve_teacher_path(manifest["teacher"]["model"]),
+        resolve_teacher_path(manifest.teacher_model),
         store.vocab.boundary_class,
-        revision=manifest["teacher"].get("revision"),
-        dtype=settings.get("teacher_dtype", "auto"),
+        revision=manifest.teacher_revision,
+        dtype=manifest.settings.get("teacher_dtype", "auto"),
         device="auto",
     )
     sequences = []

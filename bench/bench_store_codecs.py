@@ -44,7 +44,7 @@ from alm.store.writer import ShardWriter, StorePlan, prepare_store  # noqa: E402
 
 def rewrite_store(source: alm.TeacherStore, target: Path, precision: str) -> None:
     """Copy every sequence of `source` into a new store at `target`, written by this code at `precision`."""
-    plan = StorePlan.from_json(source.manifest["plan"])
+    plan = StorePlan.from_json(source.manifest.plan)
     plan = dataclasses.replace(plan, precision=precision)
     layout = prepare_store(target, plan)
     for j in source.shard_indices:
@@ -220,7 +220,7 @@ def main() -> None:
     arrays = [s.arrays for s in shards]
     num_tokens = sum(s.num_tokens for s in shards)
     print(
-        f"store {args.store}: format version {store.manifest['format_version']}, {len(shards)} shards, "
+        f"store {args.store}: format version {store.manifest.format_version}, {len(shards)} shards, "
         f"{num_tokens:,} tokens, {store.num_sequences:,} sequences (decode: x a copy of the raw bytes)"
     )
     print(f"{'field':<32} {'codec':<28} {'B/token':>8} {'decode':>8}")

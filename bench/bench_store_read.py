@@ -65,7 +65,15 @@ def build_store(
                     token_id=token_id,
                     logp=logp,
                     boundary_logmass=bm,
-                    segments=[("text", 0, len(text), 0, n)],
+                    segments=[
+                        {
+                            "role": "text",
+                            "start_byte": 0,
+                            "end_byte": len(text),
+                            "start_pos": 0,
+                            "end_pos": n,
+                        }
+                    ],
                     loss_spans=[(0, len(text))],
                     doc_id=f"d{seq_id}",
                     source="bench",

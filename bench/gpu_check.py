@@ -99,7 +99,7 @@ def run_backend(recipe: Path, out: Path, overrides: list[str]) -> dict[str, floa
     finally:
         precompute.load_teacher = original
         gc.collect()
-    tokens = int(open_store(str(out)).manifest["totals"]["num_tokens"])
+    tokens = open_store(str(out)).manifest.num_tokens
     return {"seconds": seconds, "tokens": tokens, "load_seconds": load_seconds}
 
 

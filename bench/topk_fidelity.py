@@ -35,7 +35,7 @@ def derive_topk_store(src_url: str, dst_url: str, k: int, bound: str) -> None:
     from alm.teacher.vllm_convert import boundary_logmass_from_topk
 
     src = open_store(src_url)
-    plan = StorePlan.from_json(src.manifest["plan"])
+    plan = StorePlan.from_json(src.manifest.plan)
     if plan.top_k < k:
         raise SystemExit(f"{src_url} stores top-{plan.top_k}; need top_k >= {k}")
     derived = dataclasses.replace(

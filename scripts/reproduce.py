@@ -190,7 +190,7 @@ def save_initial_student(recipe: str, overrides: list[str], out: Path) -> None:
     from alm.train.student import load_student, save_student
 
     cfg = load_yaml_model(TrainRecipe, REPO / recipe, overrides)
-    teacher_model = open_store(cfg.stores[0].path).manifest["teacher"]["model"]
+    teacher_model = open_store(cfg.stores[0].path).manifest.teacher_model
     student = load_student(cfg.student, teacher_model=teacher_model, seed=cfg.seed)
     tmp = out.with_name(out.name + ".tmp")
     save_student(student.model, student.tokenizer, tmp)
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     from alm.teacher.default import resolve_teacher_path
     from alm.train.student import load_tokenizer
 
-    teacher_model = open_store(root / "teacher_store").manifest["teacher"]["model"]
+    teacher_model = open_store(root / "teacher_store").manifest.teacher_model
     bpe_dir = root / "bpe_tokenizer"
     if not (bpe_dir / "tokenizer.json").is_file():
         vocab_size = quick.bpe_vocab_size if quick else study.bpe_tokenizer["vocab_size"]

@@ -137,7 +137,7 @@ def test_store_values_equal_direct_computation(reference_store, teacher_dir) -> 
     store = open_store(store_path)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     vocab = vocab_from_tokenizer(bpe_tokenizer())
-    assert store.manifest["tokenizer_fingerprint"] == vocab.fingerprint()
+    assert store.manifest.tokenizer_fingerprint == vocab.fingerprint()
     masks = vocab.boundary_class[None, :] == np.arange(5)[:, None]
     sequences = list(store)
     # 17 documents, 2 empty ones skipped, ids in document order
@@ -197,8 +197,8 @@ def test_store_records_text_segments_and_truncation(reference_store, data_dir) -
         assert not seq.truncated and seq.segments[-1]["role"] == "eot"
         assert seq.token_id[-len(end_of_turn) :].tolist() == end_of_turn
     manifest = open_store(store_path).manifest
-    assert manifest["max_length"] == MAX_LENGTH and manifest["top_k"] == TOP_K
-    assert manifest["backend"]["name"] == "hf" and manifest["backend"]["boundary_method"] == "exact"
+    assert manifest.max_length == MAX_LENGTH and manifest.top_k == TOP_K
+    assert manifest.backend == "hf" and manifest.boundary_method == "exact"
     assert (store_path / "vocab" / "tokenizer" / "tokenizer.json").is_file()
 
 
@@ -459,8 +459,7 @@ def test_demo_recipe_with_smollm2_matches_direct_computation(tmp_path) -> None:
     assert "is finished" in message
     store = open_store(tmp_path / "store")
     assert (
-        store.num_sequences == 6
-        and store.manifest["teacher"]["model"] == "builtin:smollm2-135m-instruct"
+        store.num_sequences == 6 and store.manifest.teacher_model == "builtin:smollm2-135m-instruct"
     )
     model = AutoModelForCausalLM.from_pretrained(
         resolve_teacher_path("builtin:smollm2-135m-instruct")

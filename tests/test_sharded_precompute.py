@@ -95,7 +95,7 @@ def run_alm(*args: str) -> subprocess.CompletedProcess:
 def assert_same_store(path_a: Path, path_b: Path) -> None:
     """Equal plans, shards, index tables and every per-token array (NaN where NaN)."""
     a, b = open_store(str(path_a)), open_store(str(path_b))
-    assert a.manifest["plan_fingerprint"] == b.manifest["plan_fingerprint"]
+    assert a.manifest.plan_fingerprint == b.manifest.plan_fingerprint
     assert a.shard_indices == b.shard_indices
     for shard_a, shard_b in zip(a.iter_shards(), b.iter_shards(), strict=True):
         assert shard_a.index.column_names == shard_b.index.column_names
@@ -107,8 +107,8 @@ def assert_same_store(path_a: Path, path_b: Path) -> None:
         assert shard_a.arrays.keys() == shard_b.arrays.keys()
         for name, array in shard_a.arrays.items():
             np.testing.assert_array_equal(array, shard_b.arrays[name], err_msg=name)
-    for doc_a, doc_b in zip(a.manifest["shards"], b.manifest["shards"], strict=True):
-        assert doc_a["arrays"] == doc_b["arrays"]
+    for record_a, record_b in zip(a.manifest.shards, b.manifest.shards, strict=True):
+        assert record_a.arrays == record_b.arrays
 
 
 @pytest.fixture(scope="module")
@@ -235,9 +235,9 @@ def test_a_store_written_through_the_vllm_path_equals_the_hf_store(
     assert engine_args["logprobs_mode"] == "raw_logprobs"
     assert engine_args["enable_prefix_caching"] is False
     vllm_store = open_store(str(store))
-    assert vllm_store.manifest["backend"]["name"] == "vllm"
-    assert vllm_store.manifest["backend"]["boundary_method"] == method
-    assert vllm_store.manifest["backend"]["boundary_top_k"] == (6 if method == "topk_lower" else 0)
+    assert vllm_store.manifest.backend == "vllm"
+    assert vllm_store.manifest.boundary_method == method
+    assert vllm_store.manifest.boundary_top_k == (6 if method == "topk_lower" else 0)
 
     stats = compare_stores_stats(str(single), str(store))  # raises if token ids or sequences differ
     assert stats["logp"]["max"] < 1e-5

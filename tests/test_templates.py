@@ -25,12 +25,14 @@ from alm.templates import (
     Document,
     Segment,
     chat_document,
+    document_from_parts,
     document_from_stored,
     family_for_tokenizer,
     merge_spans,
     plain_document,
     render,
     sequence_from_ids,
+    sequence_from_stored,
     token_in_loss,
 )
 from alm.vocab import vocab_from_tokenizer
@@ -357,7 +359,7 @@ def test_sequence_from_ids_rebuilds_render_offsets(case, max_length):
     np.testing.assert_array_equal(again.loss_spans, seq.loss_spans)
 
 
-def test_sequence_from_ids_accepts_a_stored_sequence_object():
+def test_sequence_from_stored_reads_a_stored_sequence_object():
     tok, vocab = setup("bpe_chatml")
     seq = render(chat_document("d", "s", 0, MESSAGES), tok, vocab)
 
@@ -367,10 +369,12 @@ def test_sequence_from_ids_accepts_a_stored_sequence_object():
         segments = seq.segments
         loss_spans = seq.loss_spans
         truncated = False
+        doc_id, source, row = "d", "s", 0
 
-    again = sequence_from_ids(Stored(), vocab)
+    again = sequence_from_stored(Stored(), vocab)
     np.testing.assert_array_equal(again.end_byte, seq.end_byte)
     doc = document_from_stored(Stored())
+    assert (doc.doc_id, doc.source, doc.row) == ("d", "s", 0)
     assert render(doc, tok, vocab).token_id.tolist() == seq.token_id.tolist()
 
 
@@ -390,7 +394,7 @@ def test_student_rerender_of_stored_document_keeps_text_roles_and_loss(student):
     teacher_tok, teacher_vocab = setup("bpe_chatml")
     doc = chat_document("d", "s", 0, MESSAGES, loss="last_assistant")
     stored = render(doc, teacher_tok, teacher_vocab)
-    abstract = document_from_stored(stored.text, stored.segments, stored.loss_spans)
+    abstract = document_from_parts(stored.text, stored.segments, stored.loss_spans)
     assert [s.role for s in abstract.segments] == [s.role for s in doc.segments]
     assert [s.in_loss for s in abstract.segments if s.role == "text"] == [
         s.in_loss for s in doc.segments if s.role == "text"
@@ -478,9 +482,7 @@ def test_random_chat_documents_render_exactly_and_rebuild_from_ids(
     np.testing.assert_array_equal(again.end_byte, seq.end_byte)
     assert list(again.role) == list(seq.role)
     if not seq.truncated:
-        rerendered = render(
-            document_from_stored(seq.text, seq.segments, seq.loss_spans), tok, vocab
-        )
+        rerendered = render(document_from_parts(seq.text, seq.segments, seq.loss_spans), tok, vocab)
         assert rerendered.token_id.tolist() == seq.token_id.tolist()
         np.testing.assert_array_equal(rerendered.loss_spans, seq.loss_spans)
     # The loss region: no header or bos unless every kept text is trained (`loss: all`, or a dialogue whose turns

@@ -115,11 +115,8 @@ def _side(tokens: Any, name: str) -> _Side:
     role_in = getattr(tokens, "role", None)
     if role_in is None:
         role = np.full(n, None, dtype=object)
-    elif isinstance(role_in, np.ndarray) and role_in.dtype == object:
-        role = role_in
     else:
-        role = np.empty(len(role_in), dtype=object)
-        role[:] = list(role_in)
+        role = np.asarray(role_in, dtype=object)  # [n]; no copy for an object array
     if role.shape != (n,):
         raise AlignmentError(
             f"{name} tokens: {len(role)} roles for {n} tokens; give one role (or None) per token."

@@ -36,7 +36,7 @@ from alm.losses.alm import (
 )
 from alm.losses.batch import pad_targets
 from alm.store.reader import StoredSequence, open_store
-from alm.templates import document_from_stored, family_for_tokenizer, render, sequence_from_ids
+from alm.templates import document_from_stored, family_for_tokenizer, render, sequence_from_stored
 
 STORE_FIELDS = ["token_id", "logp", "boundary_logmass"]
 
@@ -109,7 +109,7 @@ def store_agreement(
     boundary_mask = torch.as_tensor(scorer.vocab.boundary_mask(classes))
     examples = []
     for seq in seqs:
-        teacher = sequence_from_ids(seq, teacher_vocab)
+        teacher = sequence_from_stored(seq, teacher_vocab)
         student = render(
             document_from_stored(seq),
             scorer.tokenizer,

@@ -1,7 +1,7 @@
 """The ALM loss on the model side (ALM_SPEC.md §5, §6): student statistics, group sums, divergences, normaliser.
 
 Owns the next-token shift (`next_token_ids`, `logp_of_token`), `token_stats` (chunked log-softmax + boundary
-log-mass), `binarised_divergence`, `alm_loss` (from padded targets) and `alm_batch_loss` (from per-token teacher
+log-mass), `binarised_divergence`, `alm_loss` (from padded targets), `alm_batch_loss` and `alm_live_teacher_loss` (from per-token teacher
 values, for a live teacher). Must not import `alm.config`.
 
 Glossary for shape comments: B batch, Ts student length, Tt teacher length, V (padded) student vocab, G groups.
@@ -422,8 +422,8 @@ def alm_batch_loss(
     student_input_ids: torch.Tensor,
     student_boundary_mask: torch.Tensor,
     chunks: Sequence[Chunks],
-    teacher_logp: Sequence[Any],
-    teacher_boundary_logmass: Sequence[Any],
+    teacher_logp: Sequence[np.ndarray],
+    teacher_boundary_logmass: Sequence[np.ndarray],
     *,
     gamma: float = 0.1,
     temperature: float = 100.0,
@@ -433,35 +433,30 @@ def alm_batch_loss(
     vocab_size: int | None = None,
     debias: bool = True,
 ) -> AlmLossOutput:
-    """The whole ALM loss from per-token teacher values (stored or from a live teacher) and student logits.
+    """The whole ALM loss from per-token teacher values as NumPy arrays (a store's) and student logits.
 
-    Builds each example's targets (`alm.align.build_alm_targets`), pads them, and calls `alm_loss`.
+    Builds each example's targets (`alm.align.build_alm_targets`), pads them, and calls `alm_loss`. For teacher
+    values in tensors (a live teacher's `sequence_logp_and_boundary_logmass`) use `alm_live_teacher_loss`.
 
     Args:
         student_logits: [B, Ts, V].
         student_input_ids: int64 [B, Ts].
         student_boundary_mask: bool [V], the student's boundary set.
         chunks: per example, the `Chunks` from `alm.align_chunks` / `align_sequences`.
-        teacher_logp: per example, float [n_b] teacher `log p(token_q | tokens[:q])` (NaN or anything at 0);
-            NumPy arrays or tensors (detached).
-        teacher_boundary_logmass: per example, float [n_b] teacher boundary log-mass after token q.
+        teacher_logp: per example, float NumPy [n_b] teacher `log p(token_q | tokens[:q])` (NaN or anything
+            at 0).
+        teacher_boundary_logmass: per example, float NumPy [n_b] teacher boundary log-mass after token q.
         gamma, temperature, divergence, num_valid_groups_global, drop_unterminated_groups, vocab_size, debias:
             as in `build_alm_targets` and `alm_loss`.
 
     Returns:
         `AlmLossOutput`.
     """
-
-    def to_numpy(values: Any) -> np.ndarray:
-        if isinstance(values, torch.Tensor):
-            return values.detach().to("cpu", torch.float64).numpy()
-        return np.asarray(values, dtype=np.float64)
-
     per_example = [
         build_alm_targets(
             example_chunks,
-            to_numpy(logp),
-            to_numpy(boundary),
+            np.asarray(logp, dtype=np.float64),
+            np.asarray(boundary, dtype=np.float64),
             gamma=gamma,
             drop_unterminated_groups=drop_unterminated_groups,
             debias=debias,
@@ -481,6 +476,42 @@ def alm_batch_loss(
         num_valid_groups_global=num_valid_groups_global,
         vocab_size=vocab_size,
         debias=debias,
+    )
+
+
+def alm_live_teacher_loss(
+    student_logits: torch.Tensor,
+    student_input_ids: torch.Tensor,
+    student_boundary_mask: torch.Tensor,
+    chunks: Sequence[Chunks],
+    teacher_logp: Sequence[torch.Tensor],
+    teacher_boundary_logmass: Sequence[torch.Tensor],
+    **options: Any,
+) -> AlmLossOutput:
+    """`alm_batch_loss` for teacher values in tensors, e.g. a live teacher's `sequence_logp_and_boundary_logmass`.
+
+    Args:
+        student_logits, student_input_ids, student_boundary_mask, chunks: as in `alm_batch_loss`.
+        teacher_logp: per example (a [B, Tt] tensor iterates as one), float [n_b] on any device; detached here
+            (the teacher is a constant of the loss).
+        teacher_boundary_logmass: per example, float [n_b].
+        **options: the keyword options of `alm_batch_loss` (gamma, temperature, divergence, ...).
+
+    Returns:
+        `AlmLossOutput`.
+    """
+
+    def to_numpy(values: torch.Tensor) -> np.ndarray:
+        return values.detach().to("cpu", torch.float64).numpy()
+
+    return alm_batch_loss(
+        student_logits,
+        student_input_ids,
+        student_boundary_mask,
+        chunks,
+        [to_numpy(v) for v in teacher_logp],
+        [to_numpy(v) for v in teacher_boundary_logmass],
+        **options,
     )
 
 

@@ -2,7 +2,7 @@
 (ALM_SPEC.md §6.4, data side).
 
 Owns `PaddedTargets` and `pad_targets`. Stage two's collation (`alm.train.batch.collate`) calls `pad_targets`
-once per micro-batch; `alm_batch_loss` calls it for a live teacher. Must not import `alm.config`.
+once per micro-batch; `alm_batch_loss` (and `alm_live_teacher_loss`) call it. Must not import `alm.config`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The teacher store: Zarr v3 per-token arrays + Arrow index + JSON manifest (`docs/store.md`, `DESIGN.md`).
 
-Public: `open_store`, `TeacherStore`, `StoredSequence`, `ShardData` (reader); `StorePlan`, `prepare_store`,
+Public: `open_store`, `TeacherStore`, `StoredSequence`, `ShardData` (reader); `StoreManifest` (the typed manifest); `StorePlan`, `prepare_store`,
 `StoreLayout`, `ShardWriter` (writer); `finalize_store`, `try_finalize`; `inspect_store`, `compare_stores`;
 `push_store`, `pull_store` (transfer).
 Imports numpy, pyarrow, zarr and fsspec only (never torch, never `alm.config`); submodules load lazily.
@@ -14,6 +14,7 @@ _EXPORTS = {
     "TeacherStore": "alm.store.reader",
     "StoredSequence": "alm.store.reader",
     "ShardData": "alm.store.reader",
+    "StoreManifest": "alm.store.manifest",
     "StorePlan": "alm.store.writer",
     "StoreLayout": "alm.store.writer",
     "prepare_store": "alm.store.writer",

@@ -1,14 +1,17 @@
 """The store card: a `README.md` inside a finished teacher store, written by finalize (`docs/store.md`).
 
-Owns the card's content, rendered from the manifest alone: the teacher, the data spec, the stored fields with dtype
+Owns the card's content, rendered from the typed manifest alone (`alm.store.manifest.StoreManifest`): the teacher, the data spec, the stored fields with dtype
 and shape, sizes, fingerprints, the command that made the store, and how to read it with plain zarr + pyarrow. The
 card is for people; programs read `alm-store.json`. Pure string formatting; imports nothing beyond the standard
-library.
+library and the manifest model.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from alm.store.manifest import StoreManifest
 
 CARD_FILE = "README.md"
 
@@ -22,19 +25,15 @@ def _size(num_bytes: int) -> str:
     return f"{num_bytes} B" if unit == "B" else f"{value:.1f} {unit}"
 
 
-def render_card(manifest: dict[str, Any]) -> str:
-    """The store card (Markdown) of a manifest document (`finalize.build_manifest`)."""
-    teacher = manifest["teacher"]
-    totals = manifest["totals"]
-    backend = manifest["backend"]
-    plan = manifest.get("plan", {})
-    command = plan.get("command") or ""
-    num_shards = len(manifest["shards"])
-    tokens = max(int(totals["num_tokens"]), 1)
+def render_card(manifest: StoreManifest, format_name: str) -> str:
+    """The store card (Markdown) of a finished store's manifest (`finalize.build_manifest`)."""
+    command = manifest.plan.get("command") or ""
+    num_shards = len(manifest.shards)
+    tokens = max(manifest.num_tokens, 1)
     fields = "\n".join(
         f"| `{name}` | {spec['dtype']} | {spec['shape']} |"
         + (f" encoding {spec['encoding']}" if spec.get("encoding") else "")
-        for name, spec in manifest["fields"].items()
+        for name, spec in manifest.fields.items()
     )
     made_by = (
         f"```\n{command}\n```\n"
@@ -46,9 +45,9 @@ def render_card(manifest: dict[str, Any]) -> str:
         if command
         else "not recorded (the store predates command recording, or was written through the Python API).\n"
     )
-    return f"""# Teacher store: {teacher["model"]}
+    return f"""# Teacher store: {manifest.teacher_model}
 
-An `alm` teacher store (format `{manifest["format"]}` v{manifest["format_version"]}) for offline distillation
+An `alm` teacher store (format `{format_name}` v{manifest.format_version}) for offline distillation
 with Approximate Likelihood Matching. This card is written by `alm store finalize` from `alm-store.json`, which
 is the authority; the format is documented in alm's `docs/store.md`.
 
@@ -56,14 +55,14 @@ is the authority; the format is documented in alm's `docs/store.md`.
 
 | | |
 |---|---|
-| teacher | `{teacher["model"]}` (revision `{teacher.get("revision")}`, config hash `{teacher.get("config_hash")}`) |
-| teacher tokenizer fingerprint | `{manifest["tokenizer_fingerprint"]}` |
-| data spec | `{manifest["data_spec"]["name"]}` (fingerprint `{manifest["data_spec"]["fingerprint"]}`) |
-| backend | `{backend["name"]}`, boundary method `{backend["boundary_method"]}` |
-| max length | {manifest["max_length"]} teacher tokens per sequence |
-| top-k | {manifest["top_k"] or "not stored"} |
-| plan fingerprint | `{manifest["plan_fingerprint"]}` |
-| finalized | {manifest.get("created_at")} |
+| teacher | `{manifest.teacher_model}` (revision `{manifest.teacher_revision}`, config hash `{manifest.teacher_config_hash}`) |
+| teacher tokenizer fingerprint | `{manifest.tokenizer_fingerprint}` |
+| data spec | `{manifest.data_spec_name}` (fingerprint `{manifest.data_spec_fingerprint}`) |
+| backend | `{manifest.backend}`, boundary method `{manifest.boundary_method}` |
+| max length | {manifest.max_length} teacher tokens per sequence |
+| top-k | {manifest.top_k or "not stored"} |
+| plan fingerprint | `{manifest.plan_fingerprint}` |
+| finalized | {manifest.created_at} |
 
 ## Made by
 
@@ -76,9 +75,9 @@ is the authority; the format is documented in alm's `docs/store.md`.
 
 ## Sizes
 
-{num_shards} shards, {totals["num_sequences"]} sequences, {totals["num_tokens"]} teacher tokens,
-{totals["num_text_bytes"]} text bytes; shard files {_size(int(totals["num_disk_bytes"]))}
-({int(totals["num_disk_bytes"]) / tokens:.1f} bytes per teacher token).
+{num_shards} shards, {manifest.num_sequences} sequences, {manifest.num_tokens} teacher tokens,
+{manifest.num_text_bytes} text bytes; shard files {_size(manifest.num_disk_bytes)}
+({manifest.num_disk_bytes / tokens:.1f} bytes per teacher token).
 
 ## Reading it without alm
 

@@ -21,9 +21,10 @@ from alm.store import integrity, schema
 from alm.store._fs import Location, locate
 from alm.store.card import CARD_FILE, render_card
 from alm.store.fingerprint import array_checksum
-from alm.store.reader import ShardCheck, read_shard_arrays, read_shard_index
+from alm.store.manifest import StoreManifest
+from alm.store.reader import ShardCheck, read_manifest, read_shard_arrays, read_shard_index
 from alm.store.replace import remove_replaced
-from alm.store.writer import StoreLayout, StorePlan, read_plan, shard_dirname, utc_now
+from alm.store.writer import StoreLayout, StorePlan, read_plan, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +128,9 @@ def written_store_files(root: Path) -> set[str]:
 
     out = {schema.PLAN_FILE, schema.MANIFEST_FILE, schema.VOCAB_TABLE_FILE, CARD_FILE}
     try:
-        manifest = json.loads((root / schema.MANIFEST_FILE).read_text(encoding="utf-8"))
-        out.update(manifest.get("files", {}))
-    except (OSError, ValueError, AttributeError):
+        doc = json.loads((root / schema.MANIFEST_FILE).read_text(encoding="utf-8"))
+        out.update(StoreManifest.from_json(doc).files)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # no or a damaged manifest
         pass
     tokenizer = root / schema.TOKENIZER_DIR
     if tokenizer.is_dir():
@@ -138,9 +139,9 @@ def written_store_files(root: Path) -> set[str]:
         out |= listed(root / "alignments")
     shards = root / schema.SHARDS_DIR
     for entry in sorted(shards.iterdir()) if shards.is_dir() else []:
-        if entry.is_dir() and entry.name.startswith(".tmp-shard-"):
+        if entry.is_dir() and entry.name.startswith(schema.TEMP_SHARD_DIR_PREFIX):
             out |= listed(entry)
-        elif entry.is_dir() and re.fullmatch(r"shard-\d{5}", entry.name):
+        elif entry.is_dir() and schema.SHARD_DIR_PATTERN.fullmatch(entry.name):
             where = f"{schema.SHARDS_DIR}/{entry.name}"
             try:
                 doc = json.loads((entry / schema.SHARD_FILE).read_text(encoding="utf-8"))
@@ -154,7 +155,7 @@ def written_store_files(root: Path) -> set[str]:
                     if p.is_file()
                 ]
             out |= {f"{where}/{rel}" for rel in [schema.SHARD_FILE, *files]}
-        elif re.fullmatch(r"\.claim-shard-\d{5}\.json", entry.name):
+        elif schema.CLAIM_FILE_PATTERN.fullmatch(entry.name):
             out.add(f"{schema.SHARDS_DIR}/{entry.name}")
     # temp and stale copies of alm's files (a write killed before its rename)
     for path in root.rglob("*"):
@@ -172,7 +173,7 @@ def build_manifest(
     shards = [
         {
             "index": int(d["shard_index"]),
-            "path": f"{schema.SHARDS_DIR}/{shard_dirname(int(d['shard_index']))}",
+            "path": schema.shard_path(int(d["shard_index"])),
             "num_sequences": d["num_sequences"],
             "num_tokens": d["num_tokens"],
             "num_text_bytes": d["num_text_bytes"],
@@ -268,9 +269,9 @@ def finalize_store(
         j = int(doc.get("shard_index", -1))
         claims.setdefault(j, []).append(name)
         docs[name] = doc
-        if name != shard_dirname(j):
+        if name != schema.shard_dirname(j):
             problems.append(
-                f"{schema.SHARDS_DIR}/{name} holds shard {j} but is not named {shard_dirname(j)}"
+                f"{schema.SHARDS_DIR}/{name} holds shard {j} but is not named {schema.shard_dirname(j)}"
             )
     missing = [j for j in range(plan.num_shards) if j not in claims]
     if missing:
@@ -313,7 +314,7 @@ def finalize_store(
         )
     manifest = integrity.with_checksum(build_manifest(location, plan, list(docs.values())))
     location.write_bytes(
-        render_card(manifest).encode(), CARD_FILE
+        render_card(StoreManifest.from_json(manifest), schema.FORMAT_NAME).encode(), CARD_FILE
     )  # before the manifest: it is last
     location.write_bytes(schema.json_bytes(manifest), schema.MANIFEST_FILE)
     if location.is_local:  # the replacement is complete: now the store it replaced may go
@@ -343,12 +344,14 @@ def try_finalize(layout: StoreLayout, *, verify_arrays: bool = True) -> str | No
     if len(layout.done_shards()) < layout.plan.num_shards:
         return None
     location = layout.location
-    if location.exists(schema.MANIFEST_FILE):
-        manifest = location.read_json(schema.MANIFEST_FILE)
-        if manifest.get("plan_fingerprint") == layout.plan.fingerprint():
-            return (
-                location.path(schema.MANIFEST_FILE)
-                if location.is_local
-                else f"{location.url}/{schema.MANIFEST_FILE}"
-            )
+    try:
+        manifest = read_manifest(location)
+    except StoreError:  # damaged: written again below
+        manifest = None
+    if manifest is not None and manifest.plan_fingerprint == layout.plan.fingerprint():
+        return (
+            location.path(schema.MANIFEST_FILE)
+            if location.is_local
+            else f"{location.url}/{schema.MANIFEST_FILE}"
+        )
     return finalize_store(layout, verify_arrays=verify_arrays)

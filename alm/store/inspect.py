@@ -88,9 +88,7 @@ def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any
         "url": st.url,
         "finished": st.is_finished,
         "num_shards_done": len(st.shard_indices),
-        "num_shards_planned": int(
-            st.plan_doc.get("plan", {}).get("num_shards", len(st.shard_indices))
-        ),
+        "num_shards_planned": st.manifest.num_shards or len(st.shard_indices),
         "num_sequences": num_sequences,
         "num_tokens": num_tokens,
         "num_text_bytes": num_text_bytes,
@@ -109,33 +107,30 @@ def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any
     field_bytes = {}
     for name in st.field_specs:
         field_bytes[name] = sum(
-            loc.size_bytes(f"{schema.SHARDS_DIR}/shard-{j:05d}", schema.ARRAYS_DIR, name)
-            for j in st.shard_indices
+            loc.size_bytes(schema.shard_path(j), schema.ARRAYS_DIR, name) for j in st.shard_indices
         )
     stats["disk_bytes_per_field"] = field_bytes
     stats["disk_bytes_index"] = sum(
-        loc.size_bytes(f"{schema.SHARDS_DIR}/shard-{j:05d}", schema.INDEX_FILE)
-        for j in st.shard_indices
+        loc.size_bytes(schema.shard_path(j), schema.INDEX_FILE) for j in st.shard_indices
     )
     stats["disk_bytes_total"] = loc.size_bytes()
     stats["bytes_per_token_default_fields"] = sum(field_bytes[f] for f in schema.DEFAULT_FIELDS) / n
     stats["bytes_per_token_total"] = stats["disk_bytes_total"] / n
     manifest = st.manifest
-    plan = manifest.get("plan", {})
     stats["fingerprints"] = {
-        "teacher_model": plan.get("teacher_model"),
-        "teacher_revision": plan.get("teacher_revision"),
-        "teacher_config_hash": plan.get("teacher_config_hash"),
-        "tokenizer": plan.get("tokenizer_fingerprint"),
-        "data_spec": f"{plan.get('data_spec_name')} {plan.get('data_spec_fingerprint')}",
-        "plan": manifest.get("plan_fingerprint"),
-        "backend": f"{plan.get('backend')} ({plan.get('boundary_method')})",
+        "teacher_model": manifest.teacher_model,
+        "teacher_revision": manifest.teacher_revision,
+        "teacher_config_hash": manifest.teacher_config_hash,
+        "tokenizer": manifest.tokenizer_fingerprint,
+        "data_spec": f"{manifest.data_spec_name} {manifest.data_spec_fingerprint}",
+        "plan": manifest.plan_fingerprint,
+        "backend": f"{manifest.backend} ({manifest.boundary_method})",
     }
     if has_topk and lower_err:
         low = np.concatenate(lower_err)
         up = np.concatenate(upper_err)
         stats["topk_bound"] = {
-            "k": int(plan.get("top_k", 0)),
+            "k": manifest.top_k,
             "lower_err_mean": float(low.mean()),
             "lower_err_max": float(low.max()),
             "upper_err_mean": float(up.mean()),
@@ -308,11 +303,9 @@ def compare_stores(
     s = compare_stores_stats(a, b)
 
     def method(store: TeacherStore) -> str:
-        backend = store.manifest.get("backend", {})
-        k = backend.get("boundary_top_k") or 0
-        return f"{backend.get('name')}, {backend.get('boundary_method')}" + (
-            f", k={k}" if k else ""
-        )
+        manifest = store.manifest
+        k = manifest.boundary_top_k
+        return f"{manifest.backend}, {manifest.boundary_method}" + (f", k={k}" if k else "")
 
     method_a, method_b = method(a), method(b)
     lines = [

@@ -81,7 +81,7 @@ def shard_fix(url: str, shard_index: int | None, num_shards: int | None) -> str:
     worker = f"--shard {shard_index % num_shards}/{num_shards}" if num_shards else "--shard i/N"
     return (
         "copy the shard back from an intact copy of the store, or recompute it: remove "
-        f"{schema.SHARDS_DIR}/shard-{shard_index:05d}/ and {schema.MANIFEST_FILE}, rerun `alm precompute RECIPE "
+        f"{schema.shard_path(shard_index)}/ and {schema.MANIFEST_FILE}, rerun `alm precompute RECIPE "
         f"{worker}` (same recipe and worker count as before) and `alm store finalize {url}`. {verify}"
     )
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -28,6 +28,7 @@ from zarr.core.buffer import cpu
 from alm.errors import StoreError
 from alm.store import integrity, schema
 from alm.store._fs import Location, locate
+from alm.store.manifest import StoreManifest
 
 logger = logging.getLogger(__name__)
 
@@ -457,69 +458,65 @@ class TeacherStore:
     """
 
     def __init__(
-        self, location: Location, manifest: dict[str, Any] | None, plan_doc: dict[str, Any]
+        self, location: Location, manifest_doc: dict[str, Any] | None, plan_doc: dict[str, Any]
     ) -> None:
         self.location = location
         self.plan_doc = plan_doc
-        self._manifest = manifest
-        self.format_version = int(
-            (manifest or plan_doc).get("format_version", schema.FORMAT_VERSION)
-        )
-        if manifest is not None:
-            self.shard_indices = [int(s["index"]) for s in manifest["shards"]]
-            self.field_specs: dict[str, dict[str, Any]] = manifest["fields"]
-        else:
-            self.shard_indices = [
-                j
-                for j in range(int(plan_doc["plan"]["num_shards"]))
-                if location.exists(self._shard_path(j), schema.SHARD_FILE)
-            ]
-            self.field_specs = plan_doc["field_specs"]
-        hidden = self.field_specs.get("hidden")
-        self.hidden_encoding: str | None = hidden.get("encoding") if hidden else None
+        self.manifest_doc = manifest_doc  # the JSON as written (None for an unfinished store)
         self._checked_shard_docs: dict[int, dict[str, Any]] = {}
-
-    @staticmethod
-    def _shard_path(j: int) -> str:
-        return f"{schema.SHARDS_DIR}/shard-{j:05d}"
+        self.manifest: StoreManifest
+        if manifest_doc is not None:
+            self.manifest = StoreManifest.from_json(manifest_doc)
+        else:
+            self.manifest = StoreManifest.from_plan(plan_doc, [])
+            committed = [
+                j
+                for j in range(self.manifest.num_shards or 0)
+                if location.exists(schema.shard_path(j), schema.SHARD_FILE)
+            ]
+            self.manifest = StoreManifest.from_plan(
+                plan_doc, [self.shard_doc(j) for j in committed]
+            )
 
     @property
     def url(self) -> str:
         return self.location.url
 
     @property
+    def format_version(self) -> int:
+        return self.manifest.format_version
+
+    @property
+    def shard_indices(self) -> list[int]:
+        return self.manifest.shard_indices
+
+    @property
+    def field_specs(self) -> Mapping[str, Mapping[str, Any]]:
+        return self.manifest.fields
+
+    @property
+    def hidden_encoding(self) -> str | None:
+        return self.manifest.hidden_encoding
+
+    @property
     def num_shards(self) -> int | None:
-        plan = (self._manifest or self.plan_doc).get("plan", {})
-        return int(plan["num_shards"]) if "num_shards" in plan else None
+        return self.manifest.num_shards
 
     @property
     def is_finished(self) -> bool:
-        return self._manifest is not None
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        """The manifest (`alm-store.json`); for an unfinished store, a partial one built from the plan."""
-        if self._manifest is not None:
-            return self._manifest
-        return {"unfinished": True, **self.plan_doc, "fields": self.field_specs}
+        return self.manifest.finished
 
     @property
     def fields(self) -> tuple[str, ...]:
         return tuple(self.field_specs)
 
-    @cached_property
-    def _shard_docs(self) -> dict[int, dict[str, Any]]:
-        if self._manifest is not None:
-            return {int(s["index"]): s for s in self._manifest["shards"]}
-        return {j: self.shard_doc(j) for j in self.shard_indices}
-
     @property
     def num_sequences(self) -> int:
-        return sum(int(d["num_sequences"]) for d in self._shard_docs.values())
+        return self.manifest.num_sequences
 
     @property
     def num_tokens(self) -> int:
-        return sum(int(d["num_tokens"]) for d in self._shard_docs.values())
+        return self.manifest.num_tokens
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -530,7 +527,7 @@ class TeacherStore:
         Raises:
             StoreCorruptError: the file is missing or differs from what the manifest records.
         """
-        return _store_file_bytes(self.location, self._manifest, rel)
+        return _store_file_bytes(self.location, self.manifest.files, rel)
 
     def check_store_files(self) -> None:
         """Check every store-level file the manifest lists (plan, vocabulary table, tokenizer files).
@@ -538,7 +535,7 @@ class TeacherStore:
         Raises:
             StoreCorruptError: naming the first missing or changed file.
         """
-        for rel in (self._manifest or {}).get("files", {}):
+        for rel in self.manifest.files:
             self.store_file_bytes(rel)
 
     def shard_doc(self, shard_index: int) -> dict[str, Any]:
@@ -549,8 +546,8 @@ class TeacherStore:
         """
         if shard_index in self._checked_shard_docs:
             return self._checked_shard_docs[shard_index]
-        check = ShardCheck(self.url, self._shard_path(shard_index), shard_index, self.num_shards)
-        if not self.location.isdir(self._shard_path(shard_index)):
+        check = ShardCheck(self.url, schema.shard_path(shard_index), shard_index, self.num_shards)
+        if not self.location.isdir(schema.shard_path(shard_index)):
             raise check.error(
                 "", "is missing: the whole shard folder is gone (it is listed in alm-store.json)"
             )
@@ -558,14 +555,15 @@ class TeacherStore:
         problem = integrity.document_problem(doc) if isinstance(doc, dict) else "is not an object"
         if problem:
             raise check.error(schema.SHARD_FILE, problem)
-        if self._manifest is not None:
-            entry = self._shard_docs[shard_index]
-            if "checksum" in entry:
-                same = doc.get("checksum") == entry["checksum"]
+        if self.manifest.finished:
+            entry = self.manifest.shard(shard_index)
+            if entry.checksum is not None:
+                same = doc.get("checksum") == entry.checksum
             else:  # a store written before checksums: compare what the manifest copied
-                same = doc.get("arrays") == entry.get("arrays") and doc.get("index", {}).get(
-                    "sha256"
-                ) == entry.get("index_sha256")
+                same = (
+                    doc.get("arrays") == entry.arrays
+                    and doc.get("index", {}).get("sha256") == entry.index_sha256
+                )
             if not same:
                 raise check.error(
                     schema.SHARD_FILE,
@@ -579,7 +577,7 @@ class TeacherStore:
         doc = self.shard_doc(shard_index)
         return ShardCheck(
             self.url,
-            self._shard_path(shard_index),
+            schema.shard_path(shard_index),
             shard_index,
             self.num_shards,
             doc.get("files"),
@@ -589,9 +587,10 @@ class TeacherStore:
     @cached_property
     def vocab_table(self) -> pa.Table:
         """The teacher's id->bytes table (`vocab/teacher_vocab.parquet`), checked against the manifest."""
-        if not self.location.exists(schema.VOCAB_TABLE_FILE) and schema.VOCAB_TABLE_FILE not in (
-            self._manifest or {}
-        ).get("files", {}):
+        if (
+            not self.location.exists(schema.VOCAB_TABLE_FILE)
+            and schema.VOCAB_TABLE_FILE not in self.manifest.files
+        ):
             raise StoreError(
                 f"store {self.url} has no {schema.VOCAB_TABLE_FILE}; the precompute did not write it"
             )
@@ -634,7 +633,7 @@ class TeacherStore:
             raise StoreError(
                 f"shard {shard_index} is not a finished shard of {self.url} (have {self.shard_indices})"
             )
-        path = self._shard_path(shard_index)
+        path = schema.shard_path(shard_index)
         names = list(fields) if fields is not None else list(self.field_specs)
         unknown = [n for n in names if n not in self.field_specs]
         if unknown:
@@ -700,8 +699,10 @@ def _check_recorded_checksums(
             )
 
 
-def _store_file_bytes(location: Location, manifest: dict[str, Any] | None, rel: str) -> bytes:
-    entry = (manifest or {}).get("files", {}).get(rel)
+def _store_file_bytes(
+    location: Location, files: Mapping[str, Mapping[str, Any]], rel: str
+) -> bytes:
+    entry = files.get(rel)
     try:
         data = location.read_bytes(rel)
     except StoreError:
@@ -715,8 +716,27 @@ def _store_file_bytes(location: Location, manifest: dict[str, Any] | None, rel: 
     return data
 
 
-def read_manifest(location: Location) -> dict[str, Any] | None:
-    """The manifest, checked against its own checksum; None when the store is not finished.
+def read_manifest(location: Location) -> StoreManifest | None:
+    """The typed manifest, checked against its own checksum; None when the store is not finished.
+
+    Raises:
+        StoreCorruptError: the manifest is not valid JSON, its content changed since it was written, or it lacks
+            a required entry.
+        StoreError: another format or a newer version.
+    """
+    doc = read_manifest_doc(location)
+    if doc is None:
+        return None
+    try:
+        return StoreManifest.from_json(doc)
+    except (KeyError, TypeError, ValueError) as err:
+        raise integrity.corrupt(
+            location.url, schema.MANIFEST_FILE, f"lacks a required entry ({err!r})"
+        ) from None
+
+
+def read_manifest_doc(location: Location) -> dict[str, Any] | None:
+    """The manifest document (JSON as written), checked against its own checksum; None when not finished.
 
     Raises:
         StoreCorruptError: the manifest is not valid JSON or its content changed since it was written.
@@ -758,7 +778,7 @@ def open_store(
     """
     location = locate(path_or_url)
     has_plan = location.exists(schema.PLAN_FILE)
-    manifest = read_manifest(location)
+    manifest = read_manifest_doc(location)
     if manifest is None and not has_plan:
         raise StoreError(
             f"no teacher store at {location.url} (no {schema.MANIFEST_FILE}); give the folder that "
@@ -770,8 +790,9 @@ def open_store(
             f"(rerun the same command for the missing shards) or run `alm store finalize {location.url}`"
         )
     plan_doc: dict[str, Any] = {}
-    if has_plan or schema.PLAN_FILE in (manifest or {}).get("files", {}):
-        data = _store_file_bytes(location, manifest, schema.PLAN_FILE)
+    files = (manifest or {}).get("files") or {}
+    if has_plan or schema.PLAN_FILE in files:
+        data = _store_file_bytes(location, files, schema.PLAN_FILE)
         try:
             plan_doc = json.loads(data)
         except ValueError as err:

@@ -17,6 +17,7 @@ is measured by `bench/bench_store_codecs.py`; the figures are in `docs/store.md`
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,34 @@ ARRAYS_DIR = "arrays"  # the shard's Zarr v3 group, inside the shard folder
 VOCAB_DIR = "vocab"
 VOCAB_TABLE_FILE = "vocab/teacher_vocab.parquet"
 TOKENIZER_DIR = "vocab/tokenizer"
+
+# The shard layout: shard j lives in `shards/shard-{j:05d}/`, is written into `shards/.tmp-shard-{j:05d}-<random>/`
+# and renamed, and its writer holds `shards/.claim-shard-{j:05d}.json` while it works. Every module names these
+# paths through the functions below.
+SHARD_DIR_PATTERN = re.compile(r"shard-\d{5}")
+TEMP_SHARD_DIR_PREFIX = ".tmp-shard-"
+CLAIM_FILE_PATTERN = re.compile(r"\.claim-shard-\d{5}\.json")
+
+
+def shard_dirname(shard_index: int) -> str:
+    """The folder name of shard j inside `shards/` (`shard-00003`)."""
+    return f"shard-{shard_index:05d}"
+
+
+def shard_path(shard_index: int) -> str:
+    """The path of shard j's folder relative to the store root (`shards/shard-00003`)."""
+    return f"{SHARDS_DIR}/{shard_dirname(shard_index)}"
+
+
+def temp_shard_prefix(shard_index: int) -> str:
+    """The name prefix of shard j's temporary folders inside `shards/` (`.tmp-shard-00003-`)."""
+    return f".tmp-{shard_dirname(shard_index)}-"
+
+
+def claim_path(shard_index: int) -> str:
+    """The path of shard j's writer claim relative to the store root (`shards/.claim-shard-00003.json`)."""
+    return f"{SHARDS_DIR}/.claim-{shard_dirname(shard_index)}.json"
+
 
 DEFAULT_FIELDS: tuple[str, ...] = ("token_id", "logp", "boundary_logmass")
 OPTIONAL_FIELDS: tuple[str, ...] = ("topk_id", "topk_logp", "hidden")
@@ -207,45 +236,37 @@ def boundary_classes_json() -> list[dict[str, Any]]:
     ]
 
 
-def _segment_tuple(seg: Any) -> tuple[str, int, int, int, int]:
-    keys = ("role", "start_byte", "end_byte", "start_pos", "end_pos")
-    if hasattr(seg, "role"):  # dataclasses and named tuples: by name, whatever their field order
-        return tuple(getattr(seg, k) for k in keys)  # type: ignore[return-value]
-    if isinstance(seg, Mapping):
-        return tuple(seg[k] for k in keys)  # type: ignore[return-value]
-    return tuple(seg)  # type: ignore[return-value]  # a plain 5-tuple in `keys` order
+SEGMENT_KEYS: tuple[str, ...] = ("role", "start_byte", "end_byte", "start_pos", "end_pos")
 
 
-def _span_tuple(span: Any) -> tuple[int, int]:
-    if hasattr(span, "start_byte"):
-        return (int(span.start_byte), int(span.end_byte))
-    if isinstance(span, Mapping):
-        return (int(span["start_byte"]), int(span["end_byte"]))
-    return (int(span[0]), int(span[1]))
+def normalize_segments(segments: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Segments as dicts with the index's keys, in the index's order (the rendered and stored segment tables).
 
-
-def normalize_segments(segments: Iterable[Any]) -> list[dict[str, Any]]:
-    """Segments as dicts with the index's keys; accepts mappings, 5-tuples or objects with those attributes."""
+    Raises:
+        StoreError: a segment is not a mapping with the keys `SEGMENT_KEYS`.
+    """
     out = []
     for seg in segments:
-        role, sb, eb, sp, ep = _segment_tuple(seg)
+        if not isinstance(seg, Mapping) or any(k not in seg for k in SEGMENT_KEYS):
+            raise StoreError(
+                f"segment {seg!r} is not a mapping with the keys {list(SEGMENT_KEYS)}; pass the segment table "
+                "of `alm.templates.render` (or of a stored sequence)"
+            )
         out.append(
             {
-                "role": str(role),
-                "start_byte": int(sb),
-                "end_byte": int(eb),
-                "start_pos": int(sp),
-                "end_pos": int(ep),
+                "role": str(seg["role"]),
+                **{k: int(seg[k]) for k in SEGMENT_KEYS[1:]},
             }
         )
     return out
 
 
 def normalize_loss_spans(loss_spans: Iterable[Any] | np.ndarray | None) -> list[dict[str, int]]:
-    """Loss spans as dicts `{start_byte, end_byte}`; accepts pairs, an [k, 2] array, mappings or objects."""
+    """Loss spans as dicts `{start_byte, end_byte}` from `(start_byte, end_byte)` pairs or an int [k, 2] array."""
     if loss_spans is None:
         return []
-    return [dict(zip(("start_byte", "end_byte"), _span_tuple(s))) for s in loss_spans]
+    pairs = np.asarray(list(loss_spans), dtype=np.int64).reshape(-1, 2)  # [k, 2]
+    return [{"start_byte": int(a), "end_byte": int(b)} for a, b in pairs.tolist()]
 
 
 def validate_sequence(

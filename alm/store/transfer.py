@@ -25,6 +25,7 @@ from alm.store import schema
 from alm.store._fs import Location, locate
 from alm.store.card import CARD_FILE
 from alm.store.fingerprint import array_checksum, bytes_fingerprint
+from alm.store.manifest import StoreManifest
 from alm.store.reader import read_shard_arrays
 
 logger = logging.getLogger(__name__)
@@ -98,13 +99,13 @@ def store_listing(location: Location, manifest_bytes: bytes) -> dict[str, Any]:
     Files outside the manifest's shards (an unfinished `.tmp-*` shard, a stray folder) are not part of the store
     and are not listed; the manifest is listed only by its sha256 (it is transferred last, separately).
     """
-    manifest = json.loads(manifest_bytes)
+    manifest = StoreManifest.from_json(json.loads(manifest_bytes))
     files = [schema.PLAN_FILE]
     if location.exists(CARD_FILE):
         files.append(CARD_FILE)
     files += _walk(location, schema.VOCAB_DIR)
-    for shard in manifest["shards"]:
-        files += _walk(location, shard["path"])
+    for shard in manifest.shards:
+        files += _walk(location, shard.path)
     if location.isdir("alignments"):
         files += _walk(location, "alignments")
     entries = []
@@ -145,12 +146,12 @@ def _check_listing_against_manifest(
             "(a push was interrupted after replacing one of them); push the store again"
         )
     sha_by_path = {e["path"]: e["sha256"] for e in listing["files"]}
-    for shard in json.loads(manifest_bytes)["shards"]:
-        rel = f"{shard['path']}/{schema.INDEX_FILE}"
-        if sha_by_path.get(rel) != shard["index_sha256"]:
+    for shard in StoreManifest.from_json(json.loads(manifest_bytes)).shards:
+        rel = f"{shard.path}/{schema.INDEX_FILE}"
+        if sha_by_path.get(rel) != shard.index_sha256:
             raise StoreError(
                 f"{url}/{FILES_FILE}: {rel} is listed with sha256 {sha_by_path.get(rel)}, the manifest records "
-                f"{shard['index_sha256']}; the remote copy is inconsistent, push the store again"
+                f"{shard.index_sha256}; the remote copy is inconsistent, push the store again"
             )
 
 
@@ -270,24 +271,24 @@ def push_store(store: str | os.PathLike[str], url: str) -> TransferReport:
     return report
 
 
-def verify_pulled_arrays(location: Location, manifest: dict[str, Any]) -> None:
+def verify_pulled_arrays(location: Location, manifest: StoreManifest) -> None:
     """Check every shard's arrays against the array checksums the manifest records.
 
     Raises:
         StoreError: an array's shape, dtype or checksum differs (names the shard and array).
     """
-    for shard in manifest["shards"]:
-        arrays = read_shard_arrays(location, shard["path"], list(shard["arrays"]))
-        for name, recorded in shard["arrays"].items():
+    for shard in manifest.shards:
+        arrays = read_shard_arrays(location, shard.path, list(shard.arrays))
+        for name, recorded in shard.arrays.items():
             arr = arrays[name]
             if list(arr.shape) != recorded["shape"] or str(arr.dtype) != recorded["dtype"]:
                 raise StoreError(
-                    f"{location.url}/{shard['path']}/{schema.ARRAYS_DIR}/{name}: shape {list(arr.shape)} "
+                    f"{location.url}/{shard.path}/{schema.ARRAYS_DIR}/{name}: shape {list(arr.shape)} "
                     f"{arr.dtype}, the manifest records {recorded['shape']} {recorded['dtype']}"
                 )
             if array_checksum(arr) != recorded["sha256"]:
                 raise StoreError(
-                    f"{location.url}/{shard['path']}/{schema.ARRAYS_DIR}/{name}: checksum differs from the "
+                    f"{location.url}/{shard.path}/{schema.ARRAYS_DIR}/{name}: checksum differs from the "
                     "manifest's; the remote copy is corrupt, push it again from a good copy"
                 )
 
@@ -327,7 +328,7 @@ def pull_store(url: str, folder: str | os.PathLike[str]) -> TransferReport:
         )  # re-verify an existing copy; the manifest comes back only if it passes
     dst.write_bytes(listing_bytes, FILES_FILE)
     report = _transfer(src, dst, listing)
-    verify_pulled_arrays(dst, json.loads(manifest_bytes))
+    verify_pulled_arrays(dst, StoreManifest.from_json(json.loads(manifest_bytes)))
     dst.write_bytes(manifest_bytes, schema.MANIFEST_FILE)
     logger.info(report.summary("pulled from"))
     return report

@@ -72,17 +72,16 @@ def _message(err: Exception) -> str:
 
 def _check_manifest(store: TeacherStore, report: VerifyReport) -> None:
     manifest, plan = store.manifest, store.plan_doc.get("plan", {})
-    for key in ("tokenizer_fingerprint", "data_spec_fingerprint"):
-        recorded = (
-            manifest.get(key)
-            if key in manifest
-            else manifest.get("data_spec", {}).get("fingerprint")
-        )
+    recorded_facts = {
+        "tokenizer_fingerprint": manifest.tokenizer_fingerprint,
+        "data_spec_fingerprint": manifest.data_spec_fingerprint,
+    }
+    for key, recorded in recorded_facts.items():
         if recorded != plan.get(key):
             report.problems.append(
                 f"{schema.MANIFEST_FILE}: {key} {recorded!r} differs from the plan's {plan.get(key)!r}"
             )
-    if manifest.get("plan_fingerprint") != store.plan_doc.get("plan_fingerprint"):
+    if manifest.plan_fingerprint != store.plan_doc.get("plan_fingerprint"):
         report.problems.append(
             f"{schema.MANIFEST_FILE}: plan_fingerprint differs from {schema.PLAN_FILE}'s"
         )
@@ -91,23 +90,27 @@ def _check_manifest(store: TeacherStore, report: VerifyReport) -> None:
         report.problems.append(
             f"{schema.MANIFEST_FILE} lists shards {indices}, the plan has {plan.get('num_shards')}"
         )
-    totals = manifest.get("totals", {})
-    for key in ("num_sequences", "num_tokens", "num_text_bytes"):
-        total = sum(int(s[key]) for s in manifest.get("shards", []))
-        if key in totals and int(totals[key]) != total:
+    shard_sums = {
+        "num_sequences": manifest.num_sequences,
+        "num_tokens": manifest.num_tokens,
+        "num_text_bytes": manifest.num_text_bytes,
+    }
+    for key, total in shard_sums.items():
+        recorded_total = manifest.recorded_totals.get(key)
+        if recorded_total is not None and recorded_total != total:
             report.problems.append(
-                f"{schema.MANIFEST_FILE}: totals.{key} is {totals[key]}, its shards sum to {total}"
+                f"{schema.MANIFEST_FILE}: totals.{key} is {recorded_total}, its shards sum to {total}"
             )
-    for entry in manifest.get("files", {}).values():
+    for entry in manifest.files.values():
         report.num_files += 1
         report.num_file_bytes += int(entry["num_bytes"])
-    if schema.VOCAB_TABLE_FILE in manifest.get("files", {}):
+    if schema.VOCAB_TABLE_FILE in manifest.files:
         metadata = store.vocab_table.schema.metadata or {}
         stored = metadata.get(b"fingerprint", b"").decode()
-        if stored and stored != manifest.get("tokenizer_fingerprint"):
+        if stored and stored != manifest.tokenizer_fingerprint:
             report.problems.append(
                 f"{schema.VOCAB_TABLE_FILE}: fingerprint {stored} differs from the manifest's "
-                f"tokenizer_fingerprint {manifest.get('tokenizer_fingerprint')}"
+                f"tokenizer_fingerprint {manifest.tokenizer_fingerprint}"
             )
 
 
@@ -228,7 +231,7 @@ def verify_store(
         report.problems.append(_message(err))
     seen_ids: dict[int, int] = {}
     for done, j in enumerate(store.shard_indices, start=1):
-        where = f"{schema.SHARDS_DIR}/shard-{j:05d}"
+        where = schema.shard_path(j)
         try:
             shard = store.read_shard(j)
             check = store.shard_check(j)

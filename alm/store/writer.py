@@ -162,10 +162,6 @@ class StorePlan:
         return json_fingerprint(self.identity())
 
 
-def shard_dirname(shard_index: int) -> str:
-    return f"shard-{shard_index:05d}"
-
-
 @dataclass(frozen=True)
 class StoreLayout:
     """Paths of one store and its plan; what every worker holds after `prepare_store`."""
@@ -178,7 +174,7 @@ class StoreLayout:
         return self.location.url
 
     def shard_path(self, shard_index: int) -> str:
-        return f"{schema.SHARDS_DIR}/{shard_dirname(shard_index)}"
+        return schema.shard_path(shard_index)
 
     def shard_done(self, shard_index: int) -> bool:
         """True when shard j is committed (its `shard.json` exists in its final folder)."""
@@ -356,10 +352,6 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def _claim_path(shard_index: int) -> str:
-    return f"{schema.SHARDS_DIR}/.claim-{shard_dirname(shard_index)}.json"
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -383,7 +375,7 @@ class ShardClaim:
     def __init__(self, layout: StoreLayout, shard_index: int) -> None:
         self.layout = layout
         self.shard_index = shard_index
-        self.rel = _claim_path(shard_index)
+        self.rel = schema.claim_path(shard_index)
         self.held = False
 
     def __enter__(self) -> ShardClaim:
@@ -572,10 +564,8 @@ class ShardWriter:
         final = self.layout.shard_path(self.shard_index)
         self._claim.acquire()
         if loc.is_local:
-            self._dir = (
-                f"{schema.SHARDS_DIR}/.tmp-{shard_dirname(self.shard_index)}-{uuid.uuid4().hex[:8]}"
-            )
-            prefix = f".tmp-{shard_dirname(self.shard_index)}-"
+            prefix = schema.temp_shard_prefix(self.shard_index)
+            self._dir = f"{schema.SHARDS_DIR}/{prefix}{uuid.uuid4().hex[:8]}"
             for stale in loc.listdir(schema.SHARDS_DIR):
                 if stale.startswith(prefix):
                     logger.info("removing leftover temp shard %s", stale)
@@ -620,7 +610,7 @@ class ShardWriter:
         token_id: np.ndarray,
         logp: np.ndarray,
         boundary_logmass: np.ndarray,
-        segments: Iterable[Any] = (),
+        segments: Iterable[Mapping[str, Any]] = (),
         loss_spans: Iterable[Any] | np.ndarray | None = None,
         truncated: bool = False,
         doc_id: str = "",

@@ -433,7 +433,7 @@ def scores_from_prenorm_hidden(
     from alm.teacher.scoring import class_mass_matrix, scores_from_hidden
 
     param = next(lm_head.parameters())
-    states = hidden if isinstance(hidden, torch.Tensor) else torch.as_tensor(np.asarray(hidden))
+    states = torch.as_tensor(hidden)  # [n, d]; no copy for a tensor or a NumPy array
     states = states.to(device=param.device, dtype=param.dtype)
 
     def head(h: torch.Tensor) -> torch.Tensor:

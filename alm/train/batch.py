@@ -6,7 +6,7 @@ and the evaluation read, in one definition), `EvalTargets`, `StudentExampleBuild
 
 Per stored sequence, on CPU (in DataLoader workers), `StudentExampleBuilder`:
 
-1. rebuilds the teacher's token sequence from the stored ids and segments (`alm.templates.sequence_from_ids`);
+1. rebuilds the teacher's token sequence from the stored ids and segments (`alm.templates.sequence_from_stored`);
 2. re-renders the same abstract segments with the student's tokenizer and template family
    (`document_from_stored` + `render`, truncated to the student's `max_length`);
 3. aligns the two on byte offsets (`alm.align.align_sequences`, with the stored loss spans);
@@ -45,7 +45,7 @@ from alm.templates import (
     TokenizedSequence,
     document_from_stored,
     render,
-    sequence_from_ids,
+    sequence_from_stored,
     token_in_loss,
 )
 from alm.vocab import Vocab
@@ -283,7 +283,7 @@ class StudentExampleBuilder:
         )
 
     def __call__(self, seq: Any) -> StudentExample:
-        teacher = sequence_from_ids(seq, self.teacher_vocab)
+        teacher = sequence_from_stored(seq, self.teacher_vocab)
         student = render(
             document_from_stored(seq),
             self.student_tokenizer,

@@ -54,41 +54,15 @@ class ShardRef:
 
 def _shard_refs(store_index: int, store: TeacherStore) -> list[ShardRef]:
     return [
-        ShardRef(store_index, int(shard["index"]), int(shard["num_sequences"]))
-        for shard in store.manifest["shards"]
-        if int(shard["num_sequences"]) > 0
+        ShardRef(store_index, shard.index, shard.num_sequences)
+        for shard in store.manifest.shards
+        if shard.num_sequences > 0
     ]
 
 
-@dataclass(frozen=True)
-class StoreFacts:
-    """What training reads from one store's manifest (or, for an unfinished store, its plan), typed."""
-
-    teacher_model: str | None
-    teacher_tokenizer_fingerprint: str
-    data_fingerprint: str | None
-    hidden_size: int  # 0 without stored hidden states
-    num_sequences: int
-
-
-def store_facts(store: TeacherStore) -> StoreFacts:
-    """The facts of `store`: manifest keys first, then its plan (recorded there by older writers)."""
-    manifest = store.manifest
-    sources = [manifest, manifest.get("plan", {}), getattr(store, "plan_doc", {}).get("plan", {})]
-
-    def value(key: str) -> Any:
-        return next(
-            (s[key] for s in sources if isinstance(s, dict) and s.get(key) is not None), None
-        )
-
-    hidden = store.field_specs.get("hidden")
-    return StoreFacts(
-        teacher_model=value("teacher_model"),
-        teacher_tokenizer_fingerprint=value("tokenizer_fingerprint") or store.vocab.fingerprint(),
-        data_fingerprint=value("data_spec_fingerprint"),
-        hidden_size=int(hidden["shape"][-1]) if hidden else 0,
-        num_sequences=store.num_sequences,
-    )
+def _teacher_fingerprint(store: TeacherStore) -> str:
+    """The teacher tokenizer fingerprint the store records (else that of its vocabulary table)."""
+    return store.manifest.tokenizer_fingerprint or store.vocab.fingerprint()
 
 
 @dataclass(frozen=True)
@@ -134,26 +108,27 @@ def open_training_stores(
         StoreError, StoreMismatchError: as `check_stores`.
     """
     training = [(ref, open_store(ref.path)) for ref in refs]
-    first = store_facts(training[0][1])
+    first_store = training[0][1]
+    first_fingerprint = _teacher_fingerprint(first_store)
     problems: list[str] = []
     shards: list[ShardRef] = []
     for store_index, (ref, store) in enumerate(training):
-        facts = store_facts(store)
+        fingerprint = _teacher_fingerprint(store)
         expected = ref.teacher_tokenizer_fingerprint
-        if expected and expected != facts.teacher_tokenizer_fingerprint:
+        if expected and expected != fingerprint:
             raise StoreMismatchError(
-                f"store {ref.path}: teacher tokenizer fingerprint is {facts.teacher_tokenizer_fingerprint}, but "
+                f"store {ref.path}: teacher tokenizer fingerprint is {fingerprint}, but "
                 f"the recipe expects {expected}; point stores[].path at the right store or update the recipe"
             )
-        if ref.data_fingerprint and ref.data_fingerprint != facts.data_fingerprint:
+        if ref.data_fingerprint and ref.data_fingerprint != store.manifest.data_spec_fingerprint:
             raise StoreMismatchError(
-                f"store {ref.path}: data fingerprint is {facts.data_fingerprint}, but the recipe expects "
+                f"store {ref.path}: data fingerprint is {store.manifest.data_spec_fingerprint}, but the recipe expects "
                 f"{ref.data_fingerprint}; point stores[].path at the right store or update the recipe"
             )
-        if facts.teacher_tokenizer_fingerprint != first.teacher_tokenizer_fingerprint:
+        if fingerprint != first_fingerprint:
             raise StoreMismatchError(
-                f"store {ref.path} has teacher tokenizer fingerprint {facts.teacher_tokenizer_fingerprint}, but "
-                f"{refs[0].path} has {first.teacher_tokenizer_fingerprint}; all stores of one run must "
+                f"store {ref.path} has teacher tokenizer fingerprint {fingerprint}, but "
+                f"{refs[0].path} has {first_fingerprint}; all stores of one run must "
                 "come from the same teacher tokenizer"
             )
         if hidden_weight > 0 and "hidden" not in store.fields:
@@ -169,22 +144,22 @@ def open_training_stores(
             )
         shards.extend(_shard_refs(store_index, store))
     if eval_store is not None:
-        eval_facts = store_facts(open_store(eval_store))
-        if eval_facts.teacher_tokenizer_fingerprint != first.teacher_tokenizer_fingerprint:
+        eval_fingerprint = _teacher_fingerprint(open_store(eval_store))
+        if eval_fingerprint != first_fingerprint:
             raise StoreMismatchError(
                 f"store {eval_store} has teacher tokenizer fingerprint "
-                f"{eval_facts.teacher_tokenizer_fingerprint}, but {refs[0].path} has "
-                f"{first.teacher_tokenizer_fingerprint}; all stores of one run must come from the same teacher "
+                f"{eval_fingerprint}, but {refs[0].path} has "
+                f"{first_fingerprint}; all stores of one run must come from the same teacher "
                 "tokenizer"
             )
     if problems:
         raise StoreError("\n".join(problems))
     return TrainingStores(
         paths=tuple(ref.path for ref in refs),
-        teacher_vocab=training[0][1].vocab,
-        teacher_model=first.teacher_model,
-        teacher_fingerprint=first.teacher_tokenizer_fingerprint,
-        hidden_size=first.hidden_size,
+        teacher_vocab=first_store.vocab,
+        teacher_model=first_store.manifest.teacher_model,
+        teacher_fingerprint=first_fingerprint,
+        hidden_size=first_store.manifest.hidden_size,
         num_sequences=sum(store.num_sequences for _, store in training),
         shards=tuple(shards),
     )

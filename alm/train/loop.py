@@ -288,6 +288,7 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
             state_dict={
                 k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
             },
+            family=student.family,
             dtype=SAVE_DTYPES[
                 cfg.save_dtype if cfg.save_dtype != "auto" else "bf16" if use_bf16 else "fp32"
             ],

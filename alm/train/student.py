@@ -31,7 +31,7 @@ from torch import nn
 from alm.config.train import LoraConfig, StudentConfig
 from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
 from alm.teacher.default import refuse_missing_folder
-from alm.templates import resolve_family
+from alm.templates import FAMILY_END_OF_TURN, family_chat_template, resolve_family
 from alm.vocab import (
     Vocab,
     build_byte_tokenizer,
@@ -529,6 +529,37 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
     return peft.get_peft_model(model, lora_config)
 
 
+def set_chat_template(model: PreTrainedModel, tokenizer: Any, family: str) -> None:
+    """Make the student's tokenizer and generation config speak the chat family it was trained in.
+
+    For a chat family (`chatml`, `llama3`, `gemma`): `tokenizer.chat_template` becomes the family's exact
+    rendering (`alm.templates.family_chat_template`, so `apply_chat_template` gives the text training rendered),
+    `eos_token` its end-of-turn (e.g. `<|im_end|>`, as instruct models ship), and generation stops at the
+    end-of-turn or the previous eos. `plain` changes nothing.
+    """
+    template = family_chat_template(family)
+    end_of_turn = FAMILY_END_OF_TURN.get(family)
+    if template is None or end_of_turn is None:
+        return
+    end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
+    if end_id is None or end_id == tokenizer.unk_token_id:
+        return  # the tokenizer cannot render this family's chat blocks: it was not trained on chat
+    previous_eos = tokenizer.eos_token_id
+    tokenizer.chat_template = template
+    tokenizer.eos_token = end_of_turn
+    stop_ids = list(dict.fromkeys(i for i in (end_id, previous_eos) if i is not None))
+    model.generation_config.eos_token_id = stop_ids
+    model.config.eos_token_id = end_id
+    if model.generation_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info(
+        "saved student: %s chat template, eos %s (generation stops at ids %s)",
+        family,
+        end_of_turn,
+        stop_ids,
+    )
+
+
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -538,6 +569,7 @@ def save_student(
     path: Path,
     state_dict: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
+    family: str | None = None,
 ) -> None:
     """Save the final student (LoRA merged) and its tokenizer so `from_pretrained` loads the folder.
 
@@ -547,6 +579,8 @@ def save_student(
         path: the folder.
         state_dict: full, unsharded weights, used for FSDP2-sharded models; otherwise the model's own are saved.
         dtype: floating-point weights are saved in this dtype (`save_dtype`); `config.json` records it.
+        family: the template family the student was trained in; a chat family is saved as its chat template
+            and end-of-turn (`set_chat_template`).
     """
     from transformers import PreTrainedModel
 
@@ -566,6 +600,8 @@ def save_student(
         if value.is_floating_point():
             memo = (value.data_ptr(), tuple(value.shape), value.stride(), value.device)
             state_dict[key] = converted.setdefault(memo, value.detach().to(dtype))
+    if family is not None:
+        set_chat_template(model, tokenizer, family)
     path.mkdir(parents=True, exist_ok=True)
     model.config.use_cache = True  # off while training with gradient checkpointing
     model.save_pretrained(path, state_dict=state_dict)

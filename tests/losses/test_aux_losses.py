@@ -10,7 +10,7 @@ from torch.nn import functional
 
 from alm.align import align_sequences
 from alm.errors import AlmError
-from alm.losses.alm import alm_batch_loss, sequence_logp_and_boundary_logmass
+from alm.losses.alm import alm_live_teacher_loss, sequence_logp_and_boundary_logmass
 from alm.losses.gradmag import gradmag_combine, last_block_parameters
 from alm.losses.hidden import hidden_state_loss, make_hidden_projection
 from alm.losses.sft import sft_loss
@@ -178,7 +178,7 @@ def test_alm_with_a_live_teacher_trains_a_byte_student_on_tiny_models():
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        out = alm_batch_loss(
+        out = alm_live_teacher_loss(
             student(student_ids).logits,
             student_ids,
             student_mask,

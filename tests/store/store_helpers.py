@@ -33,6 +33,17 @@ def make_plan(
     )
 
 
+def segment(role: str, start_byte: int, end_byte: int, start_pos: int, end_pos: int) -> dict:
+    """One row of a segment table, as `alm.templates.render` gives it."""
+    return {
+        "role": role,
+        "start_byte": start_byte,
+        "end_byte": end_byte,
+        "start_pos": start_pos,
+        "end_pos": end_pos,
+    }
+
+
 def random_sequence(
     rng: np.random.Generator,
     seq_id: int,
@@ -58,9 +69,9 @@ def random_sequence(
         "token_id": token_id,
         "logp": logp,
         "boundary_logmass": bm.astype(np.float16),
-        "segments": [("bos", 0, 0, 0, 1), ("text", 0, len(text), 1, n)]
+        "segments": [segment("bos", 0, 0, 0, 1), segment("text", 0, len(text), 1, n)]
         if n > 1
-        else [("text", 0, len(text), 0, n)],
+        else [segment("text", 0, len(text), 0, n)],
         "loss_spans": [(0, len(text))],
         "truncated": bool(rng.integers(0, 2)),
         "doc_id": f"doc-{seq_id}",

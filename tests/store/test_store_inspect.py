@@ -49,7 +49,9 @@ def teacher_sequences(vocab, num_seqs=6, seed=0):
                 "boundary_logmass": bm.astype(np.float16),
                 "topk_id": order.astype(np.int32),
                 "topk_logp": np.take_along_axis(logprobs, order, axis=1).astype(np.float16),
-                "segments": [("text", 0, n, 0, n)],
+                "segments": [
+                    {"role": "text", "start_byte": 0, "end_byte": n, "start_pos": 0, "end_pos": n}
+                ],
                 "loss_spans": [(0, n)],
             }
         )
@@ -207,7 +209,6 @@ def test_store_vocab_round_trips_through_the_store(tmp_path, vocab):
     from alm.store.reader import open_store
 
     store = open_store(tmp_path)
-    assert (
-        store.vocab.fingerprint() == vocab.fingerprint() == store.manifest["tokenizer_fingerprint"]
-    )
-    assert store.manifest["vocab"]["table"] == "vocab/teacher_vocab.parquet"
+    assert store.vocab.fingerprint() == vocab.fingerprint() == store.manifest.tokenizer_fingerprint
+    assert store.manifest_doc is not None
+    assert store.manifest_doc["vocab"]["table"] == "vocab/teacher_vocab.parquet"

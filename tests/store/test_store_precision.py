@@ -62,7 +62,7 @@ def test_round_mantissa_matches_a_reference_from_frexp(dtype, fmt, bits):
 def rewrite(source: Path, target: Path, precision: str) -> Path:
     """The same sequences written again by the store writer at `precision` (real files, read back later)."""
     store = open_store(source)
-    plan = dataclasses.replace(StorePlan.from_json(store.manifest["plan"]), precision=precision)
+    plan = dataclasses.replace(StorePlan.from_json(store.manifest.plan), precision=precision)
     layout = prepare_store(target, plan)
     layout.write_vocab(store.vocab_table)
     for j in store.shard_indices:
@@ -170,7 +170,7 @@ def test_compact_store_moves_alm_loss_and_gradient_by_less_than_1e_3(tmp_path, b
         tmp_path / "compact"
     )  # the same recipe with the default precision, written by `alm precompute`
     run_precompute(recipe, overrides=[f"output={compact}", "precision=compact"], shard="0/1")
-    assert open_store(compact).manifest["fields"]["boundary_logmass"]["mantissa_bits"] == 7
+    assert open_store(compact).manifest.fields["boundary_logmass"]["mantissa_bits"] == 7
     read = open_store(compact).read_shard(0)
     exact_arrays = open_store(tmp_path / "exact").read_shard(0).arrays
     for name, bits in schema.PRECISION_MANTISSA_BITS["compact"].items():

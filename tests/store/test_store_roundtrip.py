@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -17,6 +16,7 @@ from store_helpers import TOPK_FIELDS, make_plan, random_sequence, random_store,
 
 import alm
 from alm.errors import StoreCorruptError, StoreError
+from alm.store import schema
 from alm.store._fs import locate
 from alm.store.finalize import finalize_store, try_finalize
 from alm.store.integrity import with_checksum
@@ -42,7 +42,7 @@ def assert_sequence_equal(stored, expected) -> None:
     assert stored.text == expected["text"]
     assert stored.doc_id == expected["doc_id"] and stored.source == expected["source"]
     assert stored.row == expected["row"] and stored.truncated == expected["truncated"]
-    assert [tuple(s.values()) for s in stored.segments] == [tuple(s) for s in expected["segments"]]
+    assert stored.segments == expected["segments"]
     np.testing.assert_array_equal(
         stored.loss_spans, np.array(expected["loss_spans"], dtype=np.int64).reshape(-1, 2)
     )
@@ -97,7 +97,7 @@ def test_write_read_round_trip_is_identity(
     for got, want in zip(stored, expected):
         assert_sequence_equal(got, want)
     assert store.fields == field_set
-    assert store.manifest["totals"]["num_tokens"] == sum(len(s["token_id"]) for s in expected)
+    assert store.manifest.recorded_totals["num_tokens"] == sum(len(s["token_id"]) for s in expected)
 
 
 def test_iter_shards_gives_flat_arrays_and_index_ranges(tmp_path):
@@ -124,7 +124,7 @@ def test_memory_url_round_trip():
     store = alm.open_store(url)
     for got, want in zip(store, [s for shard in shards for s in shard]):
         assert_sequence_equal(got, want)
-    assert store.manifest["totals"]["num_sequences"] == 6
+    assert store.manifest.recorded_totals["num_sequences"] == store.manifest.num_sequences == 6
 
 
 def test_memory_url_vocab_tokenizer_files_and_uncommitted_shard(tmp_path):
@@ -246,20 +246,17 @@ def test_reader_falls_back_to_zarr_for_compressed_or_rechunked_arrays(tmp_path):
         open_store(tmp_path).read_shard(0)
 
 
-@dataclass
-class _Segment:  # field order differs from the index's: read by name
-    end_pos: int
-    start_pos: int
-    end_byte: int
-    start_byte: int
-    role: str
-
-
-def test_segments_and_spans_given_as_objects_are_read_by_name(tmp_path):
+def test_segments_given_as_dicts_in_another_key_order_are_read_by_name(tmp_path):
     plan = make_plan(num_shards=1)
     seq = random_sequence(np.random.default_rng(3), 0, plan, n=6)
     seq["segments"] = [
-        _Segment(end_pos=6, start_pos=1, end_byte=len(seq["text"]), start_byte=0, role="text")
+        {
+            "end_pos": 6,
+            "start_pos": 1,
+            "end_byte": len(seq["text"]),
+            "start_byte": 0,
+            "role": "text",
+        }
     ]
     seq["loss_spans"] = np.array([[0, len(seq["text"])]])
     write_store(tmp_path, plan, [[seq]])
@@ -273,4 +270,13 @@ def test_segments_and_spans_given_as_objects_are_read_by_name(tmp_path):
             "end_pos": 6,
         }
     ]
-    np.testing.assert_array_equal(got.loss_spans, [[0, len(seq["text"])]])
+    assert got.loss_spans.tolist() == [[0, len(seq["text"])]]
+
+
+def test_a_segment_that_is_not_a_mapping_is_refused_with_the_keys_it_needs(tmp_path):
+    plan = make_plan(num_shards=1)
+    seq = random_sequence(np.random.default_rng(3), 0, plan, n=6)
+    seq["segments"] = [("text", 0, len(seq["text"]), 0, 6)]
+    with pytest.raises(StoreError, match=r"not a mapping with the keys \['role'"):
+        write_store(tmp_path, plan, [[seq]])
+    assert not (tmp_path / schema.MANIFEST_FILE).exists()

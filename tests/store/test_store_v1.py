@@ -50,7 +50,7 @@ def test_v1_store_reads_back_the_values_the_v1_code_wrote():
         )
         np.testing.assert_array_equal(seq.topk_id, ref["topk_id"])
         np.testing.assert_array_equal(seq.topk_logp, ref["topk_logp"].astype(np.float32))
-        assert [s["role"] for s in seq.segments] == [s[0] for s in ref["segments"]]
+        assert [s["role"] for s in seq.segments] == [s["role"] for s in ref["segments"]]
 
 
 def test_v1_store_is_inspected_like_a_v2_store():

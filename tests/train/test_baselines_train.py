@@ -25,7 +25,7 @@ from alm.config.train import LossConfig, TrainRecipe
 from alm.errors import AlignmentError, ConfigError
 from alm.losses.baselines import mined_vocab_map
 from alm.store.reader import open_store
-from alm.templates import resolve_family, sequence_from_ids, token_in_loss
+from alm.templates import resolve_family, sequence_from_stored, token_in_loss
 from alm.train.batch import StudentExampleBuilder, baseline_positions, collate
 from alm.train.log import read_metrics
 from alm.train.loop import run_train
@@ -117,7 +117,7 @@ def test_stored_topk_reaches_the_loss_as_the_reference_computed_from_the_store(
     for seq in _stored(store_path):
         assert seq.topk_id is not None and seq.topk_logp is not None
         assert seq.topk_id.shape == (len(seq.token_id), TOP_K)
-        teacher = sequence_from_ids(seq, vocab)
+        teacher = sequence_from_stored(seq, vocab)
         in_loss = token_in_loss(teacher.start_byte, teacher.end_byte, teacher.role, seq.loss_spans)
         with torch.no_grad():
             logits = model(torch.as_tensor(seq.token_id, dtype=torch.long)[None]).logits.double()

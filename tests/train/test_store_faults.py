@@ -211,7 +211,7 @@ def test_verify_deep_rescores_a_sample_within_float16_rounding(stores, capsys):
     assert figures["num_sequences"] == 8 and figures["num_tokens"] > 0
     # fp32 both times, same CPU kernels; a `compact` store rounds to fewer mantissa bits (docs/store.md): half an
     # ulp at that precision, relative to the largest stored magnitude
-    fields = store.manifest["fields"]
+    fields = store.manifest.fields
     logp_bits = fields["logp"].get("mantissa_bits")
     max_abs_logp = max(float(np.nanmax(np.abs(seq.logp[1:]), initial=0.0)) for seq in store)
     logp_tolerance = 1e-4 + (max_abs_logp * 2.0 ** -(logp_bits + 1) if logp_bits else 0.0)
