@@ -1,8 +1,9 @@
 """The `alm` command line: parse arguments, call a `run_*` function, print user errors.
 
-    alm precompute stages/demo_precompute.yaml [--set key=value ...] [--shard i/N] [--overwrite]
+    alm precompute stages/demo_precompute.yaml [--set key=value ...] [--shard i/N] [--overwrite] [--students TOK]
     alm train stages/demo_train.yaml [--set key=value ...] [--dry-run] [--resume]
-    alm inspect STORE [--compare OTHER]
+    alm inspect STORE [--compare OTHER | --student TOKENIZER]
+    alm align STORE (--student TOKENIZER [--max-length N] | --recipe TRAIN_RECIPE) [--overwrite]
     alm verify STORE [--deep]
     alm store finalize STORE
     alm store push STORE URL
@@ -88,12 +89,34 @@ def precompute(
     overwrite: Annotated[
         bool, typer.Option(help="Replace an existing teacher store made with different settings.")
     ] = False,
+    students: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--students",
+            help="Once the store is finished, also write its alignment cache for each student tokenizer "
+            "(as `alm align STORE --student TOKENIZER`; repeatable).",
+        ),
+    ] = None,
 ) -> None:
     """Run the teacher once over a dataset and write its targets into a teacher store."""
     from alm.precompute import run_precompute
 
     out = run_precompute(recipe, overrides=set_ or [], shard=shard, overwrite=overwrite)
     print(out)
+    if students:
+        from alm.config.precompute import load_precompute_recipe
+        from alm.store.reader import open_store
+        from alm.train.alignments import run_align
+
+        store = load_precompute_recipe(recipe, set_ or []).output
+        if not open_store(store, allow_unfinished=True).is_finished:
+            print(
+                f"alignment caches not written yet: {store} is unfinished (other workers are still running); "
+                f"run `alm align {store} --student TOKENIZER` once it is finished"
+            )
+            return
+        for student in students:
+            print(run_align(store, student=student))
 
 
 @app.command()
@@ -128,11 +151,53 @@ def inspect(
     compare: Annotated[
         str | None, typer.Option(help="A second store on the same data: report their differences.")
     ] = None,
+    student: Annotated[
+        str | None,
+        typer.Option(
+            help="A student tokenizer (id, folder or `bytes`): report chunk statistics against it."
+        ),
+    ] = None,
 ) -> None:
     """Summarise a teacher store (sizes, fingerprints, teacher bits per byte, boundary-mass statistics)."""
     from alm.store.inspect import compare_stores, inspect_store
 
+    if student is not None:
+        from alm.errors import ConfigError
+        from alm.train.alignments import inspect_student_text
+
+        if compare:
+            raise ConfigError("--student and --compare are separate reports; give one of them")
+        print(inspect_student_text(store, student))
+        return
     print(compare_stores(store, compare) if compare else inspect_store(store))
+
+
+@app.command()
+def align(
+    store: Annotated[str, typer.Argument(help="A finished teacher store (folder or URL).")],
+    student: Annotated[
+        str | None,
+        typer.Option(
+            help="Student tokenizer: HF id, folder, or `bytes` (byte tokenizer with the teacher's specials)."
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(help="A training recipe: take the student and loss settings from it instead."),
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Student sequence length with --student (default 512).")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace this student's cache built with other settings.")
+    ] = False,
+) -> None:
+    """Align a store against a student tokenizer once and cache it in STORE/alignments/ for `alm train`."""
+    from alm.train.alignments import run_align
+
+    print(
+        run_align(store, student=student, recipe=recipe, max_length=max_length, overwrite=overwrite)
+    )
 
 
 @app.command()

@@ -5,7 +5,8 @@
 
 What the store layer checks is in `alm.store.verify`; this module adds what needs the teacher tokenizer (saved in
 the store's `vocab/tokenizer/`): every sequence that was not truncated re-renders from its stored text bytes and
-segments to exactly the stored teacher ids (`alm.templates.render`, the precompute's own rule). `--deep` loads
+segments to exactly the stored teacher ids (`alm.templates.render`, the precompute's own rule), and every
+alignment cache under `alignments/` is checked too (`alm.store.alignments.verify_cache`). `--deep` loads
 the teacher model the manifest names and re-scores a fixed sample of sequences; it reports the largest absolute
 difference of `logp` and `boundary_logmass` (the stored float16 masses round by about 2^-11 relative).
 
@@ -127,6 +128,29 @@ def deep_rescore(store: TeacherStore, num_sequences: int = DEEP_SAMPLE_SEQUENCES
     }
 
 
+def _verify_alignment_caches(path_or_url: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """Problems and report lines of every alignment cache under the store's `alignments/`."""
+    from alm.store.alignments import cache_dir, list_cache_keys, verify_cache
+    from alm.store.reader import open_store
+
+    try:
+        store = open_store(path_or_url)
+    except AlmError:
+        return [], []  # verify_store reports the store itself
+    problems: list[str] = []
+    lines: list[str] = []
+    for key in list_cache_keys(store):
+        found, counts = verify_cache(store, key)
+        problems.extend(found)
+        if not found:
+            lines.append(
+                f"  alignment cache {cache_dir(key)}: {counts['num_shards']} shard(s), "
+                f"{counts['num_sequences']} sequences: every file matches its checksum, every sequence is "
+                "well formed"
+            )
+    return problems, lines
+
+
 def run_verify(path_or_url: str | os.PathLike[str], *, deep: bool = False) -> str:
     """The `alm verify` command: check the store; with `deep`, also re-score a sample with the teacher.
 
@@ -150,9 +174,20 @@ def run_verify(path_or_url: str | os.PathLike[str], *, deep: bool = False) -> st
     report: VerifyReport = verify_store(
         path_or_url, values=True, on_shard=shard_progress("verify"), on_values=retokenize
     )
-    if not report.ok:
-        raise StoreCorruptError(report.summary())
-    lines = [report.summary()]
+    cache_problems, cache_lines = _verify_alignment_caches(path_or_url)
+    if not report.ok or cache_problems:
+        text = report.summary() if not report.ok else ""
+        if cache_problems:
+            listed = "\n".join(f"  - {p}" for p in cache_problems[:20])
+            more = (
+                f"\n  ... and {len(cache_problems) - 20} more" if len(cache_problems) > 20 else ""
+            )
+            text = (text + "\n" if text else "") + (
+                f"{path_or_url}: alignment cache problems (training on this store is not affected when "
+                f"stores[].alignments is off; rebuild a cache with `alm align ... --overwrite`):\n{listed}{more}"
+            )
+        raise StoreCorruptError(text)
+    lines = [report.summary(), *cache_lines]
     if retokenize is not None:
         lines.append("  every untruncated sequence re-tokenizes to its stored teacher ids")
     if deep:

@@ -17,7 +17,13 @@ ALM = Path(sys.executable).parent / "alm"
 
 # The flag set is frozen (STYLE.md §2): changing it is a user-visible change; update this table on purpose.
 FROZEN_COMMANDS = {
-    "precompute": {"recipe": (), "--set": (), "--shard": (), "--overwrite": ("--no-overwrite",)},
+    "precompute": {
+        "recipe": (),
+        "--set": (),
+        "--shard": (),
+        "--overwrite": ("--no-overwrite",),
+        "--students": (),
+    },
     "train": {
         "recipe": (),
         "--set": (),
@@ -25,7 +31,14 @@ FROZEN_COMMANDS = {
         "--resume": ("--no-resume",),
         "--overwrite": ("--no-overwrite",),
     },
-    "inspect": {"store": (), "--compare": ()},
+    "inspect": {"store": (), "--compare": (), "--student": ()},
+    "align": {
+        "store": (),
+        "--student": (),
+        "--recipe": (),
+        "--max-length": (),
+        "--overwrite": ("--no-overwrite",),
+    },
     "verify": {"store": (), "--deep": ("--no-deep",)},
     "store finalize": {"store": ()},
     "store push": {"store": (), "url": ()},

@@ -159,7 +159,7 @@ class PrecomputeRecipe(StrictModel):
     precision: Literal["compact", "exact"] = Field(
         default="compact",
         description=(
-            "Stored float precision: `compact` rounds logp to 10 and boundary_logmass to 7 mantissa bits (a "
+            "Stored float precision: `compact` rounds logp to 8 and boundary_logmass to 7 mantissa bits (a "
             "fifth smaller; the ALM loss and its gradient move by < 1e-3 relative, docs/store.md), `exact` "
             "keeps float32 logp and float16 boundary_logmass as computed."
         ),

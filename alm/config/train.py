@@ -55,6 +55,14 @@ class StoreRef(StrictModel):
         default=None,
         description="Expected data-spec fingerprint; a store made from other data is refused.",
     )
+    alignments: Literal["auto", "required", "off"] = Field(
+        default="auto",
+        description=(
+            "The store's alignment cache for this student (`alm align`): `auto` uses a matching one and otherwise "
+            "aligns on the fly (a log line says why); `required` refuses a missing or stale cache; `off` always "
+            "aligns on the fly."
+        ),
+    )
 
 
 class TransferConfig(StrictModel):

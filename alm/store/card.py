@@ -91,7 +91,7 @@ STORE = "."  # this folder
 manifest = json.load(open(f"{{STORE}}/alm-store.json"))
 for shard in manifest["shards"]:
     root = f"{{STORE}}/{{shard['path']}}"
-    index = pa.ipc.open_file(pa.memory_map(f"{{root}}/index.arrow")).read_all()  # one row per sequence
+    index = pa.ipc.open_stream(pa.input_stream(f"{{root}}/index.arrows.zst", compression="zstd")).read_all()
     arrays = zarr.open_group(f"{{root}}/arrays", mode="r")
     token_id = arrays["token_id"][:]  # sequence i owns rows index["token_start"][i]:index["token_end"][i]
 ```

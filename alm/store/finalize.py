@@ -149,7 +149,7 @@ def written_store_files(root: Path) -> set[str]:
             except (OSError, ValueError, AttributeError):
                 files = None
             if files is None:  # no inventory: the fixed names of a shard
-                files = [schema.INDEX_FILE] + [
+                files = [schema.INDEX_FILE, schema.INDEX_FILE_V2] + [
                     p.relative_to(entry).as_posix()
                     for p in (entry / schema.ARRAYS_DIR).rglob("*")
                     if p.is_file()
@@ -228,7 +228,7 @@ def build_manifest(
 
 
 def store_file_entries(location: Location) -> dict[str, dict[str, Any]]:
-    """Inventory (`num_bytes`, `sha256`) of the store-level files: the plan, the vocabulary table and every
+    """Inventory (`num_bytes`, `crc32c`) of the store-level files: the plan, the vocabulary table and every
     file of the saved teacher tokenizer."""
     rels = [schema.PLAN_FILE, schema.VOCAB_TABLE_FILE] + [
         f"{schema.TOKENIZER_DIR}/{name}" for name in location.listdir(schema.TOKENIZER_DIR)

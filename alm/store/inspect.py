@@ -111,7 +111,8 @@ def inspect_stats(store: str | os.PathLike[str] | TeacherStore) -> dict[str, Any
         )
     stats["disk_bytes_per_field"] = field_bytes
     stats["disk_bytes_index"] = sum(
-        loc.size_bytes(schema.shard_path(j), schema.INDEX_FILE) for j in st.shard_indices
+        loc.size_bytes(schema.shard_path(j), schema.index_file(st.format_version))
+        for j in st.shard_indices
     )
     stats["disk_bytes_total"] = loc.size_bytes()
     stats["bytes_per_token_default_fields"] = sum(field_bytes[f] for f in schema.DEFAULT_FIELDS) / n

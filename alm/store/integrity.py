@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import google_crc32c
+import numpy as np
 
 from alm.errors import StoreCorruptError
 from alm.store import schema
@@ -42,9 +45,21 @@ def document_problem(doc: Mapping[str, Any]) -> str | None:
     return None
 
 
+def crc32c_hex(parts: Iterable[bytes | memoryview]) -> str:
+    """CRC-32C of the concatenated parts, as 8 lowercase hex digits (the `crc32c` of an inventory entry)."""
+    crc = 0
+    for part in parts:
+        view = np.frombuffer(
+            part, dtype=np.uint8
+        )  # a read-only view: google_crc32c takes no memoryview
+        view.flags.writeable = False
+        crc = google_crc32c.extend(crc, view)  # pyright: ignore[reportAttributeAccessIssue]
+    return f"{crc:08x}"
+
+
 def file_entry(data: bytes | memoryview) -> dict[str, Any]:
-    """The inventory entry of one file: its size and the sha256 of its bytes."""
-    return {"num_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    """The inventory entry of one file (format version 3): its size and the CRC-32C of its bytes."""
+    return {"num_bytes": len(data), "crc32c": crc32c_hex((data,))}
 
 
 def local_file_entries(root: str, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
@@ -65,8 +80,26 @@ def entry_problem(data: bytes | memoryview, entry: Mapping[str, Any]) -> str | N
     """Why a file's bytes differ from its inventory entry, or None."""
     if len(data) != int(entry["num_bytes"]):
         return f"has {len(data)} bytes, {int(entry['num_bytes'])} were written (truncated or overwritten)"
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        return "has the right size but different bytes than were written (sha256 differs)"
+    return parts_problem((data,), entry)
+
+
+def parts_problem(parts: Iterable[bytes | memoryview], entry: Mapping[str, Any]) -> str | None:
+    """Why a file read in pieces (sizes already checked) differs from its inventory entry, or None.
+
+    The entry's checksum is `crc32c` (format version 3) or `sha256` (version 2); an entry with neither is a
+    damaged inventory.
+    """
+    if "crc32c" in entry:
+        kind, actual = "crc32c", crc32c_hex(parts)
+    elif "sha256" in entry:
+        hasher = hashlib.sha256()
+        for part in parts:
+            hasher.update(part)
+        kind, actual = "sha256", hasher.hexdigest()
+    else:
+        return "has no checksum in its inventory entry (the inventory is damaged)"
+    if actual != entry[kind]:
+        return f"has the right size but different bytes than were written ({kind} differs)"
     return None
 
 

@@ -28,7 +28,7 @@ class ShardRecord:
         num_text_bytes: UTF-8 bytes of the stored texts.
         num_disk_bytes: bytes the shard's files take (0 when not recorded).
         arrays: per-field `{dtype, shape, sha256}` as recorded.
-        index_sha256: sha256 of `index.arrow` (None when not recorded).
+        index_sha256: sha256 of the index file (`index.arrows.zst`, v1/v2 `index.arrow`; None when not recorded).
         checksum: the checksum of its `shard.json` (None for stores written before checksums).
     """
 
@@ -91,7 +91,7 @@ class StoreManifest:
         plan: the plan document the store was written from (`StorePlan.from_json` reads it).
         plan_fingerprint: fingerprint of that plan.
         shards: the committed shards, in shard order.
-        files: inventory of the store-level files, path -> `{num_bytes, sha256}`.
+        files: inventory of the store-level files, path -> `{num_bytes, crc32c}` (v2: `sha256`).
         recorded_totals: the manifest's `totals` (empty for an unfinished store); `alm store verify` compares them
             with the shards.
         created_at: when the manifest was written (UTC, ISO 8601); None for an unfinished store.

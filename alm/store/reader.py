@@ -204,13 +204,9 @@ class ShardCheck:
         entry = self.files.get(rel)
         if entry is None:
             raise self.error(rel, "is not listed in the shard's shard.json")
-        hasher = hashlib.sha256()
-        for part in parts:
-            hasher.update(part)
-        if hasher.hexdigest() != entry["sha256"]:
-            raise self.error(
-                rel, "has the right size but different bytes than were written (sha256 differs)"
-            )
+        problem = integrity.parts_problem(parts, entry)
+        if problem:
+            raise self.error(rel, problem)
 
     def read(self, location: Location, rel: str) -> bytes:
         """A whole file of the shard, checked."""
@@ -420,32 +416,35 @@ def read_shard_index(
     shard_path: str,
     columns: list[str] | None = None,
     check: ShardCheck | None = None,
+    format_version: int = schema.FORMAT_VERSION,
 ) -> pa.Table:
-    """A shard's per-sequence index (Arrow IPC file), optionally only some columns, its bytes checked.
+    """A shard's per-sequence index, optionally only some columns, its bytes checked.
 
-    Local files are memory-mapped (zero copy; committed shard files are never modified in place, only replaced
-    by rename) and hashed from the map, remote ones read in one request.
+    Version 3: `index.arrows.zst` (an Arrow IPC stream in one Zstd frame); versions 1 and 2: `index.arrow` (an
+    Arrow IPC file). Local files are memory-mapped (committed shard files are never modified in place, only
+    replaced by rename) and checked from the map, remote ones read in one request.
 
     Raises:
-        StoreCorruptError: the file is missing, differs from what `check` records, or is not an Arrow file.
+        StoreCorruptError: the file is missing, differs from what `check` records, or is not an index.
     """
     check = check or ShardCheck(location.url, shard_path)
+    rel = schema.index_file(format_version)
     if location.is_local:
-        path = location.path(shard_path, schema.INDEX_FILE)
+        path = location.path(shard_path, rel)
         try:
             data: Any = pa.memory_map(path).read_buffer()
         except FileNotFoundError:
-            raise check.error(schema.INDEX_FILE, "is missing") from None
+            raise check.error(rel, "is missing") from None
     else:
-        data = pa.py_buffer(check.read(location, schema.INDEX_FILE))
-    check.check(schema.INDEX_FILE, memoryview(data))
+        data = pa.py_buffer(check.read(location, rel))
+    check.check(rel, memoryview(data))
     legacy = check.files is None and check.index_sha256 is not None
     if legacy and hashlib.sha256(memoryview(data)).hexdigest() != check.index_sha256:
-        raise check.error(schema.INDEX_FILE, f"differs from what {schema.SHARD_FILE} records")
+        raise check.error(rel, f"differs from what {schema.SHARD_FILE} records")
     try:
-        table = pa.ipc.open_file(data).read_all()
+        table = schema.index_from_bytes(data, format_version)
     except (pa.ArrowInvalid, OSError) as err:
-        raise check.error(schema.INDEX_FILE, f"is not a readable Arrow file ({err})") from None
+        raise check.error(rel, f"is not a readable Arrow index ({err})") from None
     return table.select(columns) if columns is not None else table
 
 
@@ -646,7 +645,9 @@ class TeacherStore:
         check = self.shard_check(shard_index)
         if check.files is not None:
             check.read(self.location, f"{schema.ARRAYS_DIR}/zarr.json")
-        index = read_shard_index(self.location, path, check=check)
+        index = read_shard_index(
+            self.location, path, check=check, format_version=self.format_version
+        )
         arrays = read_shard_arrays(self.location, path, names, check)
         if check.files is None:
             _check_recorded_checksums(check, doc, arrays)
@@ -659,7 +660,7 @@ class TeacherStore:
                 )
         if index.num_rows != int(doc.get("num_sequences", index.num_rows)):
             raise check.error(
-                schema.INDEX_FILE,
+                schema.index_file(self.format_version),
                 f"has {index.num_rows} rows, {schema.SHARD_FILE} records {doc['num_sequences']}",
             )
         return ShardData(

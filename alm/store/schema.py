@@ -1,17 +1,19 @@
-"""The teacher store format, version 2: names, dtypes, shapes, codecs, the per-sequence index schema, validation.
+"""The teacher store format, version 3: names, dtypes, shapes, codecs, the per-sequence index schema, validation.
 
 Owns every constant of the on-disk format (`docs/store.md` is its prose description): the format name and
 version, the per-token field names with their dtypes and shapes, the boundary-class definition
-(`ALM_SPEC.md §5.2`, §10.2 option 2: disjoint first-byte classes), the Arrow schema of the per-shard index (`index.arrow`), and the
+(`ALM_SPEC.md §5.2`, §10.2 option 2: disjoint first-byte classes), the Arrow schema of the per-shard index, and the
 checks that a sequence handed to the writer is well formed. Pure: imports numpy and pyarrow only; never torch,
 never `alm.config`. The boundary classes are the store's own definition (the format is versioned apart from the
 code); `tests/store/test_schema.py` checks that `alm.vocab` classifies tokens the same way.
 
-Version 2 (this code writes it) compresses every array (Blosc zstd with byte shuffle, `array_compressors`) and the
-index's Arrow buffers (Zstd, `index_to_bytes`), writes compact JSON, drops the consolidated Zarr metadata, and can
-round `logp` / `boundary_logmass` to fewer mantissa bits (`precision: compact`, `PRECISION_MANTISSA_BITS`).
-Version 1 stores (uncompressed arrays and index) are still read (`READABLE_FORMAT_VERSIONS`). The codec choice
-is measured by `bench/bench_store_codecs.py`; the figures are in `docs/store.md`.
+Version 3 (this code writes it) compresses every array (Blosc zstd with byte shuffle, `array_compressors`), writes
+the index as one Zstd-compressed Arrow IPC stream (`index.arrows.zst`, `index_to_bytes`), lists each shard file with
+its CRC-32C (`alm.store.integrity`), writes compact JSON without consolidated Zarr metadata, and can round `logp` /
+`boundary_logmass` to fewer mantissa bits (`precision: compact`, `PRECISION_MANTISSA_BITS`). Versions 1 and 2 are
+still read (`READABLE_FORMAT_VERSIONS`): version 2 differs in the index (`index.arrow`, an Arrow IPC file with
+Zstd-compressed buffers) and the inventory checksums (sha256); version 1 stored everything uncompressed. The codec
+choice is measured by `bench/bench_store_codecs.py`; the figures are in `docs/store.md`.
 """
 
 from __future__ import annotations
@@ -35,14 +37,19 @@ from alm.boundary import boundary_class_of as boundary_class_of
 from alm.errors import StoreError
 
 FORMAT_NAME = "alm-teacher-store"
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS: tuple[int, ...] = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS: tuple[int, ...] = (1, 2, 3)
 
 MANIFEST_FILE = "alm-store.json"
 PLAN_FILE = "alm-store.plan.json"
 SHARDS_DIR = "shards"
 SHARD_FILE = "shard.json"
-INDEX_FILE = "index.arrow"  # an Arrow IPC file; version 2 compresses its buffers with Zstd (`index_to_bytes`)
+INDEX_FILE = (
+    "index.arrows.zst"  # version 3: one Zstd frame holding an Arrow IPC stream (`index_to_bytes`)
+)
+INDEX_FILE_V2 = (
+    "index.arrow"  # versions 1 and 2: an Arrow IPC file (version 2: Zstd-compressed buffers)
+)
 ARRAYS_DIR = "arrays"  # the shard's Zarr v3 group, inside the shard folder
 VOCAB_DIR = "vocab"
 VOCAB_TABLE_FILE = "vocab/teacher_vocab.parquet"
@@ -85,11 +92,13 @@ HIDDEN_ENCODINGS: tuple[str, ...] = ("bfloat16", "float16")
 # (per-chunk overhead dominates below ~100k tokens).
 CHUNK_TOKENS = 262_144
 
-# Array compression (version 2), chosen per field by `bench/bench_store_codecs.py` on real teacher stores (the
-# table is in docs/store.md): Blosc with zstd and byte shuffle is the smallest of the codecs Zarr ships for every
-# field (plain Zstd, bit shuffle and lz4 are all larger), and decodes fast enough for whole-shard reads.
+# Array compression, chosen per field by `bench/bench_store_codecs.py` on real teacher stores (the table is in
+# docs/store.md): Blosc with zstd and byte shuffle is the smallest of the codecs Zarr ships for every field (plain
+# Zstd, bit shuffle and lz4 are all larger: lz4 decodes 2-3x faster but makes boundary_logmass 50% larger, which the
+# 12 B/token target cannot afford). Version 3 uses Blosc level 7 (version 2: 5): 0.57 B/token smaller on the demo
+# store and no slower to decode (zstd decodes at the same speed whatever the level); only writing is slower.
 BLOSC_CNAME = "zstd"
-BLOSC_CLEVEL = 5
+BLOSC_CLEVEL = 7
 BLOSC_SHUFFLE = "shuffle"
 BLOSC_BLOCKSIZE = (
     1 << 20
@@ -98,14 +107,15 @@ BLOSC_BLOCKSIZE = (
 # Precision of the stored floats. `exact` keeps float32 `logp` and float16 `boundary_logmass` bit for bit as the
 # writer received them (after the float16 cast); `compact` rounds their mantissas to the bits given here (the
 # dtype stays the same, the low bits become zero and compress away). The relative error of every value is at most
-# 2**-(bits + 1). On the demo store the ALM loss moves by 1.3e-5 and its gradient by 1.8e-4 relative (mostly a few
-# gamma-merge decisions at the 0.1 threshold that flip; tests/store/test_store_precision.py checks < 1e-3). Fewer
-# boundary_logmass bits flip more merges (6 bits: 4.5e-4, 5 bits: 6.7e-4), logp is insensitive (8 bits: 1.4e-5).
-# Other fields are always exact.
+# 2**-(bits + 1). On the demo store (logp 10 bits, the version 2 default) the ALM loss moved by 1.3e-5 and its
+# gradient by 1.8e-4 relative (mostly a few gamma-merge decisions at the 0.1 threshold that flip;
+# tests/store/test_store_precision.py checks < 1e-3). Fewer boundary_logmass bits flip more merges (6 bits:
+# 4.5e-4, 5 bits: 6.7e-4); logp is insensitive (8 bits: 1.4e-5), so version 3 keeps 8 of its bits (0.3 B/token
+# less on the demo store). Other fields are always exact.
 PRECISIONS: tuple[str, ...] = ("exact", "compact")
 PRECISION_MANTISSA_BITS: dict[str, dict[str, int]] = {
     "exact": {},
-    "compact": {"logp": 10, "boundary_logmass": 7},
+    "compact": {"logp": 8, "boundary_logmass": 7},
 }
 
 SEGMENT_TYPE = pa.struct(
@@ -377,26 +387,59 @@ def codec_label(dtype: str) -> str:
     return f"blosc {BLOSC_CNAME} {BLOSC_CLEVEL} {BLOSC_SHUFFLE}"
 
 
-# The index (version 2) is an Arrow IPC file whose buffers are Zstd-compressed: measured by
-# bench/bench_store_codecs.py, Parquet (Zstd, delta-encoded integers, no statistics) is 0.1-1.4 B/token smaller but
-# decodes about 25x slower (the nested segment lists), which would dominate whole-shard reads; Arrow's lz4 is 1.7x
-# larger. `pyarrow.ipc.open_file` reads both versions (compression is per buffer, recorded in the file).
-INDEX_ZSTD_LEVEL = 9
+# The index (version 3) is one Zstd frame (level 19) holding an Arrow IPC stream: measured by
+# bench/bench_store_codecs.py on the demo store (256 short documents), 2.67 B/token against 4.18 for version 2's
+# Arrow IPC file with Zstd-compressed buffers (each buffer compressed alone, behind its own headers, plus the
+# schema twice) and 3.06 for Parquet, which also decodes about 25x slower (the nested segment lists). Plain
+# pyarrow reads it: `pa.ipc.open_stream(pa.input_stream(path, compression="zstd")).read_all()`.
+INDEX_ZSTD_LEVEL = 19
+
+
+def index_file(format_version: int) -> str:
+    """The index file name of a shard of this format version."""
+    return INDEX_FILE if format_version >= 3 else INDEX_FILE_V2
 
 
 def index_to_bytes(table: pa.Table) -> bytes:
-    """A shard index as the bytes of `index.arrow` (Zstd-compressed buffers; `pyarrow.ipc.open_file` reads it)."""
-    options = pa.ipc.IpcWriteOptions(
-        compression=pa.Codec("zstd", compression_level=INDEX_ZSTD_LEVEL)
-    )
+    """A shard index as the bytes of `index.arrows.zst` (an Arrow IPC stream in one Zstd frame)."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    return sink.getvalue().to_pybytes()
+    codec = pa.Codec("zstd", compression_level=INDEX_ZSTD_LEVEL)
+    return codec.compress(sink.getvalue(), asbytes=True)
 
 
-def index_from_bytes(data: bytes | pa.Buffer) -> pa.Table:
-    """Read a shard index file (either version)."""
+def zstd_content_size(head: bytes) -> int | None:
+    """The decompressed size a Zstd frame header records (RFC 8878 §3.1.1.1), or None when it records none.
+
+    Args:
+        head: the first bytes of the frame (18 suffice: magic, descriptor, window, dictionary id, size).
+    """
+    if len(head) < 5 or head[:4] != b"\x28\xb5\x2f\xfd":
+        return None
+    descriptor = head[4]
+    size_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    offset = 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[dict_flag]
+    num_bytes = (1 if single_segment else 0, 2, 4, 8)[size_flag]
+    if num_bytes == 0 or len(head) < offset + num_bytes:
+        return None
+    value = int.from_bytes(head[offset : offset + num_bytes], "little")
+    return value + 256 if num_bytes == 2 else value
+
+
+def index_from_bytes(data: bytes | pa.Buffer, format_version: int = FORMAT_VERSION) -> pa.Table:
+    """Read a shard index from its file's bytes (any readable format version).
+
+    Raises:
+        pyarrow.ArrowInvalid, OSError: the bytes are not an index of that version.
+    """
+    if format_version >= 3:
+        size = zstd_content_size(memoryview(data)[:18].tobytes())
+        if size is not None:  # one-shot decompression into a buffer of the right size: 25% faster
+            raw = pa.Codec("zstd").decompress(data, decompressed_size=size)
+        else:
+            raw = pa.CompressedInputStream(pa.BufferReader(data), "zstd").read_buffer()
+        return pa.ipc.open_stream(raw).read_all()
     return pa.ipc.open_file(pa.BufferReader(data)).read_all()
 
 

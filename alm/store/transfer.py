@@ -146,8 +146,10 @@ def _check_listing_against_manifest(
             "(a push was interrupted after replacing one of them); push the store again"
         )
     sha_by_path = {e["path"]: e["sha256"] for e in listing["files"]}
-    for shard in StoreManifest.from_json(json.loads(manifest_bytes)).shards:
-        rel = f"{shard.path}/{schema.INDEX_FILE}"
+    manifest = StoreManifest.from_json(json.loads(manifest_bytes))
+    index_file = schema.index_file(manifest.format_version)
+    for shard in manifest.shards:
+        rel = f"{shard.path}/{index_file}"
         if sha_by_path.get(rel) != shard.index_sha256:
             raise StoreError(
                 f"{url}/{FILES_FILE}: {rel} is listed with sha256 {sha_by_path.get(rel)}, the manifest records "

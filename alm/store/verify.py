@@ -121,17 +121,16 @@ def _check_tiling(shard: ShardData, doc: dict[str, Any], where: str) -> list[str
     num_tokens = int(doc["num_tokens"])
     contiguous = np.array_equal(starts, np.concatenate([[0], ends[:-1]])) if len(starts) else True
     problems = []
+    index_rel = doc.get("index", {}).get("file", schema.INDEX_FILE_V2)
     if (
         not contiguous
         or not np.array_equal(ends - starts, lengths)
         or int(lengths.sum()) != num_tokens
     ):
-        problems.append(
-            f"{where}/{schema.INDEX_FILE}: token ranges do not tile the {num_tokens} tokens"
-        )
+        problems.append(f"{where}/{index_rel}: token ranges do not tile the {num_tokens} tokens")
     texts = shard.index.column("text").to_pylist()
     if [len(t) for t in texts] != shard.index.column("num_bytes").to_pylist():
-        problems.append(f"{where}/{schema.INDEX_FILE}: num_bytes differs from the stored text")
+        problems.append(f"{where}/{index_rel}: num_bytes differs from the stored text")
     return problems
 
 

@@ -219,7 +219,7 @@ class StoreLayout:
 
 
 def shard_file_entries(location: Location, shard_dir: str) -> dict[str, dict[str, Any]]:
-    """Inventory (`num_bytes`, `sha256`) of every file in a shard folder but `shard.json`, by relative path."""
+    """Inventory (`num_bytes`, `crc32c`) of every file in a shard folder but `shard.json`, by relative path."""
     if location.is_local:
         return integrity.local_file_entries(location.path(shard_dir), exclude=(schema.SHARD_FILE,))
     root = location.path(shard_dir)
@@ -470,7 +470,7 @@ class ShardClaim:
 
 
 class ShardWriter:
-    """Writes shard j of a store: one Zarr v3 group of per-token arrays, `index.arrow`, then `shard.json`.
+    """Writes shard j of a store: one Zarr v3 group of per-token arrays, `index.arrows.zst`, then `shard.json`.
 
     Use as a context manager; leaving it with an exception discards the shard (see the module docstring).
     """
@@ -726,7 +726,7 @@ class ShardWriter:
         self._claim.release()
 
     def close(self) -> None:
-        """Flush, write `index.arrow` and `shard.json`, and commit the shard (rename on local disks)."""
+        """Flush, write `index.arrows.zst` and `shard.json`, and commit the shard (rename on local disks)."""
         if not self._open:
             return
         loc = self.layout.location
@@ -765,7 +765,7 @@ class ShardWriter:
                 "num_rows": len(self._rows),
             },
             "num_disk_bytes": loc.size_bytes(self._dir),
-            "backend_versions": dict(plan.backend_versions),
+            # no `backend_versions` (version 3): they were the plan's, which the plan file and manifest hold
             "created_at": utc_now(),
             # every file as written (whatever its codec), so each read can check what it reads
             "files": shard_file_entries(loc, self._dir),

@@ -283,6 +283,10 @@ class StudentExampleBuilder:
         )
 
     def __call__(self, seq: Any) -> StudentExample:
+        return self.build(seq)[0]
+
+    def build(self, seq: Any) -> tuple[StudentExample, Chunks]:
+        """The example and every aligned greedy chunk behind it (in the loss or not; `alm align` caches both)."""
         teacher = sequence_from_stored(seq, self.teacher_vocab)
         student = render(
             document_from_stored(seq),
@@ -325,7 +329,7 @@ class StudentExampleBuilder:
                 student_num_bytes=int(student.end_byte.max()) if len(student.end_byte) else 0,
                 teacher_logp_sum=float(np.nansum(np.asarray(seq.logp, dtype=np.float64)[1:])),
             )
-        return StudentExample(
+        example = StudentExample(
             input_ids=np.asarray(student.token_id, dtype=np.int64),
             sft_mask=sft_mask,
             targets=targets,
@@ -333,6 +337,7 @@ class StudentExampleBuilder:
             eval=eval_example,
             distill=distill,
         )
+        return example, chunks_all
 
     def _mined(self) -> MinedVocabMap:
         if self._mined_map is None:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from alm.config.train import StoreRef, TrainRecipe
 from alm.errors import StoreError, StoreMismatchError
 from alm.store.reader import TeacherStore, open_store
-from alm.train.batch import StudentBatch, StudentExampleBuilder, collate
+from alm.train.batch import StudentBatch, StudentExample, StudentExampleBuilder, collate
 
 if TYPE_CHECKING:
     from alm.train.student import StudentTokenizer
@@ -236,6 +236,7 @@ class MicroBatches(Dataset):
         rank: int = 0,
         world_size: int = 1,
         max_cached_shards: int = 2,
+        alignment_caches: Sequence[Any | None] | None = None,
     ) -> None:
         self.store_paths = list(stores.paths)
         self.builder = builder
@@ -247,6 +248,8 @@ class MicroBatches(Dataset):
         self.fields = list(fields)
         self._stores: dict[int, TeacherStore] = {}
         self._shards: OrderedDict[tuple[int, int], list] = OrderedDict()
+        # per store: an `alm.train.alignments.CachedExamples` (a matching alignment cache) or None (align here)
+        self.alignment_caches = list(alignment_caches or [None] * len(self.store_paths))
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -277,8 +280,18 @@ class MicroBatches(Dataset):
         self._shards.move_to_end(key)
         return self._shards[key][row]
 
+    def example(self, position: int) -> StudentExample:
+        """The student example at stream position `position`: from the store's alignment cache when it has a
+        matching one, else built here (tokenize, align, targets)."""
+        ref, row = self.order.locate(position)
+        seq = self.sequence(position)
+        cache = self.alignment_caches[ref.store_index]
+        if cache is None:
+            return self.builder(seq)
+        return cache.example(ref.shard_index, row, seq)
+
     def __getitem__(self, k: int) -> StudentBatch:
-        return collate([self.builder(self.sequence(p)) for p in self.positions(k)])
+        return collate([self.example(p) for p in self.positions(k)])
 
 
 def example_builder(

@@ -29,6 +29,7 @@ from alm.config.train import TrainRecipe
 from alm.errors import ConfigError
 from alm.store.replace import remove_replaced, written_run_files
 from alm.train import parallel
+from alm.train.alignments import find_cache
 from alm.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -134,6 +135,7 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
         fields=training_fields(cfg),
         rank=parallel.rank(),
         world_size=parallel.world_size(),
+        alignment_caches=[find_cache(ref, builder, with_hidden=with_hidden) for ref in cfg.stores],
     )
     refuse_empty_loss_region(
         [dataset[k] for k in range(loss_region_sample_batches(cfg))],

@@ -136,7 +136,7 @@ def test_finalize_refuses_corrupt_array(tmp_path):
     data[5] ^= 0xFF
     chunk.write_bytes(bytes(data))
     with pytest.raises(
-        StoreError, match=r"shard-00001.*(sha256 differs|checksum differs|cannot read its arrays)"
+        StoreError, match=r"shard-00001.*(crc32c differs|checksum differs|cannot read its arrays)"
     ):
         finalize_store(tmp_path)
 
@@ -145,7 +145,7 @@ def test_finalize_refuses_modified_array(tmp_path):
     _three_shard_store(tmp_path)
     arr = zarr.open_array(tmp_path / "shards" / "shard-00001" / "arrays" / "logp", mode="r+")
     arr[1] = arr[1] + 1.0
-    with pytest.raises(StoreError, match=r"shard-00001/arrays/logp/c/0 .*sha256 differs"):
+    with pytest.raises(StoreError, match=r"shard-00001/arrays/logp/c/0 .*crc32c differs"):
         finalize_store(tmp_path)
 
 

@@ -31,12 +31,12 @@ def test_shard_layout_names_the_folders_the_writer_creates(tmp_path):
     assert schema.temp_shard_prefix(7).startswith(schema.TEMP_SHARD_DIR_PREFIX)
 
 
-def test_typed_manifest_of_a_finished_v2_store_matches_its_json_and_plan(tmp_path):
+def test_typed_manifest_of_a_finished_store_matches_its_json_and_plan(tmp_path):
     plan = make_plan(num_shards=2)
     shards = random_store(tmp_path, plan, num_per_shard=3, seed=2)
     doc = json.loads((tmp_path / schema.MANIFEST_FILE).read_text())
     manifest = open_store(tmp_path).manifest
-    assert manifest.finished and manifest.format_version == schema.FORMAT_VERSION == 2
+    assert manifest.finished and manifest.format_version == schema.FORMAT_VERSION == 3
     assert manifest.teacher_model == plan.teacher_model == "tiny-teacher"
     assert (
         manifest.tokenizer_fingerprint == "tok-fp" and manifest.data_spec_fingerprint == "data-fp"

@@ -85,8 +85,8 @@ def test_field_specs_dtypes_and_refusals():
 
 
 def test_newer_format_version_is_refused():
-    with pytest.raises(StoreError, match="format version 3"):
-        schema.check_format({"format": schema.FORMAT_NAME, "format_version": 3}, "x")
+    with pytest.raises(StoreError, match="format version 4"):
+        schema.check_format({"format": schema.FORMAT_NAME, "format_version": 4}, "x")
     with pytest.raises(StoreError, match="not an alm teacher store"):
         schema.check_format({"format": "other"}, "x")
 
@@ -94,5 +94,54 @@ def test_newer_format_version_is_refused():
 def test_version_1_is_read_but_never_written():
     v1 = {"format": schema.FORMAT_NAME, "format_version": 1}
     assert schema.check_format(v1, "x") == 1
-    with pytest.raises(StoreError, match="writes version 2"):
+    with pytest.raises(StoreError, match=f"writes version {schema.FORMAT_VERSION}"):
         schema.check_format(v1, "x", for_writing=True)
+
+
+def test_crc32c_matches_the_standard_check_value():
+    # CRC-32C (Castagnoli) of b"123456789" is 0xE3069283 (RFC 3720 B.4 check value); pieces chain like one buffer
+    from alm.store import integrity
+
+    assert integrity.crc32c_hex([b"123456789"]) == "e3069283"
+    assert integrity.crc32c_hex([b"1234", memoryview(bytearray(b"56789"))]) == "e3069283"
+    assert integrity.file_entry(b"123456789") == {"num_bytes": 9, "crc32c": "e3069283"}
+    assert integrity.entry_problem(b"123456788", {"num_bytes": 9, "crc32c": "e3069283"}) == (
+        "has the right size but different bytes than were written (crc32c differs)"
+    )
+
+
+@pytest.mark.parametrize("num_bytes", [0, 1, 255, 256, 300, 65_791, 65_792, 5_000_000])
+def test_zstd_content_size_is_the_decompressed_length(num_bytes):
+    data = np.random.default_rng(num_bytes).integers(0, 8, num_bytes).astype(np.uint8).tobytes()
+    frame = pa.Codec("zstd", compression_level=3).compress(data, asbytes=True)
+    streamed = pa.CompressedInputStream(pa.BufferReader(frame), "zstd").read_buffer()
+    assert schema.zstd_content_size(frame[:18]) == len(streamed) == num_bytes
+    assert schema.zstd_content_size(b"not zstd at all") is None
+
+
+def test_index_file_is_a_zstd_arrow_stream_that_plain_pyarrow_reads(tmp_path):
+    rows = [
+        {
+            "seq_id": i,
+            "doc_id": f"d{i}",
+            "source": "unit",
+            "row": i,
+            "token_start": 3 * i,
+            "token_end": 3 * i + 3,
+            "text": b"abc" * i,
+            "segments": [
+                {"role": "text", "start_byte": 0, "end_byte": 3 * i, "start_pos": 0, "end_pos": 3}
+            ],
+            "loss_spans": [{"start_byte": 0, "end_byte": 3 * i}],
+            "truncated": False,
+            "num_tokens": 3,
+            "num_bytes": 3 * i,
+        }
+        for i in range(50)
+    ]
+    table = pa.Table.from_pylist(rows, schema=schema.INDEX_SCHEMA)
+    path = tmp_path / schema.INDEX_FILE
+    path.write_bytes(schema.index_to_bytes(table))
+    plain = pa.ipc.open_stream(pa.input_stream(str(path), compression="zstd")).read_all()
+    assert plain.equals(table)
+    assert schema.index_from_bytes(path.read_bytes()).equals(table)

@@ -216,7 +216,7 @@ def test_finalize_writes_a_store_card_from_the_manifest(store: Path) -> None:
     for name in manifest["fields"]:
         assert f"`{name}`" in card
     assert f"{manifest['totals']['num_tokens']} teacher tokens" in card
-    assert "zarr.open_group" in card and "pa.ipc.open_file" in card
+    assert "zarr.open_group" in card and "pa.ipc.open_stream" in card
 
 
 def test_store_card_snippet_reads_the_store_with_plain_zarr_and_pyarrow(

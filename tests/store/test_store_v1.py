@@ -35,7 +35,7 @@ def expected_sequences() -> list[dict]:
 def test_v1_store_reads_back_the_values_the_v1_code_wrote():
     store = open_store(V1_STORE)
     assert store.format_version == 1
-    assert (V1_STORE / "shards" / "shard-00000" / schema.INDEX_FILE).is_file()
+    assert (V1_STORE / "shards" / "shard-00000" / schema.INDEX_FILE_V2).is_file()
     got = list(store)
     want = expected_sequences()
     assert [s.seq_id for s in got] == [w["seq_id"] for w in want]
@@ -64,6 +64,7 @@ def test_v1_store_is_never_extended_by_this_version(tmp_path):
     shutil.copytree(V1_STORE, copy)
     plan_v2 = make_plan(num_shards=2)
     with pytest.raises(
-        StoreError, match=r"format version 1, this alm writes version 2.*--overwrite"
+        StoreError,
+        match=rf"format version 1, this alm writes version {schema.FORMAT_VERSION}.*--overwrite",
     ):
         prepare_store(copy, plan_v2)

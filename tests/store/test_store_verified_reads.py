@@ -40,7 +40,7 @@ SHARD_FILES = [
     SHARD / "arrays" / "token_id" / "c" / "1",
     SHARD / "arrays" / "boundary_logmass" / "c" / "0" / "0",
     SHARD / "arrays" / "topk_id" / "c" / "0" / "0",
-    SHARD / "index.arrow",
+    SHARD / "index.arrows.zst",
     SHARD / "shard.json",
 ]
 

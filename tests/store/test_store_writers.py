@@ -206,7 +206,7 @@ def test_overwrite_moves_the_old_store_aside_and_deletes_only_alm_files_once_the
     assert sorted(p.name for p in (tmp_path / "shards/shard-00000").iterdir()) == [
         "README.txt",
         "arrays",
-        "index.arrow",
+        "index.arrows.zst",
         "shard.json",
     ]
     assert open_store(tmp_path).num_sequences == 1

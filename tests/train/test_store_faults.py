@@ -27,7 +27,7 @@ FILE_KINDS = (
     "vocab/tokenizer/tokenizer.json",
     "vocab/tokenizer/tokenizer_config.json",
     f"{SHARD}/shard.json",
-    f"{SHARD}/index.arrow",
+    f"{SHARD}/index.arrows.zst",
     f"{SHARD}/arrays/zarr.json",
     f"{SHARD}/arrays/token_id/zarr.json",
     f"{SHARD}/arrays/token_id/c/0",
