@@ -7,9 +7,11 @@ byte offsets and roles, the segment table, loss spans and truncation), and the s
 `document_from_parts` / `document_from_stored` (stored text + segment table -> the abstract document a student
 re-renders with its own family).
 
-Like tokenkit (§3) we never call `apply_chat_template`: each text segment is tokenized separately
-(`alm.vocab.encode_text`, literal marker strings stay text) and each template block is the family's own string
-(special tokens plus literal pieces such as `"user\\n"`), so no system prompt is ever injected. Block roles:
+Like tokenkit (§3) the four fixed families never call `apply_chat_template`: each text segment is tokenized
+separately (`alm.vocab.encode_text`, literal marker strings stay text) and each template block is the family's own
+string (special tokens plus literal pieces such as `"user\\n"`), so no system prompt is ever injected. Family
+`template` instead renders chat with the tokenizer's own Jinja `chat_template`, prefix by prefix, and cuts each
+turn into header / text / trailer blocks (`_template_blocks`). Block roles:
 `bos`, `eos`, `header:user`, `header:assistant`, `header:system`, `eot`. A family may render a block as nothing
 (chatml has no bos); such blocks still appear in the segment table with zero tokens, so a student whose family
 does have them can render them.
@@ -36,8 +38,9 @@ from alm.vocab import TokenizedText, Vocab, encode_text, token_offsets
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["chatml", "llama3", "gemma", "plain"]
-FAMILIES: tuple[str, ...] = ("chatml", "llama3", "gemma", "plain")
+Family = Literal["chatml", "llama3", "gemma", "plain", "template"]
+# `template`: the tokenizer's own Jinja `chat_template` (`_template_blocks`); the others are fixed block strings.
+FAMILIES: tuple[str, ...] = ("chatml", "llama3", "gemma", "plain", "template")
 LossRegion = Literal["all", "assistant", "last_assistant"]
 BLOCK_ROLES = ("bos", "eos", "header:user", "header:assistant", "header:system", "eot")
 # Blocks that open what follows them; every other block (eot, eos) closes what precedes it (`token_in_loss`).
@@ -315,8 +318,8 @@ def family_chat_template(family: str) -> str | None:
     """
     if family not in FAMILIES:
         raise ConfigError(f"template family {family!r} is unknown; use one of {list(FAMILIES)}")
-    blocks = FAMILY_BLOCKS[family]
-    if "header:user" not in blocks:
+    blocks = FAMILY_BLOCKS.get(family, {})
+    if "header:user" not in blocks:  # plain; `template` keeps the tokenizer's own
         return None
 
     def literal(text: str | None) -> str:
@@ -428,6 +431,104 @@ def block_token_ids(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The tokenizer's own chat template
+
+# Stands for a message's content while finding where the template puts it (no whitespace: survives `| trim`).
+_CONTENT_SENTINEL = "\u2063alm\u2063content\u2063"
+
+
+def _chat_turns(document: Document) -> list[tuple[str, str, int, int, int]]:
+    """`(role, content, header index, text index, eot index)` per message of a chat document (none if plain)."""
+    segments = document.segments
+    turns = []
+    for i, seg in enumerate(segments):
+        if not seg.role.startswith("header:"):
+            continue
+        if not (
+            i + 2 < len(segments)
+            and segments[i + 1].role == "text"
+            and segments[i + 2].role == "eot"
+        ):
+            raise DataError(
+                f"document {document.doc_id!r}: a chat turn is header, text, eot; segment {i} is not followed "
+                "by them, so it cannot be rendered with a chat template"
+            )
+        try:
+            content = segments[i + 1].text.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"document {document.doc_id!r}: message is not UTF-8 ({err})") from None
+        turns.append((seg.role.removeprefix("header:"), content, i, i + 1, i + 2))
+    return turns
+
+
+def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray]:
+    """Token ids of each chat block of `document` rendered by the tokenizer's own Jinja `chat_template`.
+
+    The messages are rendered prefix by prefix (`apply_chat_template` of the first k messages, no generation
+    prompt); each render must extend the previous one, and the new part must be `header + content + trailer` with
+    the content verbatim (found through a sentinel content). The header (with whatever the template puts before
+    the first message: bos, a default system prompt) becomes the `header:<role>` block, the trailer the `eot`
+    block, and the document's `bos` block renders as nothing. So every block keeps its role and text keeps its
+    exact bytes (ALM_SPEC §3), and the loss-region rule applies unchanged.
+
+    Raises:
+        TokenizerRefusedError: the tokenizer has no chat template, or the template is not prefix-stable, or it
+            changes a message's content (e.g. trims it).
+    """
+    turns = _chat_turns(document)
+    if not turns:
+        return {}
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizerRefusedError(
+            f"family 'template' needs the tokenizer's chat_template, but {type(tokenizer).__name__} has none; "
+            "pick a family (chatml, llama3, gemma) or set tokenizer.chat_template"
+        )
+
+    def rendered(messages: list[dict[str, str]]) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        assert isinstance(text, str)
+        return text
+
+    def encode(block: str) -> np.ndarray:
+        ids = tokenizer(
+            block, add_special_tokens=False, split_special_tokens=False, return_attention_mask=False
+        )["input_ids"]
+        return np.asarray(ids, dtype=np.int32)
+
+    # the template's own start (bos, a default system prompt) is part of the first header
+    blocks = {
+        i: np.zeros(0, np.int32) for i, seg in enumerate(document.segments) if seg.role == "bos"
+    }
+    messages: list[dict[str, str]] = []
+    previous = ""
+    for number, (role, content, header_i, _, eot_i) in enumerate(turns):
+        probe = rendered([*messages, {"role": role, "content": _CONTENT_SENTINEL}])
+        messages.append({"role": role, "content": content})
+        real = rendered(messages)
+        if not (probe.startswith(previous) and real.startswith(previous)):
+            raise TokenizerRefusedError(
+                f"the chat template of {type(tokenizer).__name__} is not prefix-stable: rendering message "
+                f"{number} changes what it rendered for the messages before it, so turns have no fixed byte "
+                "spans; pick a family (chatml, llama3, gemma, plain) instead"
+            )
+        new = probe[len(previous) :]
+        if new.count(_CONTENT_SENTINEL) != 1:
+            raise TokenizerRefusedError(
+                f"the chat template renders message {number}'s content {new.count(_CONTENT_SENTINEL)} times; "
+                "pick a family (chatml, llama3, gemma, plain) instead"
+            )
+        header, trailer = new.split(_CONTENT_SENTINEL)
+        if real != previous + header + content + trailer:
+            raise TokenizerRefusedError(
+                f"the chat template changes message {number}'s content (e.g. trims it), so the rendered text "
+                "is not the data's bytes; pick a family (chatml, llama3, gemma, plain) instead"
+            )
+        blocks[header_i], blocks[eot_i] = encode(header), encode(trailer)
+        previous = real
+    return blocks
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Rendering
 
 
@@ -523,6 +624,9 @@ def render(
     family = resolve_family(family, tokenizer)
     if max_length is not None and max_length < 1:
         raise ConfigError(f"max_length must be >= 1, got {max_length}")
+    # the tokenizer's own template renders the chat blocks; bos/eos of plain documents are its bos/eos tokens
+    template_blocks = _template_blocks(document, tokenizer) if family == "template" else {}
+    block_family = "plain" if family == "template" else family
     budget = max_length if max_length is not None else None
     id_parts: list[np.ndarray] = []
     start_parts: list[np.ndarray] = []
@@ -531,7 +635,7 @@ def render(
     segments: list[dict[str, Any]] = []
     content_byte = 0
     pos = 0
-    for seg in document.segments:
+    for seg_index, seg in enumerate(document.segments):
         if budget is not None and pos > budget:
             break
         if seg.role == "text":
@@ -547,7 +651,11 @@ def render(
             roles.extend([None] * len(ids))
             seg_end_byte = content_byte + len(seg.text)
         else:
-            ids = block_token_ids(family, seg.role, tokenizer, vocab)
+            ids = (
+                template_blocks[seg_index]
+                if seg_index in template_blocks
+                else block_token_ids(block_family, seg.role, tokenizer, vocab)
+            )
             start = np.full(len(ids), content_byte, dtype=np.int64)
             end = start.copy()
             roles.extend([seg.role] * len(ids))

@@ -94,7 +94,7 @@ def candidates(typesize: int) -> dict[str, Callable[[], numcodecs.abc.Codec | No
             (numcodecs.Blosc.SHUFFLE, "shuffle"),
             (numcodecs.Blosc.BITSHUFFLE, "bitshuffle"),
         ):
-            for clevel in (5, 9) if cname == "zstd" else (5,):
+            for clevel in (5, 7, 9) if cname == "zstd" else (5,):
                 out[f"blosc {cname} {clevel} {label}"] = (
                     lambda cname=cname, clevel=clevel, shuffle=shuffle: numcodecs.Blosc(
                         cname=cname, clevel=clevel, shuffle=shuffle, blocksize=0

@@ -87,9 +87,12 @@ class TeacherConfig(StrictModel):
     device: str = Field(
         default="auto", description="`auto` (cuda if available), `cpu`, `cuda`, `cuda:N`."
     )
-    family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
+    family: Literal["auto", "chatml", "llama3", "gemma", "plain", "template"] = Field(
         default="auto",
-        description="Template family used to render documents for this teacher; `auto` detects it.",
+        description=(
+            "Template family used to render documents for this teacher; `auto` detects it from the special tokens; "
+            "`template` renders chat with the tokenizer's own Jinja chat_template (prefix-stable ones only)."
+        ),
     )
     vllm: VllmOptions = Field(
         default_factory=VllmOptions, description="vLLM engine settings (backend vllm)."

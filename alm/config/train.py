@@ -83,6 +83,15 @@ class TransferConfig(StrictModel):
         default=False,
         description="Give the student separate input and output embeddings (ALM_SPEC §8, byte students).",
     )
+    ngram_embeddings: bool = Field(
+        default=False,
+        description=(
+            "Byte students only (`tokenizer: bytes`): add to each byte's input embedding the frozen teacher "
+            "embedding of the longest teacher subword ending at that byte, looking back at most 16 bytes (paper "
+            "App. C, ALM_SPEC §8). Llama-architecture teachers; the saved student loads with "
+            "`trust_remote_code=True` (docs/training.md)."
+        ),
+    )
     special_tokens: Literal["student", "teacher"] = Field(
         default="student",
         description=(
@@ -107,9 +116,12 @@ class StudentConfig(StrictModel):
     transfer: TransferConfig | None = Field(
         default=None, description="Build the student by tokenizer transfer instead."
     )
-    family: Literal["auto", "chatml", "llama3", "gemma", "plain"] = Field(
+    family: Literal["auto", "chatml", "llama3", "gemma", "plain", "template"] = Field(
         default="auto",
-        description="Template family used to render the student's sequences; `auto` detects it.",
+        description=(
+            "Template family used to render the student's sequences; `auto` detects it from the special tokens; "
+            "`template` renders chat with the tokenizer's own Jinja chat_template (prefix-stable ones only)."
+        ),
     )
     max_length: int = Field(
         default=512, ge=2, description="Student sequence length in tokens (byte students: ~4x)."
@@ -131,6 +143,14 @@ class StudentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentConfig:
+        if (
+            self.transfer is not None
+            and self.transfer.ngram_embeddings
+            and self.transfer.tokenizer != "bytes"
+        ):
+            raise ValueError(
+                "student.transfer.ngram_embeddings needs a byte student: set transfer.tokenizer: bytes"
+            )
         if (self.model is None) == (self.transfer is None):
             raise ValueError(
                 "give exactly one of student.model (an HF id or path) or student.transfer "

@@ -23,6 +23,7 @@ torch and transformers.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -147,6 +148,14 @@ def scoring_model(
     )
 
 
+def _is_alm_ngram_student(path: str) -> bool:
+    config = Path(path) / "config.json"
+    try:
+        return json.loads(config.read_text()).get("model_type") == "alm_ngram_llama"
+    except (OSError, ValueError):
+        return False
+
+
 def load_hf_model(name: str, device: str | torch.device = "cpu") -> ScoringModel:
     """Load a model folder, HF id or `builtin:` name (fp32) with its tokenizer.
 
@@ -156,9 +165,13 @@ def load_hf_model(name: str, device: str | torch.device = "cpu") -> ScoringModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_teacher_path(name)
+    # a byte student with n-gram embeddings ships its modelling code (alm's own `ngram_model.py`, docs/training.md)
+    remote = _is_alm_ngram_student(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=remote)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=remote
+        )
     except (OSError, ValueError) as exc:
         raise ConfigError(
             f"model {name!r} cannot be loaded ({exc}). Give a model folder (e.g. runs/x/student), a cached HF id "

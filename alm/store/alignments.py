@@ -8,7 +8,7 @@ with (student tokenizer, template family, max length, γ, boundary set, debiasin
 it on reuse and refuses a cache built with other settings.
 
 Stores never lie here either: every JSON document ends with its own `checksum` (`alm.store.integrity`), each
-shard's JSON lists its Arrow file's size and sha256 and the `checksum` of the store shard it was aligned from,
+shard's JSON lists its Arrow file's size and CRC-32C (`integrity.file_entry`) and the `checksum` of the store shard it was aligned from,
 and the cache manifest (written last) lists each shard JSON's checksum. Every read checks what it reads; a
 damaged file is a `StoreCorruptError` naming it. Writing is resumable: a shard is done when its JSON (written
 after its Arrow file) checks out against the file; a rerun skips done shards and writes the rest.

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+NGRAM_MAX_BYTES = 16  # ALM_SPEC §8: look back at most 16 bytes
+
 
 @dataclass
 class Student:
@@ -462,6 +464,7 @@ def load_student(
             )
     else:
         assert cfg.transfer is not None
+        teacher_embeddings = _embedding_weight(model.get_input_embeddings()).detach().clone()
         transfer_model(
             model,
             tok.teacher_tokenizer,
@@ -469,7 +472,66 @@ def load_student(
             untie_embeddings=cfg.transfer.untie_embeddings,
             seed=seed,
         )
+        if cfg.transfer.ngram_embeddings:
+            model = with_ngram_embeddings(
+                model, teacher_embeddings, vocab_from_tokenizer(tok.teacher_tokenizer), tok.vocab
+            )
     return Student(model, tok.tokenizer, tok.vocab, tok.source, tok.family)
+
+
+def with_ngram_embeddings(
+    model: PreTrainedModel,
+    teacher_embeddings: torch.Tensor,
+    teacher_vocab: Vocab,
+    student_vocab: Vocab,
+    max_bytes: int = NGRAM_MAX_BYTES,
+) -> PreTrainedModel:
+    """The byte student `model` as `AlmNgramLlamaForCausalLM`: same weights, plus the frozen n-gram table.
+
+    Args:
+        model: the transferred byte student (a `LlamaForCausalLM`).
+        teacher_embeddings: float [V_teacher', d], the teacher's input embeddings before transfer.
+        teacher_vocab: the teacher tokenizer as bytes (row i of the table is teacher id i).
+        student_vocab: the byte tokenizer as bytes.
+        max_bytes: the longest look-back (ALM_SPEC §8: 16).
+
+    Raises:
+        ConfigError: the model is not a Llama-architecture causal LM.
+    """
+    from alm.train.ngram_model import AlmNgramLlamaConfig, AlmNgramLlamaForCausalLM, NgramEmbedding
+
+    if type(model).__name__ != "LlamaForCausalLM":
+        raise ConfigError(
+            f"student.transfer.ngram_embeddings supports Llama-architecture teachers; this one is "
+            f"{type(model).__name__}. Set ngram_embeddings: false"
+        )
+    num_rows = min(teacher_embeddings.shape[0], teacher_vocab.size)
+    token_hex = [
+        tb.hex() if tb and not teacher_vocab.is_special[i] and len(tb) <= max_bytes else ""
+        for i, tb in enumerate(teacher_vocab.token_bytes[:num_rows])
+    ]
+    byte_of_id = [
+        -1 if student_vocab.is_special[i] or len(tb) != 1 else tb[0]
+        for i, tb in enumerate(student_vocab.token_bytes)
+    ]
+    settings = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type",)}
+    config = AlmNgramLlamaConfig(
+        ngram_token_hex=token_hex, byte_of_id=byte_of_id, ngram_max_bytes=max_bytes, **settings
+    )
+    ngram_model = AlmNgramLlamaForCausalLM(config)  # fp32, as `load_causal_lm` loads
+    missing, unexpected = ngram_model.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {
+        "model.embed_tokens.ngram_weight",
+        "lm_head.weight",
+    }, (
+        missing,
+        unexpected,
+    )
+    embedding = ngram_model.model.embed_tokens
+    assert isinstance(embedding, NgramEmbedding)
+    with torch.no_grad():
+        embedding.ngram_weight.copy_(teacher_embeddings[:num_rows])
+    return ngram_model
 
 
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:

@@ -114,7 +114,7 @@ def test_the_saved_chat_student_renders_what_training_rendered(
         # Byte tokens never merge across a segment boundary. A special token's string typed inside a message
         # stays text in training (never a marker, ALM_SPEC §3) but is a special token to a whole-string encode.
         literal_marker = any(
-            t in m["content"] for m in messages for t in tokenizer.all_special_tokens
+            t in m["content"] for m in messages for t in vocab.special_text.values()
         )
         if student_kind == "bytes" and not literal_marker:
             assert list(ids) == trained.token_id.tolist()
@@ -136,3 +136,45 @@ def test_the_saved_chat_student_renders_what_training_rendered(
 
 def document_text(document, segment) -> str:
     return document.content_text[segment["start_byte"] : segment["end_byte"]].decode()
+
+
+def test_a_student_trained_with_its_own_template_keeps_it(tmp_path, chat_store, teacher_dir):
+    """`student.family: template`: the byte student renders chat with the (teacher's) Jinja template, which the
+    saved tokenizer keeps, so apply_chat_template gives exactly the tokens training rendered."""
+    import shutil
+
+    from test_chat_template_family import SMOLLM2_TEMPLATE
+    from transformers import AutoTokenizer
+
+    source = tmp_path / "teacher_with_template"
+    shutil.copytree(teacher_dir, source)
+    teacher_tokenizer = AutoTokenizer.from_pretrained(source)
+    teacher_tokenizer.chat_template = SMOLLM2_TEMPLATE
+    teacher_tokenizer.save_pretrained(source)
+    recipe = train_recipe(
+        tmp_path / "r.yaml",
+        store=chat_store,
+        output=tmp_path / "run",
+        student={
+            "transfer": {"from": str(source), "tokenizer": "bytes"},
+            "family": "template",
+            "max_length": 1024,
+        },
+        loss={"kind": "alm+sft"},
+        optim__steps=1,
+    )
+    run_train(load_yaml_model(TrainRecipe, recipe))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "run" / "student")
+    assert tokenizer.chat_template == SMOLLM2_TEMPLATE
+    vocab = vocab_from_tokenizer(tokenizer)
+    checked = 0
+    for sequence in open_store(chat_store):
+        document = document_from_stored(sequence)
+        messages = messages_of(document)
+        if any(t in m["content"] for m in messages for t in vocab.special_text.values()):
+            continue  # a special token's string in a message stays text in training
+        trained = render(document, tokenizer, vocab, "template")
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+        assert list(ids) == trained.token_id.tolist()
+        checked += 1
+    assert checked >= 2
