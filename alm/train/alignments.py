@@ -333,7 +333,6 @@ def builder_for(
     """
     from alm.config import load_yaml_model
     from alm.config.train import LossConfig
-    from alm.train.student import load_student_tokenizer
 
     if (student is None) == (recipe is None):
         raise ConfigError("give exactly one of --student TOKENIZER or --recipe TRAIN_RECIPE")
@@ -344,7 +343,12 @@ def builder_for(
                 "(change it with the recipe)"
             )
         cfg = load_yaml_model(TrainRecipe, recipe, [])
-        student_cfg, loss = cfg.student, cfg.loss
+        if cfg.loss.baseline() is not None:
+            raise ConfigError(
+                f"{recipe}: loss.kind {cfg.loss.kind} aligns on the fly (alignment caches hold ALM targets); "
+                "give a recipe with loss.kind alm, sft or alm+sft"
+            )
+        return recipe_builder(store, cfg)
     else:
         assert student is not None
         student_cfg = student_config_for(store, student)
@@ -352,7 +356,17 @@ def builder_for(
             if max_length < 2:
                 raise ConfigError(f"--max-length {max_length}: must be at least 2")
             student_cfg = student_cfg.model_copy(update={"max_length": max_length})
-        loss = LossConfig()
+    return _builder(store, student_cfg, LossConfig())
+
+
+def recipe_builder(store: TeacherStore, cfg: TrainRecipe) -> StudentExampleBuilder:
+    """The builder `alm train cfg` uses for its ALM targets, from the student tokenizer alone (no model loads)."""
+    return _builder(store, cfg.student, cfg.loss)
+
+
+def _builder(store: TeacherStore, student_cfg: StudentConfig, loss: Any) -> StudentExampleBuilder:
+    from alm.train.student import load_student_tokenizer
+
     teacher_model = store.manifest.teacher_model
     student_tokenizer = load_student_tokenizer(student_cfg, teacher_model=teacher_model)
     return StudentExampleBuilder(
@@ -364,7 +378,32 @@ def builder_for(
         boundary_class_ids=loss.boundary_class_ids(),
         gamma=loss.gamma,
         debias=loss.debias,
+        baseline=loss.baseline(),
     )
+
+
+def check_alignment_caches(cfg: TrainRecipe) -> list[str]:
+    """Before any model loads: one line per store on whether training will read its alignment cache.
+
+    Raises:
+        StoreMismatchError: a store with `alignments: required` has no matching cache.
+    """
+    lines, to_check = [], []
+    for ref in cfg.stores:
+        if ref.alignments == "off":
+            lines.append(f"store {ref.path}: alignment cache off")
+        elif ref.alignments == "auto" and not cache_format.list_cache_keys(open_store(ref.path)):
+            lines.append(f"store {ref.path}: no alignment caches, aligned on the fly")
+        else:
+            to_check.append(ref)
+    if not to_check:
+        return lines
+    builder = recipe_builder(open_store(to_check[0].path), cfg)
+    for ref in to_check:
+        found = find_cache(ref, builder, with_hidden=False)
+        state = "aligned on the fly" if found is None else "alignment cache used"
+        lines.append(f"store {ref.path}: {state} ({ref.alignments})")
+    return lines
 
 
 def run_align(

@@ -15,6 +15,7 @@ from alm.store.reader import open_store
 from alm.store.replace import output_write_error
 from alm.store.verify import check_store_files
 from alm.train import parallel
+from alm.train.alignments import check_alignment_caches
 from alm.train.loader import (
     MicroBatches,
     check_stores,
@@ -116,6 +117,7 @@ def dry_run_report(cfg: TrainRecipe) -> str:
         lambda counts: counts,
         max_length=cfg.student.max_length,
     )
+    lines += [f"# {line}" for line in check_alignment_caches(cfg)]
     resolved = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
     return "\n".join(
         [

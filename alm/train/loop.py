@@ -29,7 +29,7 @@ from alm.config.train import TrainRecipe
 from alm.errors import ConfigError
 from alm.store.replace import remove_replaced, written_run_files
 from alm.train import parallel
-from alm.train.alignments import find_cache
+from alm.train.alignments import check_alignment_caches, find_cache
 from alm.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -105,6 +105,10 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
 def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignals) -> Path:
     device = parallel.init()
     stores = check_stores(cfg)
+    if any(ref.alignments == "required" for ref in cfg.stores):
+        check_alignment_caches(
+            cfg
+        )  # a missing or stale required cache is refused before any model loads
     out = Path(cfg.output_dir)
     check_output_dir(cfg, resume, overwrite)  # refused before the tokenizer and the model load
     if resume and finished_message(cfg) is not None:

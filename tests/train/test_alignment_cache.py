@@ -153,7 +153,7 @@ def test_training_with_the_cache_equals_training_on_the_fly(stores, student_dir,
         if policy == "required":
             with pytest.raises(StoreMismatchError, match="alignments is `required`"):
                 run_train(cfg)
-            assert not (tmp_path / f"run-{policy}").exists()  # refused before anything is written
+            assert not (tmp_path / f"run-{policy}").exists()  # refused before anything was written
             store = open_store(store_path)
             write_alignments(str(store_path), builder_for(store, recipe=str(recipe)))
         with caplog.at_level(logging.INFO, logger="alm.train.alignments"):
@@ -456,3 +456,31 @@ def test_precompute_writes_alignment_caches_for_students(teacher_dir, student_di
         assert (
             cache is not None and cache.manifest["totals"]["num_sequences"] == store.num_sequences
         )
+
+
+def test_required_cache_is_checked_before_any_model_loads_and_dry_run_reports_it(
+    stores, student_dir, tmp_path
+):
+    from alm.config import load_yaml_model
+    from alm.config.train import TrainRecipe
+    from alm.train.command import run_train_cli
+    from alm.train.loop import run_train
+
+    store_path = _copy_store(stores["plain"], tmp_path)
+    tokenizer_only = tmp_path / "tokenizer-only"  # no weights: loading the model would fail
+    tokenizer_only.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(student_dir / name, tokenizer_only / name)
+    recipe = train_recipe(
+        tmp_path / "r.yaml",
+        store=store_path,
+        output=tmp_path / "run",
+        student={"model": str(tokenizer_only), "max_length": MAX_LENGTH},
+        stores=[{"path": str(store_path), "alignments": "required"}],
+    )
+    cfg = load_yaml_model(TrainRecipe, recipe, [])
+    with pytest.raises(StoreMismatchError, match="no finished cache"):
+        run_train(cfg)
+    write_alignments(str(store_path), builder_for(open_store(store_path), recipe=str(recipe)))
+    printed = run_train_cli(recipe, [], dry_run=True, resume=False, overwrite=False)
+    assert f"# store {store_path}: alignment cache used (required)" in printed
