@@ -21,10 +21,12 @@ Imports `numpy`, `pyarrow` (lazily), `tokenizers`/`transformers` (lazily) and `a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -145,6 +147,28 @@ class Vocab:
     def token_length(self) -> np.ndarray:
         """int64 [V]: number of bytes each id contributes (0 for specials)."""
         return np.fromiter((len(b) for b in self.token_bytes), dtype=np.int64, count=self.size)
+
+    @cached_property
+    def token_bytes_flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every token's bytes concatenated (uint8 [sum of lengths]) and where each token starts in it (int64 [V]):
+        the bytes of many ids are one gather (`ids_bytes`), not a Python loop over tokens."""
+        flat = np.frombuffer(b"".join(self.token_bytes), dtype=np.uint8)
+        starts = np.cumsum(self.token_length) - self.token_length
+        return flat, starts
+
+    def ids_bytes(self, ids: np.ndarray) -> bytes:
+        """The concatenated bytes of `ids` (int [n]), i.e. `b"".join(token_bytes[i] for i in ids)`."""
+        if len(ids) < 64:  # a few tokens: the join is cheaper than the gather's numpy calls
+            return b"".join([self.token_bytes[i] for i in ids.tolist()])
+        flat, starts = self.token_bytes_flat
+        lengths = self.token_length[ids]  # [n]
+        total = int(lengths.sum())
+        if total == 0:
+            return b""
+        ends = np.cumsum(lengths)  # [n]
+        # position p of the output lies in token k = its run; its source is starts[ids[k]] + (p - run start)
+        shift = np.repeat(starts[ids] - (ends - lengths), lengths)  # [total]
+        return flat[np.arange(total, dtype=np.int64) + shift].tobytes()
 
     @cached_property
     def bytes_to_id(self) -> dict[bytes, int]:
@@ -578,7 +602,7 @@ def _check_tokens(vocab: Vocab, ids: np.ndarray, text: bytes, what: str) -> bool
             f"{token_id}) at token {pos} for {what} {_excerpt(text)}: its tokens cannot reproduce the text's "
             "bytes. Use a tokenizer with byte fallback (ALM_SPEC §13.4)."
         )
-    joined = b"".join([vocab.token_bytes[i] for i in ids.tolist()])
+    joined = vocab.ids_bytes(ids)
     if joined == text:
         return False
     # A dummy prefix space: SentencePiece's `▁`, or a byte-level BPE with `add_prefix_space=True` (RoBERTa).
@@ -617,6 +641,46 @@ def _encode_ids(tokenizer: Any, string: str) -> list[int]:
         backend.encode_special_tokens = previous
 
 
+# Per tokenizer object: its byte -> id table when it is an identity byte tokenizer, else None (`_byte_table`).
+_BYTE_TABLES: weakref.WeakKeyDictionary[Any, np.ndarray | None] = weakref.WeakKeyDictionary()
+
+
+def _byte_table(tokenizer: Any, vocab: Vocab) -> np.ndarray | None:
+    """The id of each byte (int32 [256]) when `tokenizer` can only map every byte to its own token, else None.
+
+    That holds for the pure byte tokenizer (`build_byte_tokenizer`): a `bytes` vocabulary (256 one-byte tokens),
+    no normalizer, a ByteLevel pre-tokenizer without prefix space and a BPE model without merges. Its encoding
+    of any text is then the byte lookup, which `encode_text` uses instead of calling the tokenizer (the result
+    is still checked by `_check_tokens`).
+    """
+    try:
+        return _BYTE_TABLES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    table = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if vocab.kind == "bytes" and backend is not None:
+        spec = json.loads(backend.to_str())
+        pre = spec.get("pre_tokenizer") or {}
+        model = spec.get("model") or {}
+        if (
+            spec.get("normalizer") is None
+            and pre.get("type") == "ByteLevel"
+            and not pre.get("add_prefix_space")
+            and model.get("type") == "BPE"
+            and not model.get("merges")
+        ):
+            table = np.full(256, -1, dtype=np.int32)
+            for token_bytes, token_id in vocab.bytes_to_id.items():
+                if len(token_bytes) == 1:
+                    table[token_bytes[0]] = token_id
+            if (table < 0).any():
+                table = None
+    with contextlib.suppress(TypeError):  # not weak-referenceable: decided again next time
+        _BYTE_TABLES[tokenizer] = table
+    return table
+
+
 def encode_text(tokenizer: Any, vocab: Vocab, text: bytes) -> TokenizedText:
     """Exact-bytes encoding of one regular-text segment (no special tokens added, literal markers stay text).
 
@@ -645,7 +709,11 @@ def encode_text(tokenizer: Any, vocab: Vocab, text: bytes) -> TokenizedText:
     if not body:
         empty = np.zeros(0, dtype=np.int64)
         return TokenizedText(np.zeros(0, dtype=np.int32), empty, empty.copy(), 0)
-    token_id = np.asarray(_encode_ids(tokenizer, string), dtype=np.int32)
+    byte_table = _byte_table(tokenizer, vocab)
+    if byte_table is not None:
+        token_id = byte_table[np.frombuffer(body, dtype=np.uint8)]  # [n], one token per byte
+    else:
+        token_id = np.asarray(_encode_ids(tokenizer, string), dtype=np.int32)
     dummy = _check_tokens(vocab, token_id, body, "text")
     start_byte, end_byte = _offsets_from_lengths(vocab.token_length[token_id], dummy)
     return TokenizedText(token_id, start_byte, end_byte, num_bytes, dummy)

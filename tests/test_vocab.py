@@ -589,3 +589,30 @@ def test_llama3_style_split_then_bytelevel_pretokenizer():
     assert vocab.kind == "byte_level_bpe"
     for text in TRICKY_TEXTS:
         assert_exact(vocab, text.encode(), encode_text(tok, vocab, text.encode()))
+
+
+_BYTE_TOK = byte_tokenizer()
+_BYTE_VOCAB = vocab_from_tokenizer(_BYTE_TOK)
+_BPE_TOK = bpe_tokenizer()
+_BPE_VOCAB = vocab_from_tokenizer(_BPE_TOK)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80)
+    | st.sampled_from(["<|im_start|>x", "a<|endoftext|>"])
+)
+def test_byte_lookup_encoding_equals_the_byte_tokenizers_own(text):
+    from alm.vocab import _byte_table, _encode_ids
+
+    assert _byte_table(_BYTE_TOK, _BYTE_VOCAB) is not None  # the fast path is taken
+    assert _byte_table(_BPE_TOK, _BPE_VOCAB) is None  # never for a tokenizer with merges
+    enc = encode_text(_BYTE_TOK, _BYTE_VOCAB, text.encode())
+    assert enc.token_id.tolist() == _encode_ids(_BYTE_TOK, text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 511), max_size=200))
+def test_ids_bytes_is_the_join_of_the_token_bytes(ids):
+    array = np.asarray(ids, dtype=np.int64)
+    assert _BPE_VOCAB.ids_bytes(array) == b"".join(_BPE_VOCAB.token_bytes[i] for i in ids)

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from alm.errors import StoreCorruptError, StoreError, StoreMismatchError
-from alm.store import integrity
+from alm.store import integrity, schema
 from alm.store._fs import Location
 from alm.store.fingerprint import canonical_json, json_fingerprint
 from alm.store.reader import TeacherStore
@@ -55,11 +55,11 @@ def cache_dir(key: str) -> str:
 
 
 def shard_arrow_file(shard_index: int) -> str:
-    return f"{SHARDS_DIR}/shard-{shard_index:05d}.arrow"
+    return f"{SHARDS_DIR}/{schema.shard_dirname(shard_index)}.arrow"
 
 
 def shard_doc_file(shard_index: int) -> str:
-    return f"{SHARDS_DIR}/shard-{shard_index:05d}.json"
+    return f"{SHARDS_DIR}/{schema.shard_dirname(shard_index)}.json"
 
 
 @dataclass(frozen=True)

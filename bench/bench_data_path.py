@@ -1,0 +1,160 @@
+"""Stage two's data path per worker process: `StudentExampleBuilder` + `collate`, student tokenization included.
+
+    .venv/bin/python bench/bench_data_path.py [--seconds 3] [--batch 16] [--gpu-student-tokens-per-s 66000]
+        [--profile bytes-docs]
+
+Teacher: SmolLM2-135M-Instruct's tokenizer (real), with random teacher values (the cost does not depend on them).
+Students: the pure byte tokenizer and a byte-level BPE (2,048 tokens) trained in-process. Workloads (issue 11,
+target 3):
+
+- `docs`: plain documents of about 2 KB (stdlib docstrings joined); target >= 2 MB of text per second per worker;
+- `chat`: short chatml turns (a user question and an assistant answer of a few dozen bytes each, the shape of
+  SFT/chat data); target <= 0.3 ms per sequence (the fixed cost dominates).
+
+Each line gives text MB/s, sequences/s, ms per sequence, student tokens/s, and how many DataLoader workers feed a
+GPU step that consumes `--gpu-student-tokens-per-s` student tokens per second (default: a 1B student on one H200 at
+~40% MFU, 0.4 * 989 TFLOP/s / (6 * 1e9 FLOP/token) ~= 66k tokens/s). `--profile NAME` (e.g. `bytes-docs`) prints
+the cProfile top 25 of that case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import math
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import numpy as np
+from factories import bpe_tokenizer, byte_tokenizer, corpus_texts, smollm2_tokenizer
+
+from alm.store.reader import StoredSequence
+from alm.templates import Document, chat_document, plain_document, render
+from alm.train.batch import StudentExampleBuilder, collate
+from alm.vocab import vocab_from_tokenizer
+
+MAX_LENGTH = 4096
+
+
+def documents(num_docs: int, doc_bytes: int) -> list[Document]:
+    texts, current = [], ""
+    for text in corpus_texts(num_docs * doc_bytes // 48, seed=11):
+        current = f"{current}\n\n{text}" if current else text
+        if len(current.encode()) >= doc_bytes:
+            texts.append(current[: doc_bytes + 200])
+            current = ""
+        if len(texts) == num_docs:
+            break
+    return [plain_document(f"d{i}", "bench", i, t.encode()) for i, t in enumerate(texts)]
+
+
+def chats(num_chats: int) -> list[Document]:
+    pieces = [t for t in corpus_texts(4 * num_chats, seed=12) if 20 <= len(t) <= 400]
+    out = []
+    for i in range(num_chats):
+        question = pieces[(2 * i) % len(pieces)][:48].encode()
+        answer = pieces[(2 * i + 1) % len(pieces)][:80].encode()
+        out.append(chat_document(f"c{i}", "bench", i, [("user", question), ("assistant", answer)]))
+    return out
+
+
+def stored(teacher_tok, teacher_vocab, docs: list[Document]) -> list[StoredSequence]:
+    rng = np.random.default_rng(0)
+    out = []
+    for i, doc in enumerate(docs):
+        seq = render(doc, teacher_tok, teacher_vocab, "chatml", MAX_LENGTH)
+        n = len(seq.token_id)
+        logp = -rng.exponential(2.0, size=n).astype(np.float32)
+        logp[0] = np.nan
+        boundary = np.log(rng.dirichlet(np.ones(6), size=n)[:, :5]).astype(np.float32)
+        out.append(
+            StoredSequence(
+                i,
+                doc.doc_id,
+                doc.source,
+                doc.row,
+                0,
+                seq.text,
+                seq.segments,
+                seq.loss_spans,
+                seq.truncated,
+                seq.token_id,
+                logp,
+                boundary,
+            )
+        )
+    return out
+
+
+def run(builder: StudentExampleBuilder, sequences: list[StoredSequence], batch: int) -> int:
+    student_tokens = 0
+    for i in range(0, len(sequences), batch):
+        out = collate([builder(s) for s in sequences[i : i + batch]])
+        student_tokens += int(out.attention_mask.sum())
+    return student_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--seconds", type=float, default=3.0, help="time each case at least this long"
+    )
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--gpu-student-tokens-per-s", type=float, default=66_000.0)
+    parser.add_argument("--profile", help="print the cProfile top 25 of this case, e.g. bytes-docs")
+    args = parser.parse_args()
+
+    teacher_tok = smollm2_tokenizer()
+    teacher_vocab = vocab_from_tokenizer(teacher_tok)
+    workloads = {
+        "docs": stored(teacher_tok, teacher_vocab, documents(48, 2048)),
+        "chat": stored(teacher_tok, teacher_vocab, chats(384)),
+    }
+    for student_name, student_tok in (("bytes", byte_tokenizer()), ("bpe", bpe_tokenizer(2048))):
+        builder = StudentExampleBuilder(
+            teacher_vocab=teacher_vocab,
+            student_tokenizer=student_tok,
+            student_vocab=vocab_from_tokenizer(student_tok),
+            student_family="chatml",
+            max_length=MAX_LENGTH,
+            boundary_class_ids=[0, 1, 2, 4],
+            gamma=0.1,
+        )
+        for workload, sequences in workloads.items():
+            name = f"{student_name}-{workload}"
+            run(builder, sequences, args.batch)  # warm caches
+            if args.profile == name:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                run(builder, sequences, args.batch)
+                profiler.disable()
+                pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+            rounds, tokens = 0, 0
+            start = time.perf_counter()
+            while True:
+                tokens += run(builder, sequences, args.batch)
+                rounds += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= args.seconds:
+                    break
+            num_seqs = rounds * len(sequences)
+            num_bytes = rounds * sum(len(s.text) for s in sequences)
+            tokens_per_s = tokens / elapsed
+            workers = math.ceil(args.gpu_student_tokens_per_s / tokens_per_s)
+            print(
+                f"data path {name:11s}: {num_bytes / elapsed / 1e6:6.2f} MB/s  {num_seqs / elapsed:8.0f} seq/s  "
+                f"{1e3 * elapsed / num_seqs:6.3f} ms/seq  {tokens_per_s:9.0f} student tok/s  "
+                f"workers for {args.gpu_student_tokens_per_s:.0f} tok/s: {workers}  "
+                f"({len(sequences)} seqs, {sum(len(s.text) for s in sequences) / len(sequences):.0f} B/seq)"
+            )
+
+
+if __name__ == "__main__":
+    main()
