@@ -11,8 +11,9 @@
     alm eval MODEL... --data SOURCE [--teacher-store STORE] [--json OUT] [--ensemble]
     alm report RUN_DIR... [--out DIR]
 
-Every `AlmError` is printed as one message and exits with code 2; any other exception is a bug and keeps its
-traceback. This is the only module that imports typer and the only one that prints.
+Every `AlmError` is printed as one message and exits with code 2 (a training run stopped by Ctrl-C or SIGTERM:
+"interrupted at step N ...; rerun with --resume", exit code 130 or 143); any other exception is a bug and keeps
+its traceback. `ALM_LOG_LEVEL` (DEBUG, INFO (default), WARNING, ERROR) sets how much the `alm` loggers print. This is the only module that imports typer and the only one that prints.
 """
 
 from __future__ import annotations
@@ -30,10 +31,15 @@ from alm.errors import AlmError
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     help="Offline cross-tokenizer distillation with Approximate Likelihood Matching (ALM).",
 )
-store_app = typer.Typer(no_args_is_help=True, help="Maintain teacher stores.")
+store_app = typer.Typer(
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Maintain teacher stores.",
+)
 app.add_typer(store_app, name="store")
 
 SetOption = Annotated[
@@ -49,6 +55,26 @@ def _setup_logging() -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from alm import __version__
+
+        print(f"alm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Offline cross-tokenizer distillation with Approximate Likelihood Matching (ALM)."""
 
 
 @app.command()
@@ -313,8 +339,15 @@ def main() -> None:
     try:
         app()
     except AlmError as err:
-        print(f"error: {user_message(err)}", file=sys.stderr)
-        sys.exit(2)
+        exit_code = getattr(
+            err, "exit_code", 2
+        )  # a run stopped by a signal: 128 + the signal number
+        prefix = "" if exit_code != 2 else "error: "
+        print(f"{prefix}{user_message(err)}", file=sys.stderr)
+        sys.exit(exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -136,14 +136,20 @@ def load_documents(
     from alm.data.specs import DocumentStats, data_fingerprint, iter_documents, load_data_spec
 
     if isinstance(recipe.data.spec, str):
-        spec = load_data_spec(_resolve_spec_path(recipe.data.spec, recipe_path))
+        spec = load_data_spec(
+            _resolve_spec_path(recipe.data.spec, recipe_path), recipe.data.spec_overrides
+        )
     else:
         spec = load_data_spec(dict(recipe.data.spec), source=f"{recipe_path}: data.spec")
     shards: dict[int, list[Document]] = {}
     num_documents = 0
     stats = DocumentStats()
     documents = iter_documents(
-        spec, split=recipe.data.split, stats=stats, skip_invalid=recipe.skip_untokenizable
+        spec,
+        split=recipe.data.split,
+        stats=stats,
+        skip_invalid=recipe.skip_untokenizable,
+        interleave=recipe.data.limit is not None,  # a limit reads every source, not only the first
     )
     for document in documents:
         if is_empty_document(document):
@@ -469,6 +475,10 @@ def run_precompute(
 
     recipe_path = Path(recipe_path)
     recipe = load_precompute_recipe(recipe_path, overrides)
+    if recipe.threads is not None:
+        import torch
+
+        torch.set_num_threads(recipe.threads)
     worker = parse_shard(shard)
     selected = load_documents(recipe, recipe_path, keep_shard=worker.owns)
     model_path = resolve_teacher_path(recipe.teacher.model)

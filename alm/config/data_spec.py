@@ -68,6 +68,13 @@ class _SourceBase(StrictModel):
         default="text", description="Field holding the text (kind `text`, tabular sources)."
     )
     chat: ChatFormat = Field(default_factory=ChatFormat, description="Chat layout (kind `chat`).")
+    id_field: str | None = Field(
+        default=None,
+        description=(
+            "Field holding a stable document id (tabular sources: jsonl, parquet, hf): the document's id becomes "
+            "`SOURCE:VALUE`, so the held-out split does not move when rows are reordered. null: `SOURCE:row`."
+        ),
+    )
     max_documents: int | None = Field(
         default=None,
         ge=1,
@@ -107,6 +114,8 @@ class TextSource(_SourceBase):
             raise ValueError(
                 "text files hold plain text: use kind text (chat needs jsonl, parquet or datasets)"
             )
+        if self.id_field is not None:
+            raise ValueError("id_field needs records with fields (jsonl, parquet, datasets)")
         return self
 
 
@@ -157,6 +166,8 @@ class StdlibSource(_SourceBase):
     def _text_only(self) -> StdlibSource:
         if self.kind != "text":
             raise ValueError("the stdlib corpus is plain text: use kind text")
+        if self.id_field is not None:
+            raise ValueError("id_field needs records with fields (jsonl, parquet, datasets)")
         return self
 
 

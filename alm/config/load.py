@@ -99,22 +99,26 @@ def format_validation_error(source: str, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
         got = e.get("input")
-        got_s = "" if e["type"] in ("missing", "extra_forbidden") else f" (got {got!r})"
+        # a cross-field rule's input is a whole section (or the recipe): its message names the values already
+        whole = isinstance(got, dict)
+        got_s = "" if e["type"] in ("missing", "extra_forbidden") or whole else f" (got {got!r})"
         lines.append(f"  - {path}: {msg}{got_s}")
     return "\n".join(lines)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, example: str = "stages/demo_precompute.yaml") -> dict[str, Any]:
     """Read a YAML mapping from `path`.
+
+    Args:
+        path: the YAML file.
+        example: a file of the same kind, named in the message when `path` is missing.
 
     Raises:
         ConfigError: the file is missing, is not valid YAML, or is not a mapping.
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(
-            f"{p}: file not found. Pass the path of a YAML recipe, e.g. stages/demo_precompute.yaml"
-        )
+        raise ConfigError(f"{p}: file not found. Pass the path of a YAML file, e.g. {example}")
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -146,7 +150,8 @@ def load_yaml_model(
     Raises:
         ConfigError: the file cannot be read or any value is invalid (all problems at once).
     """
-    data = apply_overrides(read_yaml(path), parse_overrides(overrides))
+    example = getattr(model_cls, "example_file", "stages/demo_precompute.yaml")
+    data = apply_overrides(read_yaml(path, example), parse_overrides(overrides))
     return validate_model(model_cls, data, str(path))
 
 

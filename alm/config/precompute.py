@@ -9,12 +9,13 @@ Imports only `alm.config.load` and `alm.errors` (and pydantic).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from alm.config.load import StrictModel, load_yaml_model
+from alm.config.load import StrictModel, load_yaml_model, read_yaml
 
 
 class VllmOptions(StrictModel):
@@ -111,7 +112,17 @@ class DataConfig(StrictModel):
     limit: int | None = Field(
         default=None,
         ge=1,
-        description="Read at most this many documents (after empty ones are skipped).",
+        description=(
+            "Read at most this many documents (after empty ones are skipped), taking the spec's sources in "
+            "turn (one document of each), so every source appears."
+        ),
+    )
+    spec_overrides: list[str] = Field(
+        default_factory=list,
+        description=(
+            "`key=value` changes applied to the data-spec file when `spec` is a path (list indices work: "
+            "`sources.0.path=x`); `--set data.spec.sources.0.path=x` lands here."
+        ),
     )
 
 
@@ -161,6 +172,13 @@ class PrecomputeRecipe(StrictModel):
         ge=1,
         description="Sequences per shard; shard j holds documents [j*shard_size, (j+1)*shard_size).",
     )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "torch's intra-op CPU threads (`torch.set_num_threads`); null: torch's default (the number of cores)."
+        ),
+    )
     skip_untokenizable: bool = Field(
         default=False,
         description=(
@@ -199,4 +217,19 @@ def load_precompute_recipe(
     Raises:
         ConfigError: the file is missing or malformed, or any value is invalid (all problems at once).
     """
-    return load_yaml_model(PrecomputeRecipe, path, overrides)
+    return load_yaml_model(PrecomputeRecipe, path, spec_file_overrides(path, overrides or []))
+
+
+def spec_file_overrides(path: str | Path, overrides: list[str]) -> list[str]:
+    """Route `--set data.spec.KEY=VALUE` into `data.spec_overrides` when the recipe's `data.spec` is a file path
+    (setting a key inside a path string would replace the path with a mapping)."""
+    prefix = "data.spec."
+    if not any(o.startswith(prefix) for o in overrides) or not Path(path).is_file():
+        return overrides
+    data = read_yaml(path).get("data")
+    if not (isinstance(data, dict) and isinstance(data.get("spec"), str)):
+        return overrides
+    moved = [o.removeprefix(prefix) for o in overrides if o.startswith(prefix)]
+    kept = [o for o in overrides if not o.startswith(prefix)]
+    existing = data.get("spec_overrides") or []
+    return [*kept, f"data.spec_overrides={json.dumps([*existing, *moved])}"]

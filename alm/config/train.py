@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -324,6 +324,8 @@ class EvalConfig(StrictModel):
 class TrainRecipe(StrictModel):
     """A whole `alm train` recipe; every problem is reported at once by `alm.config.load_yaml_model`."""
 
+    example_file: ClassVar[str] = "stages/demo_train.yaml"  # named when a recipe file is missing
+
     stores: list[StoreRef] = Field(
         ..., min_length=1, description="Teacher stores to train from (one or more)."
     )
@@ -345,7 +347,18 @@ class TrainRecipe(StrictModel):
         ),
     )
     checkpoint_every: int = Field(
-        default=0, ge=0, description="Save a resumable checkpoint every N steps (0: only at end)."
+        default=0,
+        ge=0,
+        description=(
+            "Also save a resumable checkpoint every N optimizer steps (0: by time only). A checkpoint is always "
+            "saved at the end, when the run is interrupted (Ctrl-C, SIGTERM) and every `checkpoint_minutes`; "
+            "N larger than optim.steps means the final checkpoint only."
+        ),
+    )
+    checkpoint_minutes: float = Field(
+        default=30.0,
+        ge=0.0,
+        description="Save a resumable checkpoint when this many minutes passed since the last one (0: off).",
     )
     keep_checkpoints: int = Field(
         default=2,
@@ -377,6 +390,14 @@ class TrainRecipe(StrictModel):
     )
     parallel: Literal["ddp", "fsdp2"] = Field(
         default="ddp", description="Data parallelism under torchrun."
+    )
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "torch's intra-op CPU threads per process (`torch.set_num_threads`); null: torch's default (the "
+            "number of cores). On a shared or small machine fewer threads can run faster."
+        ),
     )
     save_dtype: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
@@ -453,11 +474,6 @@ class TrainRecipe(StrictModel):
             )
         if self.parallel == "fsdp2" and self.lora is not None:
             problems.append("parallel: fsdp2 with LoRA is not supported; use ddp")
-        if self.checkpoint_every > self.optim.steps:
-            problems.append(
-                f"checkpoint_every ({self.checkpoint_every}) exceeds optim.steps ({self.optim.steps}); "
-                "use 0 to checkpoint only at the end"
-            )
         if self.push_to_hub and not self.hub_model_id:
             problems.append("push_to_hub needs hub_model_id (the Hub repo, e.g. me/my-student)")
         if self.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE:

@@ -253,6 +253,16 @@ def _record_document_strict(
 ) -> Document:
     if not isinstance(record, Mapping):
         raise DataError(f"{where}: expected an object (mapping), got {type(record).__name__}")
+    if (
+        src.id_field is not None
+    ):  # a stable id: the held-out split no longer moves when rows are reordered
+        value = record.get(src.id_field)
+        if value is None or isinstance(value, (dict, list)) or str(value) == "":
+            raise DataError(
+                f"{where}: no usable id in field {src.id_field!r} (got {value!r}); every record needs a "
+                "non-empty string or number there (the source's id_field)"
+            )
+        doc_id = f"{name}:{value}"
     if src.kind == "text":
         if src.text_field not in record:
             raise DataError(
@@ -450,8 +460,10 @@ def iter_documents(
     split: str | None = None,
     stats: DocumentStats | None = None,
     skip_invalid: bool = False,
+    interleave: bool = False,
 ) -> Iterator[Document]:
-    """Yield the spec's documents of `split`, deterministically (sources in order, rows in order).
+    """Yield the spec's documents of `split`, deterministically (sources in order, rows in order; with
+    `interleave`, one document of each source in turn, rows in order).
 
     Empty documents (no non-whitespace text) are skipped, counted in `stats` and logged at the end.
 
@@ -461,6 +473,7 @@ def iter_documents(
         stats: optional counters, filled while iterating.
         skip_invalid: skip (log and count) a record with no exact bytes (a lone surrogate, a JSONL line that is
             not UTF-8) instead of refusing it.
+        interleave: take the sources in turn (what `data.limit` reads, so that later sources appear).
 
     Raises:
         ConfigError: an unknown split.
@@ -471,51 +484,79 @@ def iter_documents(
     if split not in ("train", "heldout", "all"):
         raise ConfigError(f"split {split!r} is unknown; use train, heldout or all")
     stats = stats if stats is not None else DocumentStats()
-    for index, src in enumerate(spec.sources):
-        name = source_name(spec, index)
-        match src:
-            case StdlibSource():
-                docs = _iter_stdlib(spec, src, name, split)
-            case JsonlSource():
-                docs = _iter_jsonl(spec, src, name)
-            case ParquetSource():
-                docs = _iter_parquet(spec, src, name)
-            case TextSource():
-                docs = _iter_text(spec, src, name)
-            case HfDiskSource():
-                docs = _iter_hf_disk(spec, src, name)
-            case HfHubSource():
-                docs = _iter_hf_hub(spec, src, name)
-        count = 0
-        for document in docs:
-            if src.max_documents is not None and count >= src.max_documents:
-                break
-            count += 1
-            if isinstance(document, InvalidRecord):
-                if not skip_invalid:
-                    raise DataError(
-                        f"{document.where}: {document.reason}. Fix or drop that record, or skip such records "
-                        "with --set skip_untokenizable=true (each one is logged and counted)"
-                    )
-                logger.warning("skipping %s: %s", document.where, document.reason)
-                stats.num_invalid += 1
-                continue
-            if not isinstance(src, StdlibSource) and not _in_split(
-                document.doc_id, split, spec.heldout_fraction
-            ):
-                stats.num_other_split += 1
-                continue
-            if is_empty(document):
-                stats.num_empty += 1
-                continue
-            stats.num_documents += 1
-            stats.per_source[name] = stats.per_source.get(name, 0) + 1
-            yield document
+    per_source = [
+        _source_documents(spec, index, src, split, stats, skip_invalid)
+        for index, src in enumerate(spec.sources)
+    ]
+    if interleave:  # one document of each source in turn, so a `limit` reads from every source
+        active = list(per_source)
+        while active:
+            for docs in list(active):
+                document = next(docs, None)
+                if document is None:
+                    active.remove(docs)
+                else:
+                    yield document
+    else:
+        for docs in per_source:
+            yield from docs
     if stats.num_empty:
         logger.warning(
             "data spec %r: skipped %d empty document(s) (no text)", spec.name, stats.num_empty
         )
     logger.info("data spec %r split %s: %d documents", spec.name, split, stats.num_documents)
+
+
+def _source_documents(
+    spec: DataSpec,
+    index: int,
+    src: Any,
+    split: str,
+    stats: DocumentStats,
+    skip_invalid: bool,
+) -> Iterator[Document]:
+    """The documents of source `index` in `split`, empty ones skipped, counted in `stats`."""
+    name = source_name(spec, index)
+    match src:
+        case StdlibSource():
+            docs = _iter_stdlib(spec, src, name, split)
+        case JsonlSource():
+            docs = _iter_jsonl(spec, src, name)
+        case ParquetSource():
+            docs = _iter_parquet(spec, src, name)
+        case TextSource():
+            docs = _iter_text(spec, src, name)
+        case HfDiskSource():
+            docs = _iter_hf_disk(spec, src, name)
+        case HfHubSource():
+            docs = _iter_hf_hub(spec, src, name)
+        case _:
+            raise AssertionError(f"unknown source type {type(src).__name__}")
+    count = 0
+    for document in docs:
+        if src.max_documents is not None and count >= src.max_documents:
+            break
+        count += 1
+        if isinstance(document, InvalidRecord):
+            if not skip_invalid:
+                raise DataError(
+                    f"{document.where}: {document.reason}. Fix or drop that record, or skip such records "
+                    "with --set skip_untokenizable=true (each one is logged and counted)"
+                )
+            logger.warning("skipping %s: %s", document.where, document.reason)
+            stats.num_invalid += 1
+            continue
+        if not isinstance(src, StdlibSource) and not _in_split(
+            document.doc_id, split, spec.heldout_fraction
+        ):
+            stats.num_other_split += 1
+            continue
+        if is_empty(document):
+            stats.num_empty += 1
+            continue
+        stats.num_documents += 1
+        stats.per_source[name] = stats.per_source.get(name, 0) + 1
+        yield document
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -63,6 +63,26 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def refuse_missing_folder(name: str, what: str) -> None:
+    """Refuse a model name that is written as a local path (`/...`, `./...`, `~/...`, two or more `/`) but names
+    no existing file or folder, before Hugging Face reads it as a hub id ("Repo id must be in the form ...").
+
+    Raises:
+        ConfigError: `name` looks like a path and does not exist.
+    """
+    looks_like_path = (
+        name.startswith(("/", "./", "../", "~", ".\\"))
+        or "\\" in name
+        or name.count("/") >= 2
+        or name.endswith("/")
+    )
+    if looks_like_path and not os.path.exists(os.path.expanduser(name)):
+        raise ConfigError(
+            f"{what} {name!r}: no such folder. Give an existing local model folder (with config.json) or a "
+            "Hugging Face id such as HuggingFaceTB/SmolLM2-135M-Instruct"
+        )
+
+
 def resolve_teacher_path(model: str) -> str:
     """Turn a recipe's `teacher.model` into something `from_pretrained` loads.
 
@@ -74,6 +94,7 @@ def resolve_teacher_path(model: str) -> str:
         BackendUnavailableError: the package or the GGUF libraries are missing.
     """
     if not is_builtin(model):
+        refuse_missing_folder(model, "teacher.model")
         return model
     name = model.removeprefix(BUILTIN_PREFIX)
     if name != SMOLLM2_NAME:

@@ -36,7 +36,7 @@ from alm.store.alignments import AlignedSequence, AlignmentCache, CacheShard
 from alm.store.fingerprint import json_fingerprint
 from alm.store.reader import StoredSequence, TeacherStore, open_store
 from alm.train.batch import StudentExample, StudentExampleBuilder
-from alm.vocab import Vocab, vocab_from_tokenizer
+from alm.vocab import Vocab
 
 logger = logging.getLogger(__name__)
 
@@ -368,12 +368,12 @@ def _builder(store: TeacherStore, student_cfg: StudentConfig, loss: Any) -> Stud
     from alm.train.student import load_student_tokenizer
 
     teacher_model = store.manifest.teacher_model
-    tokenizer, family, _, _ = load_student_tokenizer(student_cfg, teacher_model=teacher_model)
+    student_tokenizer = load_student_tokenizer(student_cfg, teacher_model=teacher_model)
     return StudentExampleBuilder(
         teacher_vocab=store.vocab,
-        student_tokenizer=tokenizer,
-        student_vocab=vocab_from_tokenizer(tokenizer),
-        student_family=family,
+        student_tokenizer=student_tokenizer.tokenizer,
+        student_vocab=student_tokenizer.vocab,
+        student_family=student_tokenizer.family,
         max_length=student_cfg.max_length,
         boundary_class_ids=loss.boundary_class_ids(),
         gamma=loss.gamma,

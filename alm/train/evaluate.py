@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from alm.config.train import TrainRecipe
 from alm.losses.alm import logp_of_token, next_token_ids, token_stats
@@ -143,4 +144,12 @@ def evaluate_store(
         parallel.world_size(),
         cfg.eval.max_sequences,
     )
-    return evaluate(model, batches, device, parallel.all_reduce_sum, autocast, vocab_size)
+    progress = tqdm(
+        batches,
+        desc="eval",
+        unit="batch",
+        leave=False,
+        disable=not parallel.is_main(),
+        mininterval=1.0,
+    )
+    return evaluate(model, iter(progress), device, parallel.all_reduce_sum, autocast, vocab_size)

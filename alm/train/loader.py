@@ -26,7 +26,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from alm.config.train import StoreRef, TrainRecipe
 from alm.errors import StoreError, StoreMismatchError
 from alm.store.reader import TeacherStore, open_store
 from alm.train.batch import StudentBatch, StudentExample, StudentExampleBuilder, collate
+
+if TYPE_CHECKING:
+    from alm.train.student import StudentTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +292,39 @@ class MicroBatches(Dataset):
 
     def __getitem__(self, k: int) -> StudentBatch:
         return collate([self.example(p) for p in self.positions(k)])
+
+
+def example_builder(
+    cfg: TrainRecipe, teacher_vocab: Any, student: StudentTokenizer
+) -> StudentExampleBuilder:
+    """The recipe's `StudentExampleBuilder` for the student tokenizer `student` (training batches)."""
+    return StudentExampleBuilder(
+        teacher_vocab=teacher_vocab,
+        student_tokenizer=student.tokenizer,
+        student_vocab=student.vocab,
+        student_family=student.family,
+        max_length=cfg.student.max_length,
+        boundary_class_ids=cfg.loss.boundary_class_ids(),
+        gamma=cfg.loss.gamma,
+        debias=cfg.loss.debias,
+        with_hidden=cfg.loss.hidden > 0,
+        baseline=cfg.loss.baseline(),
+    )
+
+
+def training_fields(cfg: TrainRecipe) -> list[str]:
+    """The store fields the recipe's losses read."""
+    return (
+        ["token_id", "logp", "boundary_logmass"]
+        + (["hidden"] if cfg.loss.hidden > 0 else [])
+        + (["topk_id", "topk_logp"] if cfg.loss.baseline() is not None else [])
+    )
+
+
+def loss_region_sample_batches(cfg: TrainRecipe) -> int:
+    """Micro-batches checked for an empty loss region before training (`step.refuse_empty_loss_region`): the
+    first ~64 sequences of each process's stream."""
+    return max(1, 64 // cfg.optim.micro_batch_size)
 
 
 def make_loader(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ class RunLog:
         self._handler: logging.Handler | None = None
         self._last_time = time.perf_counter()
         self._tokens = 0
+        # log lines go through tqdm.write, so they never glue onto the bar (as in `alm precompute`)
+        self._redirect = logging_redirect_tqdm() if enabled else None
+        if self._redirect is not None:
+            self._redirect.__enter__()
         self.bar = tqdm(
             total=total_steps,
             initial=start_step,
@@ -112,6 +117,9 @@ class RunLog:
         """Record held-out figures of `step` (nothing when the run has no evaluation)."""
         if figures is None or not self.enabled:
             return
+        # the evaluation's time is not the steps': leave it out of the bar's ETA and the next step's tokens/s
+        self.bar.unpause()
+        self._last_time = time.perf_counter()
         self.write(step, figures)
         logger.info(
             "eval at step %d: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in figures.items())
@@ -120,6 +128,9 @@ class RunLog:
     def close(self) -> None:
         """Close the bar and the files."""
         self.bar.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         if self._metrics is not None:
             self._metrics.close()
         if self._tb is not None:
@@ -176,18 +187,25 @@ def read_metrics(output_dir: Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(output_dir: Path, last_step: int) -> None:
-    """Drop records after `last_step` (written by an interrupted run past its last checkpoint) before resuming."""
+    """Drop records after `last_step` (written by an interrupted run past its last checkpoint) and the evaluation
+    of `last_step` (the resumed run evaluates that step again, so it is recorded exactly once) before resuming."""
     path = output_dir / METRICS_FILE
     if not path.is_file():
         return
     kept = [
         line
         for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip() and json.loads(line).get("step", 0) <= last_step
+        if line.strip() and _kept(json.loads(line), last_step)
     ]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     tmp.replace(path)
+
+
+def _kept(record: dict[str, Any], last_step: int) -> bool:
+    step = record.get("step", 0)
+    is_eval = any(key.startswith("eval/") for key in record)
+    return step < last_step or (step == last_step and not is_eval)
 
 
 PLOT_FILE = "metrics.png"

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,6 @@ from alm.errors import ConfigError
 from alm.store.replace import remove_replaced, written_run_files
 from alm.train import parallel
 from alm.train.alignments import check_alignment_caches, find_cache
-from alm.train.batch import StudentExampleBuilder
 from alm.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -36,16 +37,34 @@ from alm.train.checkpoint import (
     save_run_checkpoint,
 )
 from alm.train.evaluate import evaluate_store
-from alm.train.loader import MicroBatches, check_stores, make_loader, teacher_hidden_second_moment
+from alm.train.loader import (
+    MicroBatches,
+    check_stores,
+    example_builder,
+    loss_region_sample_batches,
+    make_loader,
+    teacher_hidden_second_moment,
+    training_fields,
+)
 from alm.train.log import METRICS_FILE, RunLog, truncate_metrics
-from alm.train.run_dir import prepare_output_dir, student_dir
+from alm.train.run_dir import (
+    check_output_dir,
+    finished_message,
+    mark_finished,
+    prepare_output_dir,
+    student_dir,
+)
+from alm.train.signals import RunInterruptedError, StopSignals
 from alm.train.step import (
     TrainModule,
+    apply_schedule,
+    empty_losses,
     loss_settings,
     make_optimizer,
     make_projector,
     micro_batch_loss,
     precision_context,
+    refuse_empty_loss_region,
     step_counts,
 )
 from alm.train.student import (
@@ -53,6 +72,7 @@ from alm.train.student import (
     apply_lora,
     enable_gradient_checkpointing,
     load_student,
+    load_student_tokenizer,
     push_student,
     save_student,
 )
@@ -64,16 +84,25 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
     """Train the student of `cfg`; return the folder of the saved student.
 
     With `cfg.stop_after_steps` the run ends early with a checkpoint, as if interrupted (continue with
-    `resume=True`).
+    `resume=True`). Ctrl-C or SIGTERM during the steps finishes the current step, saves a checkpoint and raises
+    `RunInterruptedError` (continue with `resume=True`: bit for bit on CPU).
 
     Args:
         cfg: the validated recipe.
-        resume: continue from the newest checkpoint in `cfg.output_dir`.
+        resume: continue from the newest checkpoint in `cfg.output_dir` (a finished run returns at once).
         overwrite: replace a previous run of ours in `cfg.output_dir`.
 
     Raises:
-        AlmError subclasses for every user mistake (checked before any model loads where possible).
+        AlmError subclasses for every user mistake (checked before any model loads where possible);
+        RunInterruptedError on SIGINT/SIGTERM.
     """
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    with StopSignals() as stop:
+        return _run_train(cfg, resume, overwrite, stop)
+
+
+def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignals) -> Path:
     device = parallel.init()
     stores = check_stores(cfg)
     if any(ref.alignments == "required" for ref in cfg.stores):
@@ -81,26 +110,58 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
             cfg
         )  # a missing or stale required cache is refused before any model loads
     out = Path(cfg.output_dir)
+    check_output_dir(cfg, resume, overwrite)  # refused before the tokenizer and the model load
+    if resume and finished_message(cfg) is not None:
+        logger.info("%s", finished_message(cfg))
+        return student_dir(cfg)
+    stop.setup_hint = "rerun with --resume" if resume else stop.setup_hint
+    with_hidden = cfg.loss.hidden > 0
+
+    # The student's tokenizer and the data (this process's micro-batches), checked before anything is written
+    # or any model loads: a refused tokenizer or an empty loss region fails here.
+    student_tokenizer = load_student_tokenizer(cfg.student, teacher_model=stores.teacher_model)
+    baseline = cfg.loss.baseline()
+    if (
+        baseline == "topk_kd"
+        and student_tokenizer.vocab.fingerprint() != stores.teacher_fingerprint
+    ):
+        raise ConfigError(
+            f"loss.kind topk_kd needs the teacher's tokenizer, but the student tokenizer has fingerprint "
+            f"{student_tokenizer.vocab.fingerprint()} and the store's teacher {stores.teacher_fingerprint}; use "
+            "uld, mined+sft or alm for a student with another tokenizer"
+        )
+    builder = example_builder(cfg, stores.teacher_vocab, student_tokenizer)
+    dataset = MicroBatches(
+        stores,
+        builder,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        seed=cfg.seed,
+        fields=training_fields(cfg),
+        rank=parallel.rank(),
+        world_size=parallel.world_size(),
+        alignment_caches=[find_cache(ref, builder, with_hidden=with_hidden) for ref in cfg.stores],
+    )
+    refuse_empty_loss_region(
+        [dataset[k] for k in range(loss_region_sample_batches(cfg))],
+        cfg.loss.losses(),
+        parallel.all_reduce_sum,
+        max_length=cfg.student.max_length,
+    )
+    changes: list[str] = []
     if parallel.is_main():
-        prepare_output_dir(cfg, resume, overwrite)
+        changes = prepare_output_dir(cfg, resume, overwrite)
     parallel.barrier()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     # The student (one module with the hidden-state projection), wrapped for 1 or N processes, and AdamW.
-    student = load_student(cfg.student, teacher_model=stores.teacher_model, seed=cfg.seed)
+    student = load_student(
+        cfg.student, teacher_model=stores.teacher_model, seed=cfg.seed, tokenizer=student_tokenizer
+    )
     if cfg.student.gradient_checkpointing:
         enable_gradient_checkpointing(student.model)
-    baseline = cfg.loss.baseline()
-    if baseline == "topk_kd" and student.vocab.fingerprint() != stores.teacher_fingerprint:
-        raise ConfigError(
-            f"loss.kind topk_kd needs the teacher's tokenizer, but the student tokenizer has fingerprint "
-            f"{student.vocab.fingerprint()} and the store's teacher {stores.teacher_fingerprint}; use "
-            "uld, mined+sft or alm for a student with another tokenizer"
-        )
     hf_model = apply_lora(student.model, cfg.lora) if cfg.lora else student.model
-    with_hidden = cfg.loss.hidden > 0
     settings = loss_settings(
         cfg.loss, teacher_hidden_second_moment(cfg.stores[0].path) if with_hidden else None
     )
@@ -118,36 +179,13 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
         state = load_checkpoint(checkpoints[-1])
         parallel.load_full_state(model, optimizer, state["model"], state["optimizer"])
         start_step = restore_checkpoint(state, scheduler)
+        apply_schedule(
+            optimizer, scheduler
+        )  # this recipe's rate at start_step (optim.steps may have changed)
         del state
-        logger.info("resumed from %s (step %d)", checkpoints[-1], start_step)
     if resume and parallel.is_main():
         truncate_metrics(out, start_step)
 
-    # The data: this process's micro-batches, from the step the run starts at.
-    builder = StudentExampleBuilder(
-        teacher_vocab=stores.teacher_vocab,
-        student_tokenizer=student.tokenizer,
-        student_vocab=student.vocab,
-        student_family=student.family,
-        max_length=cfg.student.max_length,
-        boundary_class_ids=cfg.loss.boundary_class_ids(),
-        gamma=cfg.loss.gamma,
-        debias=cfg.loss.debias,
-        with_hidden=with_hidden,
-        baseline=baseline,
-    )
-    dataset = MicroBatches(
-        stores,
-        builder,
-        micro_batch_size=cfg.optim.micro_batch_size,
-        seed=cfg.seed,
-        fields=["token_id", "logp", "boundary_logmass"]
-        + (["hidden"] if with_hidden else [])
-        + (["topk_id", "topk_logp"] if baseline is not None else []),
-        rank=parallel.rank(),
-        world_size=parallel.world_size(),
-        alignment_caches=[find_cache(ref, builder, with_hidden=with_hidden) for ref in cfg.stores],
-    )
     batches = make_loader(dataset, start_step * accum, total_steps * accum, cfg.num_workers)
     vocab_size = len(student.vocab.token_bytes)
     boundary_mask = torch.as_tensor(
@@ -165,9 +203,21 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
         report_to=cfg.report_to,
         run_config=cfg.model_dump(mode="json", by_alias=True),
     )
-    if start_step == 0:
-        log.evaluation(0, evaluate_store(*eval_args))
+    for change in changes:
+        logger.info("resumed with a changed setting (recorded in config.yaml): %s", change)
+    if checkpoints:
+        logger.info(
+            "resumed from %s (step %d of %d) at lr %.3g",
+            checkpoints[-1],
+            start_step,
+            total_steps,
+            lr_now(scheduler),
+        )
+    if start_step == 0 or _evaluates_at(cfg, start_step):  # a resumed run redoes that evaluation
+        log.evaluation(start_step, evaluate_store(*eval_args))
     world = parallel.world_size()
+    stop.deferring = True  # from here a signal ends the run after its step, with a checkpoint
+    last_checkpoint = time.monotonic()
     for step in range(start_step, total_steps):
         micro_batches = [next(batches) for _ in range(accum)]
         counts = step_counts(micro_batches, device, parallel.all_reduce_sum)
@@ -203,17 +253,37 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
         metrics = {key: float(value) for key, value in zip(names, totals, strict=True)}
         metrics.update(grad_norm=float(grad_norm), lr=lr, num_groups=float(counts.num_groups))
         done = step + 1
+        if empty := empty_losses(counts, cfg.loss.losses()):
+            logger.warning("step %d: no valid %s in any of its sequences", done, " or ".join(empty))
         log.step(done, metrics, write=done % cfg.log_every == 0 or done == total_steps)
         stopping = cfg.stop_after_steps is not None and cfg.stop_after_steps <= done < total_steps
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or stopping:
+        # Ranks agree on stopping and on time-based checkpoints (each saves collectively).
+        flags = torch.tensor(
+            [
+                float(stop.requested),
+                float(bool(cfg.checkpoint_minutes))
+                * float(time.monotonic() - last_checkpoint >= 60 * cfg.checkpoint_minutes),
+            ],
+            device=device,
+        )
+        interrupted, due = (
+            bool(v > 0) for v in (parallel.all_reduce_sum(flags) if world > 1 else flags)
+        )
+        by_steps = bool(cfg.checkpoint_every) and done % cfg.checkpoint_every == 0
+        if by_steps or due or stopping or interrupted or done == total_steps:
             save_run_checkpoint(out, done, model, optimizer, scheduler, cfg, config_hash(cfg))
+            last_checkpoint = time.monotonic()
+        if interrupted:
+            log.close()
+            raise RunInterruptedError(
+                f"interrupted at step {done} of {total_steps}; checkpoint saved: rerun with --resume",
+                stop.signum or signal.SIGTERM,
+            )
         if stopping:
             log.close()
             return student_dir(cfg)
-        evaluating = cfg.eval is not None and cfg.eval.every and done % cfg.eval.every == 0
-        if evaluating and done < total_steps:
+        if _evaluates_at(cfg, done):
             log.evaluation(done, evaluate_store(*eval_args))
-    log.evaluation(total_steps, evaluate_store(*eval_args))
     log.close()
     state = parallel.full_state_dict(model)  # collective under FSDP2: every rank takes part
     if parallel.is_main():
@@ -230,9 +300,21 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
             ],
         )
         logger.info("student saved to %s; metrics in %s", student_dir(cfg), out / METRICS_FILE)
+        mark_finished(cfg, total_steps)
         remove_replaced(out, written_run_files)  # a run replaced with --overwrite: only alm's files
         if cfg.push_to_hub:
             assert cfg.hub_model_id is not None  # the recipe requires it
             push_student(student_dir(cfg), cfg.hub_model_id, private=cfg.hub_private_repo)
     parallel.barrier()
     return student_dir(cfg)
+
+
+def _evaluates_at(cfg: TrainRecipe, step: int) -> bool:
+    """Held-out evaluation points: before training, every `eval.every` steps and at the end."""
+    every = cfg.eval.every if cfg.eval is not None else 0
+    return step in (0, cfg.optim.steps) or bool(every and step % every == 0)
+
+
+def lr_now(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """The learning rate the next step uses."""
+    return float(scheduler.get_last_lr()[0])

@@ -283,6 +283,44 @@ def step_counts(
     return StepCounts(num_groups, num_sft_tokens, num_hidden, num_distill)
 
 
+def empty_losses(counts: StepCounts, loss_names: list[str]) -> list[str]:
+    """The active losses that have nothing to learn from in `counts`: no valid ALM group, no SFT token in the loss
+    region, no hidden-state chunk, no position a baseline pairs (`topk_kd`, `uld`, `mined`)."""
+    have = {
+        "alm": int(counts.num_groups),
+        "sft": int(counts.num_sft_tokens),
+        "hidden": int(counts.num_hidden),
+    }
+    return [name for name in loss_names if have.get(name, int(counts.num_distill)) == 0]
+
+
+def refuse_empty_loss_region(
+    batches: list[StudentBatch],
+    loss_names: list[str],
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    max_length: int,
+) -> None:
+    """Refuse to train when a sample of the data (`batches`, e.g. the first steps' micro-batches) gives some active
+    loss nothing at all to learn from: every step would log loss 0 and change nothing.
+
+    Raises:
+        ConfigError: the sample has no valid ALM group / SFT token / hidden chunk for an active loss.
+    """
+    counts = step_counts(batches, torch.device("cpu"), all_reduce_sum)
+    empty = empty_losses(counts, loss_names)
+    if not empty:
+        return
+    num_sequences = sum(int(b.input_ids.shape[0]) for b in batches)
+    raise ConfigError(
+        f"nothing to train on: the first {num_sequences} sequence(s) give the {' and '.join(empty)} loss no "
+        f"{'valid chunk group' if empty[0] != 'sft' else 'token'} in the loss region (the bytes the data spec "
+        f"marks for the loss, within the first student.max_length={max_length} student tokens). Raise "
+        "student.max_length, or check the data spec's loss region (e.g. loss: assistant on text without an "
+        "assistant turn)"
+    )
+
+
 def make_optimizer(
     params: list[nn.Parameter], optim: OptimConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -295,6 +333,22 @@ def make_optimizer(
         params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(optim))
+
+
+def apply_schedule(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR
+) -> None:
+    """Set every learning rate to the schedule's value at the scheduler's step, after a checkpoint's optimizer and
+    scheduler states were loaded: they carry the rate the checkpointed run would use next, which is not this
+    recipe's when `optim.steps` changed (a finished run, extended, would otherwise take a step at lr 0.0 and then
+    jump). With the recipe unchanged the values are the same floats."""
+    rates = [
+        base * factor(scheduler.last_epoch)
+        for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports for the next step
 
 
 def lr_factor(optim: OptimConfig) -> Callable[[int], float]:

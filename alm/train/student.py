@@ -30,6 +30,7 @@ from torch import nn
 
 from alm.config.train import LoraConfig, StudentConfig
 from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
+from alm.teacher.default import refuse_missing_folder
 from alm.templates import FAMILY_END_OF_TURN, family_chat_template, resolve_family
 from alm.vocab import (
     Vocab,
@@ -83,6 +84,7 @@ def load_tokenizer(name: str) -> Any:
     """
     from transformers import AutoTokenizer
 
+    refuse_missing_folder(name, "student tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -99,7 +101,10 @@ def load_causal_lm(name: str) -> PreTrainedModel:
         ConfigError: the model cannot be found.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar would sit above the run's own
+    refuse_missing_folder(name, "student model")
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError) as exc:
@@ -362,23 +367,39 @@ def resolve_model_path(name: str) -> str:
     return resolve_teacher_path(name)
 
 
-def load_student_tokenizer(
-    cfg: StudentConfig, *, teacher_model: str | None
-) -> tuple[Any, str, str, Any | None]:
-    """The student's tokenizer exactly as `load_student` builds it, without loading any model.
+@dataclass
+class StudentTokenizer:
+    """The student's tokenizer before any model loads: the tokenizer, its bytes, the template family it renders,
+    and for a transfer the model it moves and that model's (teacher) tokenizer."""
 
-    Returns:
-        (student tokenizer, template family, model source, the teacher tokenizer for a transfer else None).
+    tokenizer: Any
+    vocab: Vocab
+    family: str
+    source: str
+    teacher_tokenizer: Any | None = None
+
+
+def load_student_tokenizer(cfg: StudentConfig, *, teacher_model: str | None) -> StudentTokenizer:
+    """The student tokenizer described by `cfg`, checked (bytes reproduced, template family), without a model.
+
+    `alm train --dry-run` stops here; `load_student` goes on to the model.
+
+    Args:
+        cfg: the recipe's `student` section.
+        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
 
     Raises:
         ConfigError: a tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+        TokenizerRefusedError: the tokenizer cannot reproduce the bytes of a text (WordPiece, NFKC, no byte
+            fallback, ...).
     """
     if cfg.transfer is None:
         assert cfg.model is not None
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         if cfg.strip_unicode_normalizer:
             tokenizer = without_unicode_normalizer(tokenizer)
-        return tokenizer, resolve_family(cfg.family, tokenizer), cfg.model, None
+        vocab = vocab_from_tokenizer(tokenizer)
+        return StudentTokenizer(tokenizer, vocab, resolve_family(cfg.family, tokenizer), cfg.model)
     source = cfg.transfer.from_
     if source == "teacher":
         if not teacher_model:
@@ -403,59 +424,59 @@ def load_student_tokenizer(
     family = resolve_family(
         cfg.family, teacher_tokenizer if keeps_teacher_specials else student_tokenizer
     )
-    return student_tokenizer, family, source, teacher_tokenizer
-
-
-def load_student(cfg: StudentConfig, *, teacher_model: str | None, seed: int) -> Student:
-    """Build the student described by `cfg`.
-
-    Args:
-        cfg: the recipe's `student` section.
-        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
-        seed: seed for the transfer's random draws.
-
-    Raises:
-        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
-    """
-    tokenizer, family, source, teacher_tokenizer = load_student_tokenizer(
-        cfg, teacher_model=teacher_model
-    )
-    model = load_causal_lm(source)
-    if teacher_tokenizer is None:
-        vocab = vocab_from_tokenizer(tokenizer)
-        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
-        if num_embeddings < len(vocab.token_bytes):
-            raise ConfigError(
-                f"student tokenizer has {len(vocab.token_bytes)} tokens but the model only "
-                f"{num_embeddings} embeddings; use student.transfer to move a "
-                "model to a new tokenizer"
-            )
-        return Student(model, tokenizer, vocab, source, family)
-    assert cfg.transfer is not None
-    teacher_embeddings = _embedding_weight(model.get_input_embeddings()).detach().clone()
-    transfer_model(
-        model,
-        teacher_tokenizer,
-        tokenizer,
-        untie_embeddings=cfg.transfer.untie_embeddings,
-        seed=seed,
-    )
-    if cfg.transfer.ngram_embeddings:
-        model = with_ngram_embeddings(
-            model,
-            teacher_embeddings,
-            vocab_from_tokenizer(teacher_tokenizer),
-            vocab_from_tokenizer(tokenizer),
-        )
-    keeps_teacher_specials = (
-        cfg.transfer.tokenizer == "bytes" or cfg.transfer.special_tokens == "teacher"
-    )
+    vocab = vocab_from_tokenizer(student_tokenizer)
     logger.info(
         "student renders the %s template family (%s special tokens)",
         family,
         "the teacher's" if keeps_teacher_specials else "its own",
     )
-    return Student(model, tokenizer, vocab_from_tokenizer(tokenizer), source, family)
+    return StudentTokenizer(student_tokenizer, vocab, family, source, teacher_tokenizer)
+
+
+def load_student(
+    cfg: StudentConfig,
+    *,
+    teacher_model: str | None,
+    seed: int,
+    tokenizer: StudentTokenizer | None = None,
+) -> Student:
+    """Build the student described by `cfg`: its tokenizer (`load_student_tokenizer`), then the model.
+
+    Args:
+        cfg: the recipe's `student` section.
+        teacher_model: the model id/path recorded in the store (used by `transfer.from: teacher`).
+        seed: seed for the transfer's random draws.
+        tokenizer: the result of `load_student_tokenizer(cfg, ...)` when already loaded.
+
+    Raises:
+        ConfigError: a model or tokenizer cannot be loaded, or `from: teacher` with no teacher recorded.
+        TokenizerRefusedError: the student tokenizer cannot reproduce the bytes of a text.
+    """
+    tok = tokenizer or load_student_tokenizer(cfg, teacher_model=teacher_model)
+    model = load_causal_lm(tok.source)
+    if tok.teacher_tokenizer is None:
+        num_embeddings = _embedding_weight(model.get_input_embeddings()).shape[0]
+        if num_embeddings < len(tok.vocab.token_bytes):
+            raise ConfigError(
+                f"student tokenizer has {len(tok.vocab.token_bytes)} tokens but the model only "
+                f"{num_embeddings} embeddings; use student.transfer to move a "
+                "model to a new tokenizer"
+            )
+    else:
+        assert cfg.transfer is not None
+        teacher_embeddings = _embedding_weight(model.get_input_embeddings()).detach().clone()
+        transfer_model(
+            model,
+            tok.teacher_tokenizer,
+            tok.tokenizer,
+            untie_embeddings=cfg.transfer.untie_embeddings,
+            seed=seed,
+        )
+        if cfg.transfer.ngram_embeddings:
+            model = with_ngram_embeddings(
+                model, teacher_embeddings, vocab_from_tokenizer(tok.teacher_tokenizer), tok.vocab
+            )
+    return Student(model, tok.tokenizer, tok.vocab, tok.source, tok.family)
 
 
 def with_ngram_embeddings(

@@ -385,7 +385,7 @@ def test_align_cli_user_errors_exit_2(stores, student_dir, tmp_path, alm):
         ((str(store_path),), "exactly one of --student"),
         ((str(store_path), "--student", "bytes", "--recipe", str(recipe)), "exactly one of"),
         ((str(store_path), "--recipe", str(recipe), "--max-length", "9"), "--max-length goes with"),
-        ((str(store_path), "--student", str(tmp_path / "no-such-tokenizer")), "cannot be loaded"),
+        ((str(store_path), "--student", str(tmp_path / "no-such-tokenizer")), "no such folder"),
         ((str(store_path), "--student", "bytes", "--max-length", "1"), "at least 2"),
         ((str(tmp_path / "no-store"), "--student", "bytes"), "no teacher store"),
     ]

@@ -272,6 +272,8 @@ def test_cli_user_errors_exit_2_with_one_message(tmp_path, stores, student_dir):
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "alm-run.json").write_text('{"kind": "alm-train-run", "config_hash": "0123"}')
+    (taken / "checkpoints" / "step-00000001").mkdir(parents=True)  # a run with something to keep
+    (taken / "checkpoints" / "step-00000001" / "state.pt").write_bytes(b"")
     busy = train_recipe(
         tmp_path / "b.yaml",
         store=stores["plain"],
