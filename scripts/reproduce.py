@@ -371,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, recipe in study.precompute.items():
         store = root / ("teacher_store" if name == "train" else "teacher_store_heldout")
         extra = (quick.precompute if name == "train" else quick.precompute_heldout) if quick else []
+        if (store / "alm-store.json").is_file():
+            from alm.store import open_store
+
+            if open_store(store).is_finished:  # checked; a finished store of an older format is kept
+                logger.info("store %s is finished: kept", store)
+                continue
         sets = [a for o in [f"output={store}", *extra] for a in ("--set", o)]
         alm("precompute", str(REPO / recipe), *sets, threads=threads)
 
