@@ -104,7 +104,8 @@ def run_plan(study: Study, root: Path, quick: bool) -> list[dict[str, Any]]:
         if quick:
             base += study.quick.train + study.quick.students.get(student, [])
         factors = {m: [1.0] for m in plan.methods}
-        for method in study.lr_sweep.get("methods", []):
+        swept = study.lr_sweep.get("students", list(study.students))
+        for method in study.lr_sweep.get("methods", []) if student in swept else []:
             if method in factors:
                 factors[method] += [float(f) for f in study.lr_sweep.get("factors", [])]
         lr = yaml.safe_load((REPO / plan.recipe).read_text())["optim"]["lr"]
@@ -374,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         if (store / "alm-store.json").is_file():
             from alm.store import open_store
 
-            if open_store(store).is_finished:  # checked; a finished store of an older format is kept
+            # checked on opening; a finished store of an older (still readable) format is kept
+            if open_store(store).is_finished:
                 logger.info("store %s is finished: kept", store)
                 continue
         sets = [a for o in [f"output={store}", *extra] for a in ("--set", o)]

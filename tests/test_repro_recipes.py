@@ -41,7 +41,9 @@ def test_every_run_of_the_study_resolves_to_a_valid_recipe(quick: bool, tmp_path
     assert {("bytes", m) for m in ("sft", "alm", "alm+sft", "alm_no_debias")} <= names
     assert {("bpe", m) for m in ("sft", "alm", "alm+sft")} <= names
     if not quick:
-        assert {("bytes", "sft_lr0.333"), ("bytes", "sft_lr3"), ("bpe", "alm_lr3")} <= names
+        assert {("bpe", f"{m}_lr{f}") for m in ("sft", "alm") for f in ("0.333", "3")} <= names
+        swept = set(study.lr_sweep["students"])
+        assert not any("_lr" in name for student, name in names if student not in swept)
     bases = {}
     for run in runs:
         overrides = run["overrides"]
