@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         if (run["output_dir"] / "student" / "config.json").is_file():
             continue
         sets = [a for o in run["overrides"] for a in ("--set", o)]
-        alm("train", str(REPO / run["recipe"]), *sets, "--resume", threads=threads)
+        resume = ["--resume"] if (run["output_dir"] / "alm-run.json").is_file() else []
+        alm("train", str(REPO / run["recipe"]), *sets, *resume, threads=threads)
 
     eval_sets = {name: eval_texts(s, quick) for name, s in study.eval.items()}
     models: dict[str, Path | str] = {"teacher": teacher_model}
