@@ -12,7 +12,7 @@ of the store), and two figures are accumulated over the in-loss chunks:
   probabilities agree.
 
 Both are 0 for a model that equals the teacher. Imports `alm.align`, `alm.templates`, `alm.losses`, `alm.store`,
-`alm.align.targets` (chunk sums), `alm.config.train` (the default boundary classes), `alm.eval.models`.
+`alm.align.targets` (chunk sums), `alm.eval.score` (`chunk_abs_logp_diff`), `alm.config.train` (the default boundary classes), `alm.eval.models`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from alm.align import align_sequences
 from alm.align.targets import build_alm_targets, chunk_logp_sums, combine_boundary_classes
 from alm.config.train import LossConfig
 from alm.eval.models import Scorer
-from alm.eval.score import _token_batches
+from alm.eval.score import _token_batches, chunk_abs_logp_diff
 from alm.losses.alm import (
     binarised_divergence,
     sequence_logp_and_boundary_logmass,
@@ -151,14 +151,17 @@ def store_agreement(
         token_logp, boundary_logmass = sequence_logp_and_boundary_logmass(
             logits, input_ids, boundary_mask
         )  # [B, Ts] each, NaN at position 0
+        scored_logp = torch.nan_to_num(token_logp, nan=0.0)  # [B, Ts], 0 at position 0 and padding
         for row, i in enumerate(batch):
             _, chunks, teacher_chunk_logp, _ = examples[i]
-            student_chunk_logp = np.minimum(
-                chunk_logp_sums(token_logp[row].numpy(), chunks.student_start, chunks.student_end),
-                0.0,
-            )
             abs_diff_sum += float(
-                np.abs(teacher_chunk_logp.astype(np.float64) - student_chunk_logp).sum()
+                chunk_abs_logp_diff(
+                    scored_logp[row : row + 1],
+                    torch.as_tensor(chunks.student_start, dtype=torch.long)[None],
+                    torch.as_tensor(chunks.student_end, dtype=torch.long)[None],
+                    torch.as_tensor(teacher_chunk_logp)[None],
+                    torch.ones(1, len(chunks), dtype=torch.bool),
+                ).sum()
             )
             num_chunks += len(chunks)
         padded = pad_targets([examples[i][3] for i in batch])

@@ -60,6 +60,46 @@ def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
     return nll_nats / (LN2 * max(num_bytes, 1))
 
 
+def next_token_logp(
+    logits: torch.Tensor, target_ids: torch.Tensor, *, vocab_size: int | None = None
+) -> torch.Tensor:
+    """float64 [B, T]: entry q is ln p(target_ids[b, q] | tokens 0..q) over a padded batch, 0 where the target is -1
+    (padding, context tokens, the last position). Minus a row's sum is that row's summed next-token NLL.
+
+    Args:
+        logits: [B, T, V] (any float dtype; `alm.losses.alm.token_stats` does the maths in fp32).
+        target_ids: int64 [B, T], the token that position q predicts, or -1.
+        vocab_size: real vocabulary size when V has padded columns.
+    """
+    next_logp, _ = token_stats(logits, target_ids, None, vocab_size=vocab_size)
+    return next_logp.double()
+
+
+def chunk_abs_logp_diff(
+    token_logp: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    teacher_chunk_logp: torch.Tensor,
+    chunk_mask: torch.Tensor,
+) -> torch.Tensor:
+    """float64 [B]: per row, the sum over chunks of |log p_T(chunk) - log p_S(chunk)| (ALM_SPEC §1, no debiasing).
+
+    log p_S(chunk) = min(sum of token_logp over [start, end), 0), from float64 prefix sums.
+
+    Args:
+        token_logp: [B, T] the student's log-prob of each token, indexed by the token (0 where not scored, e.g. at
+            position 0 and padding).
+        start, end: int64 [B, C], each chunk's student token range.
+        teacher_chunk_logp: [B, C], the teacher's log-prob of each chunk.
+        chunk_mask: bool [B, C], which chunks count.
+    """
+    values = token_logp.double()
+    prefix = torch.cat([values.new_zeros(values.shape[0], 1), values.cumsum(dim=1)], dim=1)
+    student = (prefix.gather(1, end) - prefix.gather(1, start)).clamp(max=0.0)  # [B, C]
+    diff = (teacher_chunk_logp.double() - student).abs()
+    return torch.where(chunk_mask, diff, 0.0).sum(dim=1)
+
+
 def _token_batches(lengths: Sequence[int], token_budget: int) -> list[list[int]]:
     """Indices grouped longest first so that batch size x longest length <= token_budget (at least one text)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -142,8 +182,8 @@ def score_texts(
             # position q predicts token q+1; text tokens start at position num_context
             target_ids[row, num_context - 1 : len(ids) - 1] = ids[num_context:]
         logits = scorer.next_token_logits(input_ids, attention_mask)  # [B, T, V]
-        next_logp, _ = token_stats(logits, target_ids.to(logits.device))  # [B, T], 0 where -1
-        nll[batch] = -next_logp.double().sum(dim=1).cpu().numpy()
+        next_logp = next_token_logp(logits, target_ids.to(logits.device))  # [B, T], 0 where -1
+        nll[batch] = -next_logp.sum(dim=1).cpu().numpy()
         bar.update(int(attention_mask.sum()))
     bar.close()
     return TextScores(

@@ -8,6 +8,9 @@ computed for the student on its own tokenization of the stored texts and for the
 `logp` (no teacher model needed). Chunk agreement is the mean over greedy in-loss chunks of
 |log p_T(chunk) - log p_S(chunk)| (no debiasing, no merging: the plain chunk likelihoods of §1).
 
+The per-batch figures are `alm.eval.score`'s (`next_token_logp`, `chunk_abs_logp_diff`), the code `alm eval`
+uses; the convention differs from `alm eval`'s bits per byte (docs/evaluation.md "In-training evaluation").
+
 Evaluation sequences are split across ranks (sequence i goes to rank i mod world size) and the sums are
 all-reduced, so every process gets the same figures.
 """
@@ -23,7 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 from alm.config.train import TrainRecipe
-from alm.losses.alm import logp_of_token, next_token_ids, token_stats
+from alm.eval.score import chunk_abs_logp_diff, next_token_logp
+from alm.losses.alm import logp_of_token, next_token_ids
 from alm.store.reader import open_store
 from alm.train import parallel
 from alm.train.batch import StudentBatch, StudentExample, StudentExampleBuilder, collate
@@ -87,25 +91,23 @@ def evaluate(
         attention_mask = batch.attention_mask.to(device)
         with autocast():
             logits, _ = model(input_ids, attention_mask)
-        next_logp, _ = token_stats(
-            logits, next_token_ids(input_ids, keep=attention_mask), None, vocab_size=vocab_size
-        )  # [B, Ts], 0 where no target
-        token_logp = logp_of_token(next_logp, fill=0.0).double()  # [B, Ts]
-        prefix = torch.cat(
-            [token_logp.new_zeros(input_ids.shape[0], 1), token_logp.cumsum(dim=1)], dim=1
-        )
-        chunk_mask = figures.chunk_mask.to(device)
-        student_chunk = prefix.gather(1, figures.chunk_student_end.to(device)) - prefix.gather(
-            1, figures.chunk_student_start.to(device)
-        )
-        diff = (figures.chunk_teacher_logp.to(device).double() - student_chunk).abs()
+        next_logp = next_token_logp(
+            logits, next_token_ids(input_ids, keep=attention_mask), vocab_size=vocab_size
+        )  # [B, Ts] float64, 0 where no target
+        diff_sum = chunk_abs_logp_diff(
+            logp_of_token(next_logp, fill=0.0),
+            figures.chunk_student_start.to(device),
+            figures.chunk_student_end.to(device),
+            figures.chunk_teacher_logp.to(device),
+            figures.chunk_mask.to(device),
+        ).sum()
         totals += torch.stack(
             [
-                -token_logp.sum().cpu(),
+                -next_logp.sum().cpu(),
                 -figures.teacher_logp_sum.double().sum(),
                 figures.num_bytes.double().sum(),
-                torch.where(chunk_mask, diff, 0.0).sum().cpu(),
-                chunk_mask.sum().double().cpu(),
+                diff_sum.cpu(),
+                figures.chunk_mask.sum().double(),
                 torch.tensor(float(input_ids.shape[0]), dtype=torch.float64),
                 figures.student_num_bytes.double().sum(),
             ]

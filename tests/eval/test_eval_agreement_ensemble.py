@@ -1,8 +1,11 @@
-"""Agreement with a teacher store (zero for the teacher itself) and ensembles (one member = that model; two =
-the hand-averaged probabilities), plus `generate` and ensemble recipes."""
+"""Agreement with a teacher store (zero for the teacher itself), the in-training evaluation (what its docstring
+says), and ensembles (one member = that model; two = the hand-averaged probabilities), plus `generate` and
+ensemble recipes."""
 
 from __future__ import annotations
 
+import copy
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pytest
 import torch
 from factories import bpe_tokenizer, byte_tokenizer, corpus_texts, tiny_llama
 from tolerance import assert_fp32_close
+from torch import nn
 
 from alm.errors import ConfigError
 from alm.eval import (
@@ -22,6 +26,10 @@ from alm.eval import (
     store_agreement,
 )
 from alm.eval.models import load_hf_model
+from alm.store.reader import open_store
+from alm.templates import family_for_tokenizer
+from alm.train.batch import StudentExampleBuilder
+from alm.train.evaluate import eval_batches, evaluate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -146,3 +154,55 @@ def test_bad_ensemble_recipe_is_one_config_error(tmp_path: Path) -> None:
     bad.write_text("ensemble:\n  members: []\n  combine: median\n")
     with pytest.raises(ConfigError, match="combine"):
         load_ensemble(bad)
+
+
+class _Module(nn.Module):
+    """`model(input_ids, attention_mask) -> (logits, None)`, as `TrainModule` is called."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits, None
+
+
+def test_in_training_eval_of_the_teacher_matches_the_store_and_a_float64_forward(
+    teacher_and_store,
+) -> None:
+    folder, store = teacher_and_store
+    scorer = load_hf_model(str(folder))
+    builder = StudentExampleBuilder(
+        teacher_vocab=open_store(str(store)).vocab,
+        student_tokenizer=scorer.tokenizer,
+        student_vocab=scorer.vocab,
+        student_family=family_for_tokenizer(scorer.vocab),
+        max_length=512,
+        boundary_class_ids=[0, 1],
+        gamma=0.1,
+        with_eval=True,
+    )
+    batches = list(eval_batches(str(store), builder, 4, 0, 1, None))
+    figures = evaluate(
+        _Module(scorer.model), iter(batches), torch.device("cpu"), lambda t: t, vocab_size=None
+    )
+    assert figures["eval/num_sequences"] == 6
+
+    # Reference from the docstring: each sequence alone, float64 weights, positions >= 1 of its rendering.
+    reference = copy.deepcopy(scorer.model).double()
+    nll = 0.0
+    student_bytes = 0
+    for batch in batches:
+        assert batch.eval is not None
+        student_bytes += int(batch.eval.student_num_bytes.sum())
+        for row in range(batch.input_ids.shape[0]):
+            ids = batch.input_ids[row, : int(batch.attention_mask[row].sum())][None]  # [1, T]
+            with torch.no_grad():
+                logp = torch.log_softmax(reference(input_ids=ids).logits[0], dim=-1)  # [T, V]
+            nll -= float(logp[:-1].gather(1, ids[0, 1:, None]).sum())
+    assert_fp32_close(figures["eval/student_bpb"], nll / (student_bytes * math.log(2)))
+    # The student is the teacher with its tokenizer: the same figure as the stored log-probs give,
+    assert_fp32_close(figures["eval/student_bpb"], figures["eval/teacher_bpb"])
+    # and the chunk figure is `alm eval`'s (both ~0 here; alm eval's also uses `chunk_abs_logp_diff`).
+    agreement = store_agreement(scorer, str(store))
+    assert figures["eval/chunk_abs_logp_diff"] < 1e-4 and agreement.chunk_abs_logp_diff < 1e-4
