@@ -62,6 +62,20 @@ def test_every_run_of_the_study_resolves_to_a_valid_recipe(quick: bool, tmp_path
         assert key == bases[run["student"]], run["name"]
 
 
+@pytest.mark.parametrize(
+    "study_file", sorted((REPO / "stages").glob("repro_study*.yaml")), ids=lambda p: p.name
+)
+def test_every_study_file_resolves_to_valid_recipes(study_file: Path, tmp_path: Path) -> None:
+    reproduce = _reproduce_module()
+    study = reproduce.load_study(study_file)
+    runs = reproduce.run_plan(study, tmp_path, False)
+    assert runs
+    for run in runs:
+        cfg = load_yaml_model(TrainRecipe, REPO / run["recipe"], run["overrides"])
+        assert cfg.output_dir == str(run["output_dir"])
+        assert cfg.optim.steps >= cfg.optim.warmup_steps
+
+
 def test_out_of_domain_text_is_in_no_training_store() -> None:
     spec = load_data_spec(REPO / "data_specs" / "licenses_ood.yaml")
     assert spec.sources[0].type == "text"
