@@ -184,27 +184,27 @@ class ShardCheck:
         err.summary = f"{self.shard_path}/{rel} {problem}"  # pyright: ignore[reportAttributeAccessIssue]
         return err
 
-    def check(self, rel: str, data: bytes | memoryview) -> None:
-        """Raise unless `data` are exactly the bytes the writer recorded for file `rel`."""
+    def _entry(self, rel: str):
+        """The inventory entry of file `rel` (None for a store without inventories); marks it as read."""
         self.seen.add(rel)
         if self.files is None:
-            return
+            return None
         entry = self.files.get(rel)
         if entry is None:
             raise self.error(rel, "is not listed in the shard's shard.json")
-        problem = integrity.entry_problem(data, entry)
+        return entry
+
+    def check(self, rel: str, data: bytes | memoryview) -> None:
+        """Raise unless `data` are exactly the bytes the writer recorded for file `rel`."""
+        entry = self._entry(rel)
+        problem = entry is not None and integrity.entry_problem(data, entry)
         if problem:
             raise self.error(rel, problem)
 
     def check_parts(self, rel: str, parts: tuple[bytes | memoryview, ...]) -> None:
         """`check` for a file read in pieces (a chunk read into its array, then its padding)."""
-        self.seen.add(rel)
-        if self.files is None:
-            return
-        entry = self.files.get(rel)
-        if entry is None:
-            raise self.error(rel, "is not listed in the shard's shard.json")
-        problem = integrity.parts_problem(parts, entry)
+        entry = self._entry(rel)
+        problem = entry is not None and integrity.parts_problem(parts, entry)
         if problem:
             raise self.error(rel, problem)
 
