@@ -46,7 +46,12 @@ def _recipe(root: Path, teacher: Path, output: Path) -> Path:
     return write_yaml(
         root / f"{uuid.uuid4().hex[:6]}.yaml",
         {
-            "teacher": {"model": str(teacher), "backend": "hf", "device": "cpu", "dtype": "float32"},
+            "teacher": {
+                "model": str(teacher),
+                "backend": "hf",
+                "device": "cpu",
+                "dtype": "float32",
+            },
             "data": {"spec": str(DATA_SPEC), "split": "train", "limit": 24},
             "output": str(output),
             "max_length": 48,

@@ -195,15 +195,41 @@ def test_two_workers_on_the_same_shard_never_interleave(teacher_dir, tmp_path):
     print(f"\ntwo workers on the same shards: exit codes {codes}")
 
 
+def _wait_for(proc: subprocess.Popen, path: Path) -> float:
+    """Poll until `path` exists or the process ends; the time it took."""
+    started = time.perf_counter()
+    while not path.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    return time.perf_counter() - started
+
+
+def _training_phase(run: Path) -> str:
+    """Where a killed training run stopped, from what it left."""
+    if (run / "student" / "model.safetensors").exists():
+        return "after the student was saved"
+    checkpoints = list((run / "checkpoints").glob("step-*")) if run.is_dir() else []
+    if checkpoints:
+        return "after a checkpoint"
+    if (run / "metrics.jsonl").exists():
+        return "training, before the first checkpoint"
+    return "start-up (imports, store checks, model load)"
+
+
 @pytest.mark.parametrize(
-    "checkpoint_every", [None, 2], ids=["default-checkpoints", "checkpoint-every-2"]
+    ("checkpoint_every", "num_trials"),
+    [(None, NUM_TRIALS), (3, NUM_TRIALS // 2)],
+    ids=["default-checkpoints", "checkpoint-every-3"],
 )
 def test_training_killed_at_random_points_resumes_to_identical_weights(
-    stores, student_dir, tmp_path, checkpoint_every
+    stores, student_dir, tmp_path, checkpoint_every, num_trials
 ):
-    """Default checkpoint settings (a checkpoint at the end only, at this size): a kill before it leaves nothing
-    to resume and the same command starts again; a kill after it resumes from it. With `checkpoint_every: 2`,
-    kills mid-run resume from the last checkpoint. Either way the student is identical to one trained in one go."""
+    """Default checkpoint settings (here a checkpoint at the end only): a kill before it leaves nothing to resume
+    and the same command starts again; a kill after it resumes from it. With `checkpoint_every: 3`, kills mid-run
+    resume from the last checkpoint. Either way the student is identical to one trained in one go.
+
+    Kill points: start-up dominates a tiny run's wall time, so half the trials (all with `checkpoint_every`) are
+    killed at a uniform random point of the training itself (after the first metrics line, within the reference
+    run's time from there to its end), the others at a uniform random point of the whole run."""
     from safetensors.numpy import load_file
 
     extra = {} if checkpoint_every is None else {"checkpoint_every": checkpoint_every}
@@ -214,24 +240,34 @@ def test_training_killed_at_random_points_resumes_to_identical_weights(
             store=stores["plain"],
             output=out,
             student={"model": str(student_dir)},
-            optim__steps=6,
+            optim__steps=12,
             **extra,
         )
 
     reference = tmp_path / "reference"
     started = time.perf_counter()
-    code, out = _finish(_alm("train", str(recipe(reference))))
+    proc = _alm("train", str(recipe(reference)))
+    to_training = _wait_for(proc, reference / "metrics.jsonl")
+    code, out = _finish(proc)
     assert code == 0, out
     duration = time.perf_counter() - started
+    training = duration - to_training  # first metrics line to the end of the run
     want = load_file(str(reference / "student" / "model.safetensors"))
     rng = np.random.default_rng(2)
     killed = identical = resumed = restarted = 0
-    for trial in range(NUM_TRIALS):
+    phases: dict[str, int] = {}
+    for trial in range(num_trials):
         run = tmp_path / f"run-{trial}"
-        was_killed = _kill_after(
-            _alm("train", str(recipe(run))), float(rng.uniform(0.3, 1.0)) * duration
-        )
+        proc = _alm("train", str(recipe(run)))
+        if checkpoint_every is not None or trial % 2 == 0:
+            _wait_for(proc, run / "metrics.jsonl")
+            was_killed = _kill_after(proc, float(rng.uniform(0.0, 1.0)) * training)
+        else:
+            was_killed = _kill_after(proc, float(rng.uniform(0.0, 1.0)) * duration)
         killed += was_killed
+        if was_killed:
+            phase = _training_phase(run)
+            phases[phase] = phases.get(phase, 0) + 1
         code, out = _finish(_alm("train", str(recipe(run)), "--resume"))
         if (
             code == 2
@@ -249,8 +285,14 @@ def test_training_killed_at_random_points_resumes_to_identical_weights(
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
         identical += 1
         shutil.rmtree(run)
+    settings = (
+        "default checkpoint settings"
+        if checkpoint_every is None
+        else f"checkpoint_every: {checkpoint_every}"
+    )
+    where = ", ".join(f"{n} {phase}" for phase, n in sorted(phases.items()))
     print(
-        f"\ntraining kill -9 trials ({'default checkpoint settings' if checkpoint_every is None else f'checkpoint_every: {checkpoint_every}'}): "
-        f"{NUM_TRIALS} run, {killed} killed, {resumed} resumed from a checkpoint, {restarted} started again "
-        f"(killed before the first checkpoint); {identical} ended with identical weights in all {len(want)} tensors"
+        f"\ntraining kill -9 trials ({settings}): {num_trials} run, {killed} killed ({where}); "
+        f"{resumed} resumed from a checkpoint, {restarted} started again (no checkpoint yet); {identical} "
+        f"ended with identical weights in all {len(want)} tensors"
     )

@@ -8,12 +8,14 @@ processes. Both print the fault x command table.
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -220,3 +222,52 @@ def test_verify_deep_rescores_a_sample_within_float16_rounding(stores, capsys):
     assert figures["max_abs_boundary_logmass_diff"] <= 2e-2 * 2.0 ** (10 - boundary_bits)
     code, text = _run_in_process(["verify", str(stores["plain"]), "--deep"], capsys)
     assert code == 0 and "--deep: re-scored 8 sequences" in text, text
+
+
+_READS: dict[str, Any] = {"root": None, "counts": collections.Counter(), "hooked": False}
+
+
+def _audit_reads(event: str, args: tuple) -> None:
+    root = _READS["root"]
+    if root is None or event != "open" or not isinstance(args[0], str):
+        return
+    mode = args[1] if len(args) > 1 else "r"
+    writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+        isinstance(mode, int) and mode & (os.O_WRONLY | os.O_RDWR)
+    )
+    if args[0].startswith(root) and not writing and os.path.isfile(args[0]):
+        _READS["counts"][os.path.relpath(args[0], root)] += 1
+
+
+def test_alm_verify_reads_every_store_file_exactly_once(stores, capsys, monkeypatch):
+    import pyarrow as pa
+
+    root = str(stores["plain"].resolve())
+    listed = {
+        os.path.relpath(os.path.join(d, f), root)
+        for d, _, files in os.walk(root)
+        for f in files
+        if f != "README.md"  # the store card is for people; nothing reads it
+    }
+    if not _READS[
+        "hooked"
+    ]:  # audit hooks cannot be removed: one per process, off unless `root` is set
+        sys.addaudithook(_audit_reads)
+        _READS["hooked"] = True
+    memory_map = pa.memory_map
+
+    def counted_memory_map(path, *args, **kwargs):
+        if str(path).startswith(root):
+            _READS["counts"][os.path.relpath(path, root)] += 1
+        return memory_map(path, *args, **kwargs)
+
+    monkeypatch.setattr(pa, "memory_map", counted_memory_map)
+    _READS["counts"].clear()
+    _READS["root"] = root
+    try:
+        code, text = _run_in_process(["verify", root], capsys)
+    finally:
+        _READS["root"] = None
+    assert code == 0, text
+    assert "re-tokenizes to its stored teacher ids" in text  # the tokenizer files were used, too
+    assert dict(_READS["counts"]) == dict.fromkeys(listed, 1)
