@@ -149,7 +149,7 @@ class Document:
             if seg.in_loss and seg.text:
                 spans.append((offset, offset + len(seg.text)))
             offset += len(seg.text)
-        return merge_spans(spans)
+        return merged_spans(spans)
 
 
 def merge_spans(spans: Iterable[tuple[int, int]]) -> np.ndarray:
@@ -161,6 +161,19 @@ def merge_spans(spans: Iterable[tuple[int, int]]) -> np.ndarray:
         else:
             out.append([start, end])
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def merged_spans(spans: Any) -> np.ndarray:
+    """`merge_spans` of an int [k, 2] array (or nested sequence); an already merged one (non-empty ranges,
+    increasing, none touching: what `render` and the store hold) comes back as it is, without the Python pass."""
+    array = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    rows = array.tolist()
+    previous_end = None
+    for start, end in rows:
+        if end <= start or (previous_end is not None and start <= previous_end):
+            return merge_spans(rows)
+        previous_end = end
+    return array
 
 
 def _text_in_spans(start_byte: np.ndarray, end_byte: np.ndarray, spans: np.ndarray) -> np.ndarray:
@@ -184,6 +197,7 @@ def token_in_loss(
     loss_spans: Any,
     *,
     is_block: np.ndarray | None = None,
+    runs: tuple[list[int], list[int], list[Any]] | None = None,
 ) -> np.ndarray:
     """Which tokens of one sequence are in the loss region: THE loss-region rule (ALM_SPEC §3, §13.8).
 
@@ -202,32 +216,58 @@ def token_in_loss(
         role: [n], None for text tokens, the block role otherwise; None for an all-text sequence.
         loss_spans: int [k, 2] byte ranges `[start, end)` of the trainable text (merged here).
         is_block: bool [n], `role != None`, when the caller has it already (saves a pass over `role`).
+        runs: `block_runs(role, is_block)`, when the caller has it already (with `is_block`).
 
     Returns:
         bool [n].
     """
     start = np.asarray(start_byte, dtype=np.int64)
     end = np.asarray(end_byte, dtype=np.int64)
-    spans = merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
-    in_loss = _text_in_spans(start, end, spans)
+    in_loss = _text_in_spans(start, end, merged_spans(loss_spans))
     if role is None:
         return in_loss
-    roles = np.asarray(role, dtype=object)  # [n]; no copy for an object array
-    block: np.ndarray = (
+    if is_block is None:
+        roles = np.asarray(role, dtype=object)  # [n]; no copy for an object array
         # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
-        np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
-        if is_block is None
-        else is_block
-    )
-    all_text_trained = bool(in_loss[~block].all())
-    for pos in np.flatnonzero(block).tolist():  # a handful per sequence, in order
-        current = roles[pos]
-        if pos > 0 and roles[pos - 1] == current:  # inside a run: its first token decided
-            in_loss[pos] = in_loss[pos - 1]
-        else:
-            trained = pos > 0 and bool(in_loss[pos - 1])
-            in_loss[pos] = trained and (all_text_trained or current not in OPENING_BLOCK_ROLES)
+        is_block = np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+        runs = block_runs(roles, is_block)
+    elif runs is None:
+        runs = block_runs(np.asarray(role, dtype=object), is_block)
+    run_starts, run_ends, run_roles = runs
+    if not run_starts:
+        return in_loss
+    all_text_trained = bool(in_loss[~is_block].all())
+    for first, run_end, current in zip(run_starts, run_ends, run_roles, strict=True):  # in order
+        trained = first > 0 and bool(in_loss[first - 1])
+        in_loss[first:run_end] = trained and (
+            all_text_trained or current not in OPENING_BLOCK_ROLES
+        )
     return in_loss
+
+
+def block_runs(role: np.ndarray, is_block: np.ndarray) -> tuple[list[int], list[int], list[Any]]:
+    """The template blocks of one sequence: maximal runs of consecutive block tokens with one role.
+
+    Args:
+        role: object [n], None for text tokens, the block role otherwise.
+        is_block: bool [n], `role != None`.
+
+    Returns:
+        Per run, in order: its first token position, one past its last, and its role (Python lists; a handful).
+    """
+    positions = np.flatnonzero(is_block).tolist()
+    roles = role[positions].tolist() if positions else []
+    starts: list[int] = []
+    ends: list[int] = []
+    run_roles: list[Any] = []
+    for pos, current in zip(positions, roles, strict=True):
+        if ends and ends[-1] == pos and run_roles[-1] == current:
+            ends[-1] = pos + 1
+        else:
+            starts.append(pos)
+            ends.append(pos + 1)
+            run_roles.append(current)
+    return starts, ends, run_roles
 
 
 def plain_document(doc_id: str, source: str, row: int, text: bytes) -> Document:
@@ -643,7 +683,9 @@ def render(
     id_parts: list[np.ndarray] = []
     start_parts: list[np.ndarray] = []
     end_parts: list[np.ndarray] = []
-    roles: list[Any] = []
+    block_parts: list[
+        tuple[int, int, str]
+    ] = []  # (start_pos, end_pos, role) of each non-empty block
     segments: list[dict[str, Any]] = []
     content_byte = 0
     pos = 0
@@ -655,12 +697,9 @@ def render(
                 enc = encode_text(tokenizer, vocab, seg.text)
             else:
                 enc = _encode_prefix(tokenizer, vocab, seg.text, budget - pos + 1)
-            ids, start, end = (
-                enc.token_id,
-                enc.start_byte + content_byte,
-                enc.end_byte + content_byte,
-            )
-            roles.extend([None] * len(ids))
+            ids, start, end = enc.token_id, enc.start_byte, enc.end_byte
+            if content_byte:
+                start, end = start + content_byte, end + content_byte
             seg_end_byte = content_byte + len(seg.text)
         else:
             ids = (
@@ -668,9 +707,9 @@ def render(
                 if seg_index in template_blocks
                 else block_token_ids(block_family, seg.role, tokenizer, vocab)
             )
-            start = np.full(len(ids), content_byte, dtype=np.int64)
-            end = start.copy()
-            roles.extend([seg.role] * len(ids))
+            start = end = np.full(len(ids), content_byte, dtype=np.int64)  # concatenated: copied
+            if len(ids):
+                block_parts.append((pos, pos + len(ids), seg.role))
             seg_end_byte = content_byte
         segments.append(
             {
@@ -687,13 +726,22 @@ def render(
         content_byte = seg_end_byte
         pos += len(ids)
 
-    token_id = np.concatenate(id_parts).astype(np.int32) if id_parts else np.zeros(0, np.int32)
-    start_byte = (
-        np.concatenate(start_parts).astype(np.int64) if start_parts else np.zeros(0, np.int64)
+    token_id = (
+        np.concatenate(id_parts).astype(np.int32, copy=False) if id_parts else np.zeros(0, np.int32)
     )
-    end_byte = np.concatenate(end_parts).astype(np.int64) if end_parts else np.zeros(0, np.int64)
-    role = np.empty(len(roles), dtype=object)
-    role[:] = roles
+    start_byte = (
+        np.concatenate(start_parts).astype(np.int64, copy=False)
+        if start_parts
+        else np.zeros(0, np.int64)
+    )
+    end_byte = (
+        np.concatenate(end_parts).astype(np.int64, copy=False)
+        if end_parts
+        else np.zeros(0, np.int64)
+    )
+    role = np.full(len(token_id), None, dtype=object)  # [n]: None for text tokens
+    for block_start, block_end, block_role in block_parts:
+        role[block_start:block_end] = block_role
     content = document.content_text
     truncated = budget is not None and len(token_id) > budget
     if truncated:
@@ -718,8 +766,7 @@ def render(
         segments = kept
     else:
         covered = len(content)
-    spans = document.loss_spans()
-    spans = merge_spans((s, min(e, covered)) for s, e in spans)
+    spans = merged_spans([(s, min(e, covered)) for s, e in document.loss_spans().tolist()])
     return TokenizedSequence(
         token_id=token_id,
         start_byte=start_byte,
@@ -762,8 +809,16 @@ class StoredTokens(Protocol):
 
 
 def _segment_dicts(segments: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("start_byte", "end_byte", "start_pos", "end_pos")
-    return [{"role": str(seg["role"]), **{k: int(seg[k]) for k in keys}} for seg in segments]
+    return [
+        {
+            "role": str(seg["role"]),
+            "start_byte": int(seg["start_byte"]),
+            "end_byte": int(seg["end_byte"]),
+            "start_pos": int(seg["start_pos"]),
+            "end_pos": int(seg["end_pos"]),
+        }
+        for seg in segments
+    ]
 
 
 def sequence_from_stored(stored: StoredTokens, vocab: Vocab) -> TokenizedSequence:
@@ -881,18 +936,16 @@ def document_from_parts(
         DataError: a segment lies outside `text`.
     """
     text = bytes(text)
-    spans = (
-        np.zeros((0, 2), np.int64)
-        if loss_spans is None
-        else merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
-    )
+    spans = [] if loss_spans is None else merged_spans(loss_spans).tolist()
     out: list[Segment] = []
     for seg in _segment_dicts(segments):
         sb, eb = seg["start_byte"], seg["end_byte"]
         if not 0 <= sb <= eb <= len(text):
             raise DataError(f"stored segment {seg} lies outside the text ({len(text)} bytes)")
         if seg["role"] == "text":
-            in_loss = eb > sb and bool(_text_in_spans(np.array([sb]), np.array([eb]), spans)[0])
+            # `_text_in_spans` of one non-empty range: the last merged span starting at or before it decides
+            covering = [span_end for span_start, span_end in spans if span_start <= sb]
+            in_loss = eb > sb and bool(covering) and eb <= covering[-1]
             out.append(Segment("text", text[sb:eb], in_loss))
         else:
             out.append(Segment(seg["role"]))
