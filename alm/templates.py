@@ -197,7 +197,7 @@ def token_in_loss(
     loss_spans: Any,
     *,
     is_block: np.ndarray | None = None,
-    runs: tuple[list[int], list[int], list[Any]] | None = None,
+    runs: BlockRuns | None = None,
 ) -> np.ndarray:
     """Which tokens of one sequence are in the loss region: THE loss-region rule (ALM_SPEC §3, §13.8).
 
@@ -245,7 +245,11 @@ def token_in_loss(
     return in_loss
 
 
-def block_runs(role: np.ndarray, is_block: np.ndarray) -> tuple[list[int], list[int], list[Any]]:
+# The template blocks of a sequence (`block_runs`): first positions, one past the last positions, roles.
+BlockRuns = tuple[list[int], list[int], list[Any]]
+
+
+def block_runs(role: np.ndarray, is_block: np.ndarray) -> BlockRuns:
     """The template blocks of one sequence: maximal runs of consecutive block tokens with one role.
 
     Args:
@@ -268,6 +272,30 @@ def block_runs(role: np.ndarray, is_block: np.ndarray) -> tuple[list[int], list[
             ends.append(pos + 1)
             run_roles.append(current)
     return starts, ends, run_roles
+
+
+def _runs_of_parts(parts: Iterable[tuple[int, int, Any]]) -> BlockRuns:
+    """`block_runs` of a sequence whose non-empty template blocks are `parts` (start_pos, end_pos, role), in
+    order: adjacent parts with one role form one run, as their tokens do."""
+    starts: list[int] = []
+    ends: list[int] = []
+    roles: list[Any] = []
+    for start, end, role in parts:
+        if ends and ends[-1] == start and roles[-1] == role:
+            ends[-1] = end
+        else:
+            starts.append(start)
+            ends.append(end)
+            roles.append(role)
+    return starts, ends, roles
+
+
+def _roles_of_runs(runs: BlockRuns, num_tokens: int) -> np.ndarray:
+    """object [n]: each run's role on its tokens, None on text tokens."""
+    role = np.full(num_tokens, None, dtype=object)
+    for start, end, current in zip(*runs, strict=True):
+        role[start:end] = current
+    return role
 
 
 def plain_document(doc_id: str, source: str, row: int, text: bytes) -> Document:
@@ -598,6 +626,8 @@ class TokenizedSequence:
         truncated: whether tokens were cut at `max_length`.
         text: the content bytes actually covered (cut exactly where the tokens stop).
         doc_id, source, row: provenance (empty for sequences rebuilt from ids).
+        blocks: `block_runs(role, is_block)`, when the builder of the sequence knew them (`render` and
+            `sequence_from_ids` do, and build `role` from them), else None.
     """
 
     token_id: np.ndarray
@@ -611,6 +641,7 @@ class TokenizedSequence:
     doc_id: str = ""
     source: str = ""
     row: int = -1
+    blocks: BlockRuns | None = None
 
     def __len__(self) -> int:
         return len(self.token_id)
@@ -739,19 +770,12 @@ def render(
         if end_parts
         else np.zeros(0, np.int64)
     )
-    role = np.full(len(token_id), None, dtype=object)  # [n]: None for text tokens
-    for block_start, block_end, block_role in block_parts:
-        role[block_start:block_end] = block_role
     content = document.content_text
     truncated = budget is not None and len(token_id) > budget
     if truncated:
         covered = int(start_byte[budget])
-        token_id, start_byte, end_byte, role = (
-            token_id[:budget],
-            start_byte[:budget],
-            end_byte[:budget],
-            role[:budget],
-        )
+        token_id, start_byte, end_byte = token_id[:budget], start_byte[:budget], end_byte[:budget]
+        block_parts = [(s, min(e, budget), r) for s, e, r in block_parts if s < budget]
         kept = []
         for s in segments:
             if s["start_pos"] >= budget:
@@ -767,11 +791,12 @@ def render(
     else:
         covered = len(content)
     spans = merged_spans([(s, min(e, covered)) for s, e in document.loss_spans().tolist()])
+    blocks = _runs_of_parts(block_parts)
     return TokenizedSequence(
         token_id=token_id,
         start_byte=start_byte,
         end_byte=end_byte,
-        role=role,
+        role=_roles_of_runs(blocks, len(token_id)),
         segments=segments,
         loss_spans=spans,
         truncated=bool(truncated),
@@ -779,6 +804,7 @@ def render(
         doc_id=document.doc_id,
         source=document.source,
         row=document.row,
+        blocks=blocks,
     )
 
 
@@ -864,7 +890,7 @@ def sequence_from_ids(
     table = _segment_dicts(segments)
     start_byte = np.zeros(len(ids), dtype=np.int64)
     end_byte = np.zeros(len(ids), dtype=np.int64)
-    role = np.empty(len(ids), dtype=object)
+    block_parts: list[tuple[int, int, str]] = []
     pos = 0
     for seg in table:
         sp, ep, sb, eb = seg["start_pos"], seg["end_pos"], seg["start_byte"], seg["end_byte"]
@@ -877,11 +903,10 @@ def sequence_from_ids(
             enc = token_offsets(vocab, ids[sp:ep], text[sb:eb])
             start_byte[sp:ep] = enc.start_byte + sb
             end_byte[sp:ep] = enc.end_byte + sb
-            role[sp:ep] = None
-        else:
+        elif ep > sp:
             start_byte[sp:ep] = sb
             end_byte[sp:ep] = sb
-            role[sp:ep] = seg["role"]
+            block_parts.append((sp, ep, seg["role"]))
         pos = ep
     if pos != len(ids):
         raise DataError(
@@ -892,7 +917,18 @@ def sequence_from_ids(
         if loss_spans is None
         else np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2)
     )
-    return TokenizedSequence(ids, start_byte, end_byte, role, table, spans, truncated, bytes(text))
+    blocks = _runs_of_parts(block_parts)
+    return TokenizedSequence(
+        ids,
+        start_byte,
+        end_byte,
+        _roles_of_runs(blocks, len(ids)),
+        table,
+        spans,
+        truncated,
+        bytes(text),
+        blocks=blocks,
+    )
 
 
 def document_from_stored(stored: StoredTokens) -> Document:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from alm.errors import AlignmentError
-from alm.templates import block_runs, token_in_loss
+from alm.templates import TokenizedSequence, block_runs, token_in_loss
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,15 @@ def _side(tokens: Any, name: str) -> _Side:
         raise AlignmentError(
             f"{name} tokens: {len(role)} roles for {n} tokens; give one role (or None) per token."
         )
-    # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
-    is_block = np.not_equal(role, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
-    runs = block_runs(role, is_block)
+    runs = tokens.blocks if isinstance(tokens, TokenizedSequence) else None
+    if runs is None:
+        # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
+        is_block = np.not_equal(role, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+        runs = block_runs(role, is_block)
+    else:  # the runs `role` was built from (`render`, `sequence_from_ids`)
+        is_block = np.zeros(n, bool)
+        for start, end in zip(runs[0], runs[1], strict=True):
+            is_block[start:end] = True
     run_starts, run_ends, run_roles = runs
     # A truncated sequence's last block may be cut; its full length is not known here, so a block reaching the last
     # token counts as incomplete (a block that exactly fills the budget is dropped too: nothing follows it anyway).

@@ -395,12 +395,15 @@ class StudentExampleBuilder:
 
 def _pad_rows(rows: list[np.ndarray], fill: float | bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad 1-D (or [n, d]) arrays to [B, max(1, longest)(, d)]; also the bool [B, L] mask of real rows."""
-    length = max([1, *(len(row) for row in rows)])
+    lengths = [len(row) for row in rows]
+    length = max([1, *lengths])
     out = np.full((len(rows), length, *rows[0].shape[1:]), fill, dtype=rows[0].dtype)
-    mask = np.zeros((len(rows), length), dtype=bool)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-        mask[i, : len(row)] = True
+    mask = np.arange(length)[None, :] < np.asarray(lengths)[:, None]  # [B, L]
+    if rows[0].ndim == 1:  # one scatter instead of a copy per row
+        out[mask] = np.concatenate(rows)
+    else:
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
     return torch.from_numpy(out), torch.from_numpy(mask)
 
 
