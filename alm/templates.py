@@ -501,7 +501,9 @@ def block_token_ids(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.
         ConfigError: the family has no such block (e.g. a chat header in `plain`).
     """
     try:
-        cache = _BLOCK_CACHE.setdefault(tokenizer, {})
+        cache = _BLOCK_CACHE.get(tokenizer)
+        if cache is None:
+            cache = _BLOCK_CACHE[tokenizer] = {}
     except TypeError:  # not weak-referenceable
         cache = {}
     key = (id(vocab), family, role)
@@ -712,11 +714,11 @@ def render(
     block_family = "plain" if family == "template" else family
     budget = max_length if max_length is not None else None
     id_parts: list[np.ndarray] = []
-    start_parts: list[np.ndarray] = []
-    end_parts: list[np.ndarray] = []
-    block_parts: list[
-        tuple[int, int, str]
-    ] = []  # (start_pos, end_pos, role) of each non-empty block
+    # (start_pos, content byte, encoding) of each text segment
+    text_parts: list[tuple[int, int, TokenizedText]] = []
+    # (start_pos, end_pos, role) of each non-empty block, and the content byte it sits at
+    block_parts: list[tuple[int, int, str]] = []
+    block_bytes: list[int] = []
     segments: list[dict[str, Any]] = []
     content_byte = 0
     pos = 0
@@ -728,9 +730,8 @@ def render(
                 enc = encode_text(tokenizer, vocab, seg.text)
             else:
                 enc = _encode_prefix(tokenizer, vocab, seg.text, budget - pos + 1)
-            ids, start, end = enc.token_id, enc.start_byte, enc.end_byte
-            if content_byte:
-                start, end = start + content_byte, end + content_byte
+            ids = enc.token_id
+            text_parts.append((pos, content_byte, enc))
             seg_end_byte = content_byte + len(seg.text)
         else:
             ids = (
@@ -738,9 +739,9 @@ def render(
                 if seg_index in template_blocks
                 else block_token_ids(block_family, seg.role, tokenizer, vocab)
             )
-            start = end = np.full(len(ids), content_byte, dtype=np.int64)  # concatenated: copied
             if len(ids):
                 block_parts.append((pos, pos + len(ids), seg.role))
+                block_bytes.append(content_byte)
             seg_end_byte = content_byte
         segments.append(
             {
@@ -752,24 +753,22 @@ def render(
             }
         )
         id_parts.append(ids)
-        start_parts.append(start)
-        end_parts.append(end)
         content_byte = seg_end_byte
         pos += len(ids)
 
     token_id = (
         np.concatenate(id_parts).astype(np.int32, copy=False) if id_parts else np.zeros(0, np.int32)
     )
-    start_byte = (
-        np.concatenate(start_parts).astype(np.int64, copy=False)
-        if start_parts
-        else np.zeros(0, np.int64)
-    )
-    end_byte = (
-        np.concatenate(end_parts).astype(np.int64, copy=False)
-        if end_parts
-        else np.zeros(0, np.int64)
-    )
+    # [n] offsets: each text part's own, shifted to its content byte; a block's tokens at its byte, zero width
+    start_byte = np.empty(len(token_id), np.int64)
+    end_byte = np.empty(len(token_id), np.int64)
+    for first, text_byte, enc in text_parts:
+        last = first + len(enc.token_id)
+        np.add(enc.start_byte, text_byte, out=start_byte[first:last])
+        np.add(enc.end_byte, text_byte, out=end_byte[first:last])
+    for (first, last, _), block_byte in zip(block_parts, block_bytes, strict=True):
+        start_byte[first:last] = block_byte
+        end_byte[first:last] = block_byte
     content = document.content_text
     truncated = budget is not None and len(token_id) > budget
     if truncated:

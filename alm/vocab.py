@@ -156,6 +156,11 @@ class Vocab:
         starts = np.cumsum(self.token_length) - self.token_length
         return flat, starts
 
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The special ids, as a set (membership tests on a few ids without NumPy)."""
+        return frozenset(np.flatnonzero(self.is_special).tolist())
+
     def ids_bytes(self, ids: np.ndarray) -> bytes:
         """The concatenated bytes of `ids` (int [n]), i.e. `b"".join(token_bytes[i] for i in ids)`."""
         if len(ids) < 64:  # a few tokens: the join is cheaper than the gather's numpy calls
@@ -591,9 +596,17 @@ def _offsets_from_lengths(lengths: np.ndarray, dummy_prefix: bool) -> tuple[np.n
 
 def _check_tokens(vocab: Vocab, ids: np.ndarray, text: bytes, what: str) -> bool:
     """Verify that the tokens' bytes equal `text` (or a dummy space + `text`); return whether a dummy was used."""
-    special = vocab.is_special[ids] if len(ids) else np.zeros(0, dtype=bool)
-    if special.any():
-        pos = int(np.flatnonzero(special)[0])
+    if (
+        len(ids) < 64
+    ):  # a few tokens (a chat turn): Python's set and join beat numpy's per-call cost
+        ids_list = ids.tolist()
+        has_special = not vocab.special_ids.isdisjoint(ids_list)
+        joined = None if has_special else b"".join([vocab.token_bytes[i] for i in ids_list])
+    else:
+        has_special = bool(vocab.is_special[ids].any())
+        joined = None if has_special else vocab.ids_bytes(ids)
+    if joined is None:
+        pos = int(np.flatnonzero(vocab.is_special[ids])[0])
         token_id = int(ids[pos])
         role = vocab.special_role.get(token_id, "")
         reason = "produced <unk>" if role == "unk" else "produced a special token"
@@ -602,7 +615,6 @@ def _check_tokens(vocab: Vocab, ids: np.ndarray, text: bytes, what: str) -> bool
             f"{token_id}) at token {pos} for {what} {_excerpt(text)}: its tokens cannot reproduce the text's "
             "bytes. Use a tokenizer with byte fallback (ALM_SPEC §13.4)."
         )
-    joined = vocab.ids_bytes(ids)
     if joined == text:
         return False
     # A dummy prefix space: SentencePiece's `▁`, or a byte-level BPE with `add_prefix_space=True` (RoBERTa).

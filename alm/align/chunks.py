@@ -299,16 +299,17 @@ def align_with_loss_masks(
     teacher_start, teacher_end, teacher_count = _ranges(teacher_index, num_chunks)
     student_start, student_end, student_count = _ranges(student_index, num_chunks)
 
+    num_blocks = len(teacher_blocks)
     block_byte = teacher_side.start_byte[teacher_side.block_start_pos[teacher_blocks]]
-    start_byte = np.concatenate(
-        [np.concatenate([[0], common_end_byte[:-1]]).astype(_INT)[:num_text], block_byte]
-    )
-    end_byte = np.concatenate([common_end_byte, block_byte]).astype(_INT)
-    is_block = np.concatenate([np.zeros(num_text, bool), np.ones(len(teacher_blocks), bool)])
-    # Byte order; at one offset the text chunk ending there comes first, then the blocks in token order.
-    secondary = np.concatenate(
-        [np.zeros(num_text, _INT), 1 + np.arange(len(teacher_blocks), dtype=_INT)]
-    )
+    end_byte = np.concatenate([common_end_byte, block_byte]).astype(_INT, copy=False)  # [C]
+    start_byte = (
+        end_byte.copy()
+    )  # a block chunk starts where it ends; a text chunk at the previous end
+    start_byte[1:num_text] = common_end_byte[:-1]
+    if num_text:
+        start_byte[0] = 0
+    is_block = np.zeros(num_chunks, bool)
+    is_block[num_text:] = True
 
     valid = (
         (teacher_count > 0)
@@ -332,8 +333,14 @@ def align_with_loss_masks(
         )
     if not keep_outside_loss:
         valid &= in_loss
-    order = np.lexsort((secondary, end_byte))
-    order = order[valid[order]]
+    if num_blocks:
+        # Byte order; at one offset the text chunk ending there comes first, then the blocks in token order.
+        secondary = np.zeros(num_chunks, _INT)
+        secondary[num_text:] = np.arange(1, num_blocks + 1)
+        order = np.lexsort((secondary, end_byte))
+        order = order[valid[order]]
+    else:  # text chunks only, whose ends are increasing: already in byte order
+        order = np.flatnonzero(valid)
     chunks = Chunks(
         teacher_start=teacher_start[order],
         teacher_end=teacher_end[order],
