@@ -184,7 +184,9 @@ def _token_chunk_index(
     n = len(side.start_byte)
     index = np.empty(n, _INT)
     text = ~side.is_block
-    chunk = np.searchsorted(common_end_byte, side.start_byte[text], side="right").astype(_INT)
+    chunk = np.searchsorted(common_end_byte, side.start_byte[text], side="right").astype(
+        _INT, copy=False
+    )
     chunk[chunk >= num_text_chunks] = -1  # unaligned tail
     index[text] = chunk
     index[side.is_block] = -2
@@ -198,13 +200,14 @@ def _token_chunk_index(
 
 def _ranges(index: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per chunk: first position, one past the last position, number of tokens."""
-    positions = np.arange(len(index), dtype=_INT)
     member = index >= 0
-    count = np.bincount(index[member], minlength=num_chunks).astype(_INT)
+    chunk = index[member]  # [m] the chunk of each member token
+    positions = np.flatnonzero(member)  # [m] its position
+    count = np.bincount(chunk, minlength=num_chunks).astype(_INT, copy=False)
     first = np.full(num_chunks, len(index), _INT)
     last = np.full(num_chunks, -1, _INT)
-    np.minimum.at(first, index[member], positions[member])
-    np.maximum.at(last, index[member], positions[member])
+    np.minimum.at(first, chunk, positions)
+    np.maximum.at(last, chunk, positions)
     return first, last + 1, count
 
 
