@@ -171,7 +171,7 @@ def merged_spans(spans: Any) -> np.ndarray:
     previous_end = None
     for start, end in rows:
         if end <= start or (previous_end is not None and start <= previous_end):
-            return merge_spans(rows)
+            return merge_spans((start, end) for start, end in rows)
         previous_end = end
     return array
 
@@ -226,17 +226,20 @@ def token_in_loss(
     in_loss = _text_in_spans(start, end, merged_spans(loss_spans))
     if role is None:
         return in_loss
+    block: np.ndarray
     if is_block is None:
         roles = np.asarray(role, dtype=object)  # [n]; no copy for an object array
         # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
-        is_block = np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
-        runs = block_runs(roles, is_block)
-    elif runs is None:
-        runs = block_runs(np.asarray(role, dtype=object), is_block)
+        block = np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+        runs = block_runs(roles, block)
+    else:
+        block = is_block
+        if runs is None:
+            runs = block_runs(np.asarray(role, dtype=object), block)
     run_starts, run_ends, run_roles = runs
     if not run_starts:
         return in_loss
-    all_text_trained = bool(in_loss[~is_block].all())
+    all_text_trained = bool(in_loss[~block].all())
     for first, run_end, current in zip(run_starts, run_ends, run_roles, strict=True):  # in order
         trained = first > 0 and bool(in_loss[first - 1])
         in_loss[first:run_end] = trained and (
@@ -771,7 +774,7 @@ def render(
         end_byte[first:last] = block_byte
     content = document.content_text
     truncated = budget is not None and len(token_id) > budget
-    if truncated:
+    if budget is not None and truncated:
         covered = int(start_byte[budget])
         token_id, start_byte, end_byte = token_id[:budget], start_byte[:budget], end_byte[:budget]
         block_parts = [(s, min(e, budget), r) for s, e, r in block_parts if s < budget]
