@@ -139,9 +139,10 @@ def measure_arrays(shards: list[dict[str, np.ndarray]], num_tokens: int, repeat:
     )  # one core per reader process; ratios stay comparable across codecs
     rows = []
     for name in schema.DEFAULT_FIELDS:
-        chosen = {
-            schema.codec_label(name, preset): preset for preset in reversed(schema.COMPRESSIONS)
-        }
+        chosen: dict[str, str] = {}
+        for preset in schema.COMPRESSIONS:
+            label = schema.codec_label(name, preset)
+            chosen[label] = f"{chosen[label]}, {preset}" if label in chosen else preset
         variants: list[tuple[str, list[np.ndarray]]] = [("exact", [s[name] for s in shards])]
         bits = schema.PRECISION_MANTISSA_BITS["compact"].get(name)
         if bits is not None:

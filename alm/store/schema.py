@@ -98,10 +98,13 @@ CHUNK_TOKENS = 262_144
 # field, a Blosc codec `(cname, clevel, shuffle)` (Zarr's `blosc` codec, self-describing: plain zarr decodes any of
 # them) or None for no compressor (Zarr's `bytes` codec alone, as in version 1):
 #   small (default): Blosc zstd level 7 with byte shuffle, the smallest of the codecs Zarr ships for every field
-#     (plain Zstd, bit shuffle, lz4 and lz4hc are all larger); zstd decodes at the same speed whatever the level.
-#   fast: Blosc lz4hc level 9 with byte shuffle: 3-4x faster to decode than zstd (no entropy coding), about 1.2x
-#     the size for token_id and logp but 1.5x for boundary_logmass (whose mantissa bits are close to random).
-#   none: uncompressed (about 18 bytes per token; reads run at memory-copy speed).
+#     (plain Zstd, bit shuffle, lz4 and lz4hc are all larger); zstd decodes at the same speed whatever the level,
+#     about 1 GB/s on one core of the development machine, which is what bounds a whole-shard read.
+#   fast: Blosc lz4hc level 9 with byte shuffle for the integer fields and `logp` (3-4x faster to decode than
+#     zstd, no entropy coding; 1.2x zstd's size), no compression for the float16 fields, whose mantissa bits are
+#     close to random: lz4hc saves only a fifth of `boundary_logmass` (8.0 of 10 bytes per token) and decodes at
+#     a third of a memory copy.
+#   none: uncompressed (18 bytes per token for the default fields; reads run at memory-copy speed).
 # Version 2 used Blosc zstd level 5 for every array.
 COMPRESSIONS: tuple[str, ...] = ("small", "fast", "none")
 DEFAULT_COMPRESSION = "small"
@@ -110,9 +113,18 @@ BloscChoice = tuple[  # (cname, clevel, shuffle) of Zarr's BloscCodec
     int,
     Literal["noshuffle", "shuffle", "bitshuffle"],
 ]
+_ZSTD: BloscChoice = ("zstd", 7, "shuffle")
+_LZ4HC: BloscChoice = ("lz4hc", 9, "shuffle")
 ARRAY_CODECS: dict[str, dict[str, BloscChoice | None]] = {
-    "small": dict.fromkeys(ALL_FIELDS, ("zstd", 7, "shuffle")),
-    "fast": dict.fromkeys(ALL_FIELDS, ("lz4hc", 9, "shuffle")),
+    "small": dict.fromkeys(ALL_FIELDS, _ZSTD),
+    "fast": {
+        "token_id": _LZ4HC,
+        "logp": _LZ4HC,
+        "boundary_logmass": None,
+        "topk_id": _LZ4HC,
+        "topk_logp": None,
+        "hidden": None,
+    },
     "none": dict.fromkeys(ALL_FIELDS, None),
 }
 BLOSC_BLOCKSIZE = (

@@ -49,8 +49,8 @@ def test_every_preset_stores_the_same_values_and_plain_zarr_and_pyarrow_read_it(
     for name in ("token_id", "logp", "boundary_logmass", "topk_id", "topk_logp"):
         meta = json.loads((shard / "arrays" / name / "zarr.json").read_text())
         codecs = [c["name"] for c in meta["codecs"]]
-        if compression == "none":
-            assert codecs == ["bytes"]
+        if compression == "none" or name in ("boundary_logmass", "topk_logp"):
+            assert codecs == ["bytes"]  # `fast` stores the float16 fields uncompressed
         else:
             assert codecs == ["bytes", "blosc"]
             assert meta["codecs"][1]["configuration"]["cname"] == "lz4hc"
