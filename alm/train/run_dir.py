@@ -22,6 +22,7 @@ from alm.errors import ConfigError
 from alm.store.replace import move_aside
 from alm.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from alm.train.log import LOG_FILE, METRICS_FILE
+from alm.train.run_lock import is_lock_entry
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def check_output_dir(cfg: TrainRecipe, resume: bool, overwrite: bool) -> list[st
     """
     out = Path(cfg.output_dir)
     run_file = out / RUN_FILE
-    entries = [p.name for p in out.iterdir()] if out.is_dir() else []
+    entries = [p.name for p in out.iterdir() if not is_lock_entry(p.name)] if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file; choose a folder path")
     if entries and not run_file.is_file():
