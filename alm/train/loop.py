@@ -157,7 +157,8 @@ def _run_train(
     )
     changes = (
         parallel.on_main(
-            lambda: prepare_output_dir(cfg, resume, overwrite), "prepare the run folder"
+            lambda: prepare_output_dir(cfg, resume, overwrite, student_tokenizer.family),
+            "prepare the run folder",
         )
         or []
     )
