@@ -106,7 +106,9 @@ def runs(tmp_path_factory, topk_stores, stores, student_dir, same_tokenizer_stud
             run_train(
                 load_yaml_model(
                     TrainRecipe,
-                    _recipe(root, f"{name}{suffix}-one", config, optim__micro_batch_size=4, **extra),
+                    _recipe(
+                        root, f"{name}{suffix}-one", config, optim__micro_batch_size=4, **extra
+                    ),
                 )
             )
             layout = "ddp" if lora else "fsdp2"
