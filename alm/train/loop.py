@@ -294,10 +294,8 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
     log.close()
     state = parallel.full_state_dict(model)  # collective under FSDP2: every rank takes part
     if parallel.is_main():
-        fold = None
-        if (
-            embedding_projector is not None
-        ):  # the saved table is W + P(W): a plain model, no projector
+        fold = None  # with the embedding projector the saved table is W + P(W): a plain model, no projector
+        if embedding_projector is not None:
             fold = functools.partial(
                 fold_embedding_table,
                 kind=embedding_projector.kind,

@@ -272,3 +272,32 @@ def test_an_embedding_that_changes_its_rows_is_refused():
     with pytest.raises(ConfigError, match="ScaledEmbedding"):
         make_embedding_projector("mlp", ScaledEmbedding(10, 4), 4)
     assert make_embedding_projector("identity", ScaledEmbedding(10, 4), 4) is None
+
+
+def test_a_resumed_projector_run_matches_an_uninterrupted_one_bitwise(
+    tmp_path, stores, student_dir
+):
+    student = {
+        "transfer": {
+            "from": "teacher",
+            "tokenizer": str(student_dir),
+            "untie_embeddings": True,
+            "embedding_projector": "linear",
+        }
+    }
+    common = {"store": stores["heldout"], "student": student, "optim__steps": 3}
+    full = train_recipe(tmp_path / "full.yaml", output=tmp_path / "full", **common)
+    run_train(load_yaml_model(TrainRecipe, full))
+    part = train_recipe(tmp_path / "part.yaml", output=tmp_path / "part", **common)
+    run_train(load_yaml_model(TrainRecipe, part, ["stop_after_steps=2"]))
+    run_train(
+        load_yaml_model(TrainRecipe, part), resume=True
+    )  # the projector and its AdamW state restored
+    losses = [
+        [r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("full", "part")
+    ]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    weights_full = load_file(tmp_path / "full" / "student" / "model.safetensors")
+    weights_part = load_file(tmp_path / "part" / "student" / "model.safetensors")
+    assert weights_full.keys() == weights_part.keys()
+    assert all(torch.equal(value, weights_part[key]) for key, value in weights_full.items())
