@@ -130,8 +130,9 @@ class StudentConfig(StrictModel):
         Field(
             default="auto",
             description=(
-                "Template family used to render the student's sequences; `auto` detects it from the special tokens; "
-                "`template` renders chat with the tokenizer's own Jinja chat_template (prefix-stable ones only); "
+                "Template family used to render the student's sequences; `auto`: chat with the tokenizer's own Jinja "
+                "chat_template when it renders turns at fixed spans (prefix-stable, content verbatim), else the "
+                "family its special tokens imply; `template` asks for the tokenizer's template; "
                 "`role_prefix` renders it as plain text (`User: ...`, blank line between turns) for base models."
             ),
         )

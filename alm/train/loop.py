@@ -14,6 +14,7 @@ step, log, checkpoint -> save the student with `save_pretrained`. The same code 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -55,10 +56,12 @@ from alm.train.run_dir import (
     prepare_output_dir,
     student_dir,
 )
+from alm.train.run_lock import RunLock
 from alm.train.signals import RunInterruptedError, StopSignals
 from alm.train.step import (
     TrainModule,
     apply_schedule,
+    check_lr_schedule,
     empty_losses,
     loss_settings,
     make_optimizer,
@@ -99,19 +102,24 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
     """
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    with StopSignals() as stop:
-        return _run_train(cfg, resume, overwrite, stop)
+    with StopSignals() as stop, contextlib.ExitStack() as held:
+        return _run_train(cfg, resume, overwrite, stop, held)
 
 
-def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignals) -> Path:
+def _run_train(
+    cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignals, held: contextlib.ExitStack
+) -> Path:
     device = parallel.init()
     stores = check_stores(cfg)
+    check_lr_schedule(cfg.optim)  # bad lr_scheduler_kwargs are refused before any model loads
     if any(ref.alignments == "required" for ref in cfg.stores):
         check_alignment_caches(
             cfg
         )  # a missing or stale required cache is refused before any model loads
     out = Path(cfg.output_dir)
     check_output_dir(cfg, resume, overwrite)  # refused before the tokenizer and the model load
+    # One live invocation per run folder (held until the run ends); rank 0 takes it, every rank learns if it failed.
+    parallel.on_main(lambda: held.enter_context(RunLock(out)), "take the run lock")
     if resume and finished_message(cfg) is not None:
         logger.info("%s", finished_message(cfg))
         return student_dir(cfg)
@@ -148,10 +156,13 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
         parallel.all_reduce_sum,
         max_length=cfg.student.max_length,
     )
-    changes: list[str] = []
-    if parallel.is_main():
-        changes = prepare_output_dir(cfg, resume, overwrite)
-    parallel.barrier()
+    changes = (
+        parallel.on_main(
+            lambda: prepare_output_dir(cfg, resume, overwrite, student_tokenizer.family),
+            "prepare the run folder",
+        )
+        or []
+    )
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -32,7 +32,13 @@ from torch import nn
 from alm.config.train import LoraConfig, StudentConfig
 from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
 from alm.teacher.default import refuse_missing_folder
-from alm.templates import FAMILY_END_OF_TURN, family_chat_template, resolve_family
+from alm.templates import (
+    FAMILY_END_OF_TURN,
+    family_chat_template,
+    is_template_family,
+    resolve_family,
+    template_end_of_turn,
+)
 from alm.vocab import (
     Vocab,
     build_byte_tokenizer,
@@ -422,9 +428,16 @@ def load_student_tokenizer(cfg: StudentConfig, *, teacher_model: str | None) -> 
     keeps_teacher_specials = (
         cfg.transfer.tokenizer == "bytes" or cfg.transfer.special_tokens == "teacher"
     )
-    family = resolve_family(
-        cfg.family, teacher_tokenizer if keeps_teacher_specials else student_tokenizer
-    )
+    if keeps_teacher_specials and not getattr(teacher_tokenizer, "chat_template", None):
+        # no teacher template to speak: the teacher's family, from its markers (the student's own template, if
+        # any, is not what the teacher speaks)
+        family = resolve_family(cfg.family, teacher_tokenizer)
+    else:  # the student tokenizer carries the teacher's template, or its own
+        family = resolve_family(
+            cfg.family,
+            student_tokenizer,
+            markers_from=teacher_tokenizer if keeps_teacher_specials else None,
+        )
     vocab = vocab_from_tokenizer(student_tokenizer)
     logger.info(
         "student renders the %s template family (%s special tokens)",
@@ -595,23 +608,41 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
 def set_chat_template(model: PreTrainedModel, tokenizer: Any, family: str) -> None:
     """Make the student's tokenizer and generation config speak the chat family it was trained in.
 
-    `role_prefix` gets its template only. For a chat family (`chatml`, `llama3`, `gemma`): `tokenizer.chat_template` becomes the family's exact
-    rendering (`alm.templates.family_chat_template`, so `apply_chat_template` gives the text training rendered),
-    `eos_token` its end-of-turn (e.g. `<|im_end|>`, as instruct models ship), and generation stops at the
-    end-of-turn or the previous eos. `plain` changes nothing.
+    `role_prefix` gets its template only. For a chat family (`chatml`, `llama3`, `gemma`): `tokenizer.chat_template`
+    becomes the family's exact rendering (`alm.templates.family_chat_template`, so `apply_chat_template` gives the
+    text training rendered), `eos_token` its end-of-turn (e.g. `<|im_end|>`, as instruct models ship), and
+    generation stops at the end-of-turn or the previous eos. A template family (`template:<base>`) keeps the
+    tokenizer's own template, the one training rendered with, and takes its end-of-turn from it
+    (`alm.templates.template_end_of_turn`: the special token closing an assistant turn); a template whose turns
+    end in plain text keeps the eos. `plain` changes nothing.
     """
-    template = family_chat_template(family)
-    end_of_turn = FAMILY_END_OF_TURN.get(family)
-    if template is None:
-        return
-    if end_of_turn is None:  # `role_prefix`: turns end in plain text, the eos stays as it is
-        tokenizer.chat_template = template
-        return
+    if is_template_family(family):
+        template = None  # the tokenizer's own stays
+        try:
+            end_of_turn = template_end_of_turn(tokenizer)
+        except (
+            TokenizerRefusedError
+        ) as err:  # it rendered the training data, so this is not expected
+            logger.warning(
+                "saved student keeps its eos: no end-of-turn found in its template (%s)", err
+            )
+            return
+        if end_of_turn is None:
+            return
+    else:
+        template = family_chat_template(family)
+        end_of_turn = FAMILY_END_OF_TURN.get(family)
+        if template is None:
+            return
+        if end_of_turn is None:  # `role_prefix`: turns end in plain text, the eos stays as it is
+            tokenizer.chat_template = template
+            return
     end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     if end_id is None or end_id == tokenizer.unk_token_id:
         return  # the tokenizer cannot render this family's chat blocks: it was not trained on chat
     previous_eos = tokenizer.eos_token_id
-    tokenizer.chat_template = template
+    if template is not None:
+        tokenizer.chat_template = template
     tokenizer.eos_token = end_of_turn
     stop_ids = list(dict.fromkeys(i for i in (end_id, previous_eos) if i is not None))
     model.generation_config.eos_token_id = stop_ids
