@@ -618,27 +618,34 @@ def block_token_ids(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.
 _CONTENT_SENTINEL = "\u2063alm\u2063content\u2063"
 
 
-def _chat_turns(document: Document) -> list[tuple[str, str, int, int, int]]:
-    """`(role, content, header index, text index, eot index)` per message of a chat document (none if plain)."""
+def _chat_turns(document: Document) -> list[tuple[str, str | None, int, int | None]]:
+    """`(role, content, header index, eot index)` per message of a chat document (none if plain).
+
+    The last turn of a sequence truncated in stage two may be cut: a header alone, or a header and its (cut)
+    text; it comes with content None and eot index None (only its header is rendered, from the sentinel).
+    """
     segments = document.segments
-    turns = []
+    turns: list[tuple[str, str | None, int, int | None]] = []
     for i, seg in enumerate(segments):
         if not seg.role.startswith("header:"):
             continue
-        if not (
-            i + 2 < len(segments)
-            and segments[i + 1].role == "text"
-            and segments[i + 2].role == "eot"
-        ):
+        role = seg.role.removeprefix("header:")
+        rest = [s.role for s in segments[i + 1 : i + 3]]
+        if rest == ["text", "eot"]:
+            try:
+                content = segments[i + 1].text.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"document {document.doc_id!r}: message is not UTF-8 ({err})"
+                ) from None
+            turns.append((role, content, i, i + 2))
+        elif rest in ([], ["text"]) and i + 1 + len(rest) == len(segments):
+            turns.append((role, None, i, None))  # cut by truncation: the header only
+        else:
             raise DataError(
                 f"document {document.doc_id!r}: a chat turn is header, text, eot; segment {i} is not followed "
                 "by them, so it cannot be rendered with a chat template"
             )
-        try:
-            content = segments[i + 1].text.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"document {document.doc_id!r}: message is not UTF-8 ({err})") from None
-        turns.append((seg.role.removeprefix("header:"), content, i, i + 1, i + 2))
     return turns
 
 
@@ -691,10 +698,14 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
     }
     messages: list[dict[str, str]] = []
     previous = ""
-    for number, (role, content, header_i, _, eot_i) in enumerate(turns):
+    for number, (role, content, header_i, eot_i) in enumerate(turns):
         probe = rendered([*messages, {"role": role, "content": _CONTENT_SENTINEL}])
-        messages.append({"role": role, "content": content})
-        real = rendered(messages)
+        real = (
+            previous
+            if content is None
+            else rendered([*messages, {"role": role, "content": content}])
+        )
+        messages.append({"role": role, "content": content or ""})
         if not (probe.startswith(previous) and real.startswith(previous)):
             raise TokenizerRefusedError(
                 f"the chat template of {type(tokenizer).__name__} is not prefix-stable: rendering message "
@@ -708,6 +719,9 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
                 "pick a family (chatml, llama3, gemma, plain) instead"
             )
         header, trailer = new.split(_CONTENT_SENTINEL)
+        if content is None or eot_i is None:  # a turn cut by truncation: nothing follows its header
+            blocks[header_i] = encode(header)
+            break
         if real != previous + header + content + trailer:
             raise TokenizerRefusedError(
                 f"the chat template changes message {number}'s content (e.g. trims it), so the rendered text "

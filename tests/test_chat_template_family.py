@@ -358,3 +358,25 @@ def test_a_saved_template_student_keeps_its_template_and_stops_at_its_end_of_tur
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
     assert reloaded.generation_config.eos_token_id == [end_id, previous_eos]
     assert saved.get_vocab() == tokenizer.get_vocab()
+
+
+def test_a_stored_sequence_cut_inside_a_turn_renders_as_a_prefix_of_the_whole():
+    """Stage two re-renders truncated stored documents: the last turn may be a header alone or a header with cut
+    (possibly not UTF-8) text. The template path renders its header from the template and the text as bytes: a
+    prefix of the whole conversation's rendering, cut where the stored text ends. Every cut point is tried."""
+    from alm.templates import document_from_parts
+
+    tokenizer, vocab = tokenizer_with(SMOLLM2_TEMPLATE)
+    document = chat_document("d", "s", 0, [(r, c.encode()) for r, c in MESSAGES])
+    whole = render(document, tokenizer, vocab, "template:chatml")
+    teacher_length = len(render(document, tokenizer, vocab, "chatml"))
+    last_roles = set()
+    for max_length in range(1, teacher_length):
+        stored = render(document, tokenizer, vocab, "chatml", max_length=max_length)
+        assert stored.truncated
+        cut = document_from_parts(stored.text, stored.segments, stored.loss_spans)
+        seq = render(cut, tokenizer, vocab, "template:chatml")
+        assert seq.text == stored.text
+        assert seq.token_id.tolist() == whole.token_id[: len(seq)].tolist(), max_length
+        last_roles.add(cut.segments[-1].role)
+    assert {"header:user", "header:assistant", "text", "eot"} <= last_roles
