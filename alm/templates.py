@@ -9,9 +9,11 @@ re-renders with its own family).
 
 Like tokenkit (§3) the four fixed families never call `apply_chat_template`: each text segment is tokenized
 separately (`alm.vocab.encode_text`, literal marker strings stay text) and each template block is the family's own
-string (special tokens plus literal pieces such as `"user\\n"`), so no system prompt is ever injected. Family
-`template` instead renders chat with the tokenizer's own Jinja `chat_template`, prefix by prefix, and cuts each
-turn into header / text / trailer blocks (`_template_blocks`). Block roles:
+string (special tokens plus literal pieces such as `"user\\n"`), so no system prompt is ever injected. A template
+family `template:<base>` instead renders chat with the tokenizer's own Jinja `chat_template`, prefix by prefix, and
+cuts each turn into header / text / trailer blocks (`_template_blocks`); plain documents' bos/eos come from
+`<base>`. `resolve_family` picks it for `auto` when `template_problem` finds the template renders turns at fixed
+spans, else the detected family; `template_end_of_turn` finds the token closing an assistant turn. Block roles:
 `bos`, `eos`, `header:user`, `header:assistant`, `header:system`, `eot`. A family may render a block as nothing
 (chatml has no bos); such blocks still appear in the segment table with zero tokens, so a student whose family
 does have them can render them.
@@ -25,6 +27,7 @@ Imports `alm.vocab` and `alm.errors` only (numpy; never torch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -369,19 +372,178 @@ def family_for_tokenizer(tokenizer_or_vocab: Any) -> str:
     return "plain"
 
 
-def resolve_family(family: str | None, tokenizer_or_vocab: Any) -> str:
-    """`family` if given (validated), else the detected one.
+# The families a `template:<base>` rendering takes its non-chat blocks (the bos/eos of plain documents) from: the
+# detected one. A bare `template` (stores and caches written before `template:<base>` existed) keeps the
+# tokenizer's own bos/eos for them, i.e. base `plain`.
+TEMPLATE_BASES = ("chatml", "llama3", "gemma", "plain")
+_TEMPLATE_PREFIX = "template:"
+
+
+def is_template_family(family: str) -> bool:
+    """Whether `family` (resolved) renders chat with the tokenizer's own Jinja chat template."""
+    return family == "template" or family.startswith(_TEMPLATE_PREFIX)
+
+
+def template_base(family: str) -> str:
+    """The family that renders a template family's non-chat blocks: `template:chatml` -> `chatml`; the bare
+    `template` of older stores -> `plain` (the tokenizer's own bos/eos)."""
+    return family.removeprefix(_TEMPLATE_PREFIX) if family != "template" else "plain"
+
+
+def resolve_family(
+    family: str | None,
+    tokenizer_or_vocab: Any,
+    *,
+    markers_from: Any = None,
+    chat: bool = True,
+) -> str:
+    """The family to render with: `family` if given (validated), else the tokenizer's own chat template when it
+    has a usable one, else the family its special tokens imply.
+
+    - `auto` (or None): `template:<detected>` when the tokenizer has a Jinja `chat_template` that renders turns
+      at fixed byte spans (`template_problem` is None: prefix-stable, each message's content verbatim); otherwise
+      the detected family (`family_for_tokenizer`), with a logged note saying why the template was not used.
+      With `chat=False` (data without chat documents, whose rendering the template does not change) the detected
+      family, without looking at the template.
+    - `template`: `template:<detected>`; a template that is missing or has no fixed spans is refused here.
+    - `chatml`, `llama3`, `gemma`, `plain`, `role_prefix`, or an already resolved `template:<base>`: as given.
+
+    `<detected>` is the family of `markers_from`'s special tokens when given (a student speaking its teacher's
+    specials), else of `tokenizer_or_vocab`'s; it renders what the template does not: plain documents' bos/eos.
 
     Raises:
         ConfigError: an unknown family name.
+        TokenizerRefusedError: `template` for a tokenizer whose chat template is missing or has no fixed spans.
     """
+    detected = family_for_tokenizer(
+        markers_from if markers_from is not None else tokenizer_or_vocab
+    )
+    has_template = not isinstance(tokenizer_or_vocab, Vocab) and bool(
+        getattr(tokenizer_or_vocab, "chat_template", None)
+    )
     if family is None or family == "auto":
-        return family_for_tokenizer(tokenizer_or_vocab)
+        if not chat or not has_template:
+            return detected
+        problem = template_problem(tokenizer_or_vocab)
+        if problem is None:
+            return _TEMPLATE_PREFIX + detected
+        _note_unusable_template(tokenizer_or_vocab, problem, detected)
+        return detected
+    if family == "template":
+        problem = (
+            template_problem(tokenizer_or_vocab)
+            if not isinstance(tokenizer_or_vocab, Vocab)
+            else None
+        )
+        if problem is not None:
+            raise TokenizerRefusedError(problem)
+        return _TEMPLATE_PREFIX + detected
+    if family.startswith(_TEMPLATE_PREFIX) and template_base(family) in TEMPLATE_BASES:
+        return family
     if family not in FAMILIES:
         raise ConfigError(
             f"template family {family!r} is unknown; use one of {[*FAMILIES, 'auto']}"
         )
     return family
+
+
+_NOTED: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _note_unusable_template(tokenizer: Any, problem: str, detected: str) -> None:
+    template = str(tokenizer.chat_template)
+    try:
+        if _NOTED.get(tokenizer) == template:
+            return  # said once per tokenizer
+        _NOTED[tokenizer] = template
+    except TypeError:  # not weak-referenceable
+        pass
+    if detected == "plain":
+        logger.warning(
+            "family auto: not using the chat template of %s (%s), and no chat family (chatml, llama3, gemma) "
+            "matches its special tokens: chat documents will be refused (plain text renders as family plain). "
+            "Set the family to role_prefix for plain-text roles",
+            type(tokenizer).__name__,
+            problem,
+        )
+    else:
+        logger.info(
+            "family auto: not using the chat template of %s (%s); rendering chat with the %s family instead",
+            type(tokenizer).__name__,
+            problem,
+            detected,
+        )
+
+
+# Conversations every usable template must render at fixed spans: whitespace at the edges of the content catches
+# templates that trim it, two exchanges catch templates that re-render earlier turns.
+_PROBE_MESSAGES: tuple[tuple[str, bytes], ...] = (
+    ("user", b" What is 2 + 2?\n"),
+    ("assistant", b"  It is 4. "),
+    ("user", b"\tAnd in w\xc3\xb6rds?"),
+    ("assistant", b"Four.\n\n"),
+)
+_SYSTEM_PROBE_MESSAGES: tuple[tuple[str, bytes], ...] = (
+    ("system", b" Be brief. "),
+    ("user", b"Hi"),
+    ("assistant", b"Hello"),
+)
+_PROBES: weakref.WeakKeyDictionary[Any, tuple[str, str | None]] = weakref.WeakKeyDictionary()
+
+
+def template_problem(tokenizer: Any) -> str | None:
+    """Why the tokenizer's Jinja `chat_template` cannot render chat at fixed byte spans, or None when it can.
+
+    Renders a probe conversation (user, assistant, user, assistant; contents with whitespace at both ends) the
+    way `render` does (`_template_blocks`): the template must exist, extend its previous rendering with each
+    message (prefix-stable) and keep every content verbatim. A template that only fails on a system message is
+    usable (a document with one is refused when rendered; logged once). Cached per tokenizer and template.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    try:
+        cached = _PROBES.get(tokenizer)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == str(template):
+        return cached[1]
+    problem: str | None = None
+    try:
+        _template_blocks(chat_document("template probe", "", 0, _PROBE_MESSAGES, "all"), tokenizer)
+    except (TokenizerRefusedError, DataError) as err:
+        problem = str(err)
+    if problem is None:
+        try:
+            _template_blocks(
+                chat_document("template probe", "", 0, _SYSTEM_PROBE_MESSAGES, "all"), tokenizer
+            )
+        except (TokenizerRefusedError, DataError) as err:
+            logger.info(
+                "the chat template of %s cannot render a system message (%s): documents with one are refused",
+                type(tokenizer).__name__,
+                err,
+            )
+    with contextlib.suppress(TypeError):
+        _PROBES[tokenizer] = (str(template), problem)
+    return problem
+
+
+def template_end_of_turn(tokenizer: Any) -> str | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template: the first special token
+    of the `eot` block `render` gives the assistant turn of a one-exchange conversation (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`, a `</s>`); None when that block holds no special token (turns end in text).
+
+    Raises:
+        TokenizerRefusedError: the template is missing or has no fixed spans.
+    """
+    document = chat_document("end-of-turn probe", "", 0, [("user", b"Hi"), ("assistant", b"Hello")])
+    blocks = _template_blocks(document, tokenizer)
+    eot_index = max(i for i, seg in enumerate(document.segments) if seg.role == "eot")
+    specials = _special_texts(tokenizer)
+    for token_id in blocks[eot_index].tolist():
+        token = tokenizer.convert_ids_to_tokens(int(token_id))
+        if token in specials:
+            return str(token)
+    return None
 
 
 # The end-of-turn token of each chat family: what generation stops at after an assistant turn.
@@ -397,6 +559,8 @@ def family_chat_template(family: str) -> str | None:
     Raises:
         ConfigError: an unknown family.
     """
+    if is_template_family(family):
+        return None  # the tokenizer's own template is kept
     if family not in FAMILIES:
         raise ConfigError(f"template family {family!r} is unknown; use one of {list(FAMILIES)}")
     blocks = FAMILY_BLOCKS.get(family, {})
@@ -440,9 +604,14 @@ def _block_string(family: str, role: str, tokenizer: Any, vocab: Vocab) -> str |
             f"segment role {role!r} is not a template block; use one of {list(BLOCK_ROLES)}"
         )
     if role not in blocks:
+        try:
+            probed = _PROBES.get(tokenizer)
+        except TypeError:
+            probed = None
+        unused = f" (its chat template is not used: {probed[1]})" if probed and probed[1] else ""
         raise ConfigError(
-            f"template family {family!r} has no {role!r} block: it renders plain text only. Set the data spec's "
-            f"or recipe's family to one of chatml, llama3, gemma (tokenizer {vocab.name!r})"
+            f"template family {family!r} has no {role!r} block: it renders plain text only{unused}. Set the data "
+            f"spec's or recipe's family to one of chatml, llama3, gemma, role_prefix (tokenizer {vocab.name!r})"
         )
     template = blocks[role]
     if template in (_BOS, _EOS):
@@ -522,27 +691,34 @@ def block_token_ids(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.
 _CONTENT_SENTINEL = "\u2063alm\u2063content\u2063"
 
 
-def _chat_turns(document: Document) -> list[tuple[str, str, int, int, int]]:
-    """`(role, content, header index, text index, eot index)` per message of a chat document (none if plain)."""
+def _chat_turns(document: Document) -> list[tuple[str, str | None, int, int | None]]:
+    """`(role, content, header index, eot index)` per message of a chat document (none if plain).
+
+    The last turn of a sequence truncated in stage two may be cut: a header alone, or a header and its (cut)
+    text; it comes with content None and eot index None (only its header is rendered, from the sentinel).
+    """
     segments = document.segments
-    turns = []
+    turns: list[tuple[str, str | None, int, int | None]] = []
     for i, seg in enumerate(segments):
         if not seg.role.startswith("header:"):
             continue
-        if not (
-            i + 2 < len(segments)
-            and segments[i + 1].role == "text"
-            and segments[i + 2].role == "eot"
-        ):
+        role = seg.role.removeprefix("header:")
+        rest = [s.role for s in segments[i + 1 : i + 3]]
+        if rest == ["text", "eot"]:
+            try:
+                content = segments[i + 1].text.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"document {document.doc_id!r}: message is not UTF-8 ({err})"
+                ) from None
+            turns.append((role, content, i, i + 2))
+        elif rest in ([], ["text"]) and i + 1 + len(rest) == len(segments):
+            turns.append((role, None, i, None))  # cut by truncation: the header only
+        else:
             raise DataError(
                 f"document {document.doc_id!r}: a chat turn is header, text, eot; segment {i} is not followed "
                 "by them, so it cannot be rendered with a chat template"
             )
-        try:
-            content = segments[i + 1].text.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"document {document.doc_id!r}: message is not UTF-8 ({err})") from None
-        turns.append((seg.role.removeprefix("header:"), content, i, i + 1, i + 2))
     return turns
 
 
@@ -570,7 +746,16 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
         )
 
     def rendered(messages: list[dict[str, str]]) -> str:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=False
+            )
+        except Exception as err:  # the template's own raise_exception, or any Jinja error it makes
+            roles = [m["role"] for m in messages]
+            raise TokenizerRefusedError(
+                f"the chat template of {type(tokenizer).__name__} fails on messages with roles {roles} "
+                f"({type(err).__name__}: {err}); pick a family (chatml, llama3, gemma, role_prefix) instead"
+            ) from None
         assert isinstance(text, str)
         return text
 
@@ -586,10 +771,14 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
     }
     messages: list[dict[str, str]] = []
     previous = ""
-    for number, (role, content, header_i, _, eot_i) in enumerate(turns):
+    for number, (role, content, header_i, eot_i) in enumerate(turns):
         probe = rendered([*messages, {"role": role, "content": _CONTENT_SENTINEL}])
-        messages.append({"role": role, "content": content})
-        real = rendered(messages)
+        real = (
+            previous
+            if content is None
+            else rendered([*messages, {"role": role, "content": content}])
+        )
+        messages.append({"role": role, "content": content or ""})
         if not (probe.startswith(previous) and real.startswith(previous)):
             raise TokenizerRefusedError(
                 f"the chat template of {type(tokenizer).__name__} is not prefix-stable: rendering message "
@@ -603,6 +792,9 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
                 "pick a family (chatml, llama3, gemma, plain) instead"
             )
         header, trailer = new.split(_CONTENT_SENTINEL)
+        if content is None or eot_i is None:  # a turn cut by truncation: nothing follows its header
+            blocks[header_i] = encode(header)
+            break
         if real != previous + header + content + trailer:
             raise TokenizerRefusedError(
                 f"the chat template changes message {number}'s content (e.g. trims it), so the rendered text "
@@ -698,7 +890,9 @@ def render(
         document: abstract segments.
         tokenizer: HF tokenizer; `vocab` must be its `Vocab`.
         vocab: from `alm.vocab.vocab_from_tokenizer(tokenizer)`.
-        family: `chatml`, `llama3`, `gemma`, `plain`, or None/`auto` to detect it from the tokenizer.
+        family: a resolved family (`chatml`, `llama3`, `gemma`, `plain`, `role_prefix`, `template:<base>`; the
+            bare `template` of older stores: chat by the template, plain documents with the tokenizer's own
+            bos/eos), or None/`auto` to resolve it here (`resolve_family`).
         max_length: keep at most this many tokens (None: no limit).
 
     Returns:
@@ -709,12 +903,22 @@ def render(
         ConfigError: an unknown family, or a chat block in the `plain` family.
         DataError: a text segment is not valid UTF-8.
     """
-    family = resolve_family(family, tokenizer)
+    # `auto` is resolved here; a given family is taken as resolved (the bare `template` of older stores keeps its
+    # meaning: the tokenizer's own bos/eos for plain documents)
+    family = resolve_family(family, tokenizer) if family is None or family == "auto" else family
+    if not (
+        family in FAMILIES
+        or (family.startswith(_TEMPLATE_PREFIX) and template_base(family) in TEMPLATE_BASES)
+    ):
+        raise ConfigError(
+            f"template family {family!r} is unknown; use one of {[*FAMILIES, 'auto']}"
+        )
     if max_length is not None and max_length < 1:
         raise ConfigError(f"max_length must be >= 1, got {max_length}")
     # the tokenizer's own template renders the chat blocks; bos/eos of plain documents are its bos/eos tokens
-    template_blocks = _template_blocks(document, tokenizer) if family == "template" else {}
-    block_family = "plain" if family == "template" else family
+    templated = is_template_family(family)
+    template_blocks = _template_blocks(document, tokenizer) if templated else {}
+    block_family = template_base(family) if templated else family
     budget = max_length if max_length is not None else None
     id_parts: list[np.ndarray] = []
     # (start_pos, content byte, encoding) of each text segment

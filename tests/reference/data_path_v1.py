@@ -4,7 +4,8 @@ Straightforward versions of what `StudentExampleBuilder.build` and `collate` com
 loss masks by a loop over block tokens, `align_sequences` with its block runs found by NumPy masks, student
 tokenization by a plain `tokenizers` encode (no byte lookup, no batch encode) checked against the text,
 `render` assembling per-token roles from a list, target building and padding row by row. Copied from `alm` at
-commit 339cf2e (renamed nothing, changed nothing but the imports); `tests/train/test_data_path_reference.py`
+commit 339cf2e (changed nothing but the imports, and `render`'s family resolution, taken from b801a20 where the
+template families arrived); `tests/train/test_data_path_reference.py`
 checks that today's `alm` gives bit-identical examples and batches on random documents. Only for tests.
 """
 
@@ -25,13 +26,18 @@ from alm.boundary import DEFAULT_BOUNDARY_CLASSES
 from alm.errors import AlignmentError, ConfigError, DataError, TokenizerRefusedError
 from alm.losses.batch import PaddedTargets
 from alm.templates import (
+    _TEMPLATE_PREFIX,
+    FAMILIES,
     OPENING_BLOCK_ROLES,
+    TEMPLATE_BASES,
     Document,
     Segment,
     TokenizedSequence,
     _template_blocks,
     block_token_ids,
+    is_template_family,
     resolve_family,
+    template_base,
 )
 from alm.train.batch import StudentBatch, StudentExample
 from alm.vocab import TokenizedText, Vocab, complete_utf8_prefix
@@ -301,12 +307,22 @@ def render(
         ConfigError: an unknown family, or a chat block in the `plain` family.
         DataError: a text segment is not valid UTF-8.
     """
-    family = resolve_family(family, tokenizer)
+    # `auto` is resolved here; a given family is taken as resolved (the bare `template` of older stores keeps its
+    # meaning: the tokenizer's own bos/eos for plain documents)
+    family = resolve_family(family, tokenizer) if family is None or family == "auto" else family
+    if not (
+        family in FAMILIES
+        or (family.startswith(_TEMPLATE_PREFIX) and template_base(family) in TEMPLATE_BASES)
+    ):
+        raise ConfigError(
+            f"template family {family!r} is unknown; use one of {[*FAMILIES, 'auto']}"
+        )
     if max_length is not None and max_length < 1:
         raise ConfigError(f"max_length must be >= 1, got {max_length}")
     # the tokenizer's own template renders the chat blocks; bos/eos of plain documents are its bos/eos tokens
-    template_blocks = _template_blocks(document, tokenizer) if family == "template" else {}
-    block_family = "plain" if family == "template" else family
+    templated = is_template_family(family)
+    template_blocks = _template_blocks(document, tokenizer) if templated else {}
+    block_family = template_base(family) if templated else family
     budget = max_length if max_length is not None else None
     id_parts: list[np.ndarray] = []
     start_parts: list[np.ndarray] = []
