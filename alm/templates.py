@@ -298,7 +298,7 @@ def _runs_of_parts(parts: Iterable[tuple[int, int, Any]]) -> BlockRuns:
 
 def _roles_of_runs(runs: BlockRuns, num_tokens: int) -> np.ndarray:
     """object [n]: each run's role on its tokens, None on text tokens."""
-    role = np.full(num_tokens, None, dtype=object)
+    role = np.empty(num_tokens, dtype=object)  # NumPy fills object arrays with None
     for start, end, current in zip(*runs, strict=True):
         role[start:end] = current
     return role

@@ -114,7 +114,7 @@ def _side(tokens: Any, name: str) -> _Side:
         )
     role_in = getattr(tokens, "role", None)
     if role_in is None:
-        role = np.full(n, None, dtype=object)
+        role = np.empty(n, dtype=object)  # NumPy fills object arrays with None
     else:
         role = np.asarray(role_in, dtype=object)  # [n]; no copy for an object array
     if role.shape != (n,):
@@ -204,8 +204,10 @@ def _ranges(index: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray,
     chunk = index[member]  # [m] the chunk of each member token
     positions = np.flatnonzero(member)  # [m] its position
     count = np.bincount(chunk, minlength=num_chunks).astype(_INT, copy=False)
-    first = np.full(num_chunks, len(index), _INT)
-    last = np.full(num_chunks, -1, _INT)
+    first = np.empty(num_chunks, _INT)  # (`np.full` is a Python wrapper around these two calls)
+    first.fill(len(index))
+    last = np.empty(num_chunks, _INT)
+    last.fill(-1)
     np.minimum.at(first, chunk, positions)
     np.maximum.at(last, chunk, positions)
     return first, last + 1, count
