@@ -111,12 +111,14 @@ class SelectedDocuments:
         shards: shard index -> its documents, for the kept shards only (memory is ~1/N of the data per worker).
         spec_name: the data spec's name.
         fingerprint: covers the spec and its source files, the split and the limit.
+        has_chat: some source of the spec is `kind: chat` (a teacher's chat template matters only then).
     """
 
     num_documents: int
     shards: dict[int, list[Document]]
     spec_name: str
     fingerprint: str
+    has_chat: bool = True
 
 
 def load_documents(
@@ -169,7 +171,8 @@ def load_documents(
             "split, there is nothing for the teacher to score"
         )
     fingerprint = data_fingerprint(spec, split=recipe.data.split, limit=recipe.data.limit)
-    return SelectedDocuments(num_documents, shards, spec.name, fingerprint)
+    has_chat = any(source.kind == "chat" for source in spec.sources)
+    return SelectedDocuments(num_documents, shards, spec.name, fingerprint, has_chat)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -484,7 +487,9 @@ def run_precompute(
     model_path = resolve_teacher_path(recipe.teacher.model)
     tokenizer = load_tokenizer(model_path, recipe.teacher.revision)
     vocab = vocab_from_tokenizer(tokenizer, name=recipe.teacher.model)
-    family = resolve_family(recipe.teacher.family, tokenizer)
+    # `auto` renders chat with the teacher's own template when it has a usable one; plain-text data renders the
+    # same either way, so its stores keep the detected family's name (and plan) as before
+    family = resolve_family(recipe.teacher.family, tokenizer, chat=selected.has_chat)
     model_info = describe_model(model_path, recipe.teacher.revision)
     dtype_name, boundary_method = _backend_settings(recipe, model_path)
 
@@ -519,6 +524,7 @@ def run_precompute(
         hidden_size=int(model_info["hidden_size"]) if recipe.hidden_states else 0,
         hidden_encoding=recipe.hidden_dtype,
         precision=recipe.precision,
+        compression=recipe.compression,
         teacher_revision=str(model_info["revision"]) or None,
         teacher_config_hash=str(model_info["config_hash"]),
         backend=recipe.teacher.backend,

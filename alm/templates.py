@@ -9,9 +9,11 @@ re-renders with its own family).
 
 Like tokenkit (§3) the four fixed families never call `apply_chat_template`: each text segment is tokenized
 separately (`alm.vocab.encode_text`, literal marker strings stay text) and each template block is the family's own
-string (special tokens plus literal pieces such as `"user\\n"`), so no system prompt is ever injected. Family
-`template` instead renders chat with the tokenizer's own Jinja `chat_template`, prefix by prefix, and cuts each
-turn into header / text / trailer blocks (`_template_blocks`). Block roles:
+string (special tokens plus literal pieces such as `"user\\n"`), so no system prompt is ever injected. A template
+family `template:<base>` instead renders chat with the tokenizer's own Jinja `chat_template`, prefix by prefix, and
+cuts each turn into header / text / trailer blocks (`_template_blocks`); plain documents' bos/eos come from
+`<base>`. `resolve_family` picks it for `auto` when `template_problem` finds the template renders turns at fixed
+spans, else the detected family; `template_end_of_turn` finds the token closing an assistant turn. Block roles:
 `bos`, `eos`, `header:user`, `header:assistant`, `header:system`, `eot`. A family may render a block as nothing
 (chatml has no bos); such blocks still appear in the segment table with zero tokens, so a student whose family
 does have them can render them.
@@ -25,6 +27,7 @@ Imports `alm.vocab` and `alm.errors` only (numpy; never torch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -149,7 +152,7 @@ class Document:
             if seg.in_loss and seg.text:
                 spans.append((offset, offset + len(seg.text)))
             offset += len(seg.text)
-        return merge_spans(spans)
+        return merged_spans(spans)
 
 
 def merge_spans(spans: Iterable[tuple[int, int]]) -> np.ndarray:
@@ -161,6 +164,19 @@ def merge_spans(spans: Iterable[tuple[int, int]]) -> np.ndarray:
         else:
             out.append([start, end])
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def merged_spans(spans: Any) -> np.ndarray:
+    """`merge_spans` of an int [k, 2] array (or nested sequence); an already merged one (non-empty ranges,
+    increasing, none touching: what `render` and the store hold) comes back as it is, without the Python pass."""
+    array = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    rows = array.tolist()
+    previous_end = None
+    for start, end in rows:
+        if end <= start or (previous_end is not None and start <= previous_end):
+            return merge_spans((start, end) for start, end in rows)
+        previous_end = end
+    return array
 
 
 def _text_in_spans(start_byte: np.ndarray, end_byte: np.ndarray, spans: np.ndarray) -> np.ndarray:
@@ -184,6 +200,7 @@ def token_in_loss(
     loss_spans: Any,
     *,
     is_block: np.ndarray | None = None,
+    runs: BlockRuns | None = None,
 ) -> np.ndarray:
     """Which tokens of one sequence are in the loss region: THE loss-region rule (ALM_SPEC §3, §13.8).
 
@@ -202,32 +219,89 @@ def token_in_loss(
         role: [n], None for text tokens, the block role otherwise; None for an all-text sequence.
         loss_spans: int [k, 2] byte ranges `[start, end)` of the trainable text (merged here).
         is_block: bool [n], `role != None`, when the caller has it already (saves a pass over `role`).
+        runs: `block_runs(role, is_block)`, when the caller has it already (with `is_block`).
 
     Returns:
         bool [n].
     """
     start = np.asarray(start_byte, dtype=np.int64)
     end = np.asarray(end_byte, dtype=np.int64)
-    spans = merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
-    in_loss = _text_in_spans(start, end, spans)
+    in_loss = _text_in_spans(start, end, merged_spans(loss_spans))
     if role is None:
         return in_loss
-    roles = np.asarray(role, dtype=object)  # [n]; no copy for an object array
-    block: np.ndarray = (
+    block: np.ndarray
+    if is_block is None:
+        roles = np.asarray(role, dtype=object)  # [n]; no copy for an object array
         # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
-        np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
-        if is_block is None
-        else is_block
-    )
+        block = np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+        runs = block_runs(roles, block)
+    else:
+        block = is_block
+        if runs is None:
+            runs = block_runs(np.asarray(role, dtype=object), block)
+    run_starts, run_ends, run_roles = runs
+    if not run_starts:
+        return in_loss
     all_text_trained = bool(in_loss[~block].all())
-    for pos in np.flatnonzero(block).tolist():  # a handful per sequence, in order
-        current = roles[pos]
-        if pos > 0 and roles[pos - 1] == current:  # inside a run: its first token decided
-            in_loss[pos] = in_loss[pos - 1]
-        else:
-            trained = pos > 0 and bool(in_loss[pos - 1])
-            in_loss[pos] = trained and (all_text_trained or current not in OPENING_BLOCK_ROLES)
+    for first, run_end, current in zip(run_starts, run_ends, run_roles, strict=True):  # in order
+        trained = first > 0 and bool(in_loss[first - 1])
+        in_loss[first:run_end] = trained and (
+            all_text_trained or current not in OPENING_BLOCK_ROLES
+        )
     return in_loss
+
+
+# The template blocks of a sequence (`block_runs`): first positions, one past the last positions, roles.
+BlockRuns = tuple[list[int], list[int], list[Any]]
+
+
+def block_runs(role: np.ndarray, is_block: np.ndarray) -> BlockRuns:
+    """The template blocks of one sequence: maximal runs of consecutive block tokens with one role.
+
+    Args:
+        role: object [n], None for text tokens, the block role otherwise.
+        is_block: bool [n], `role != None`.
+
+    Returns:
+        Per run, in order: its first token position, one past its last, and its role (Python lists; a handful).
+    """
+    positions = np.flatnonzero(is_block).tolist()
+    roles = role[positions].tolist() if positions else []
+    starts: list[int] = []
+    ends: list[int] = []
+    run_roles: list[Any] = []
+    for pos, current in zip(positions, roles, strict=True):
+        if ends and ends[-1] == pos and run_roles[-1] == current:
+            ends[-1] = pos + 1
+        else:
+            starts.append(pos)
+            ends.append(pos + 1)
+            run_roles.append(current)
+    return starts, ends, run_roles
+
+
+def _runs_of_parts(parts: Iterable[tuple[int, int, Any]]) -> BlockRuns:
+    """`block_runs` of a sequence whose non-empty template blocks are `parts` (start_pos, end_pos, role), in
+    order: adjacent parts with one role form one run, as their tokens do."""
+    starts: list[int] = []
+    ends: list[int] = []
+    roles: list[Any] = []
+    for start, end, role in parts:
+        if ends and ends[-1] == start and roles[-1] == role:
+            ends[-1] = end
+        else:
+            starts.append(start)
+            ends.append(end)
+            roles.append(role)
+    return starts, ends, roles
+
+
+def _roles_of_runs(runs: BlockRuns, num_tokens: int) -> np.ndarray:
+    """object [n]: each run's role on its tokens, None on text tokens."""
+    role = np.empty(num_tokens, dtype=object)  # NumPy fills object arrays with None
+    for start, end, current in zip(*runs, strict=True):
+        role[start:end] = current
+    return role
 
 
 def plain_document(doc_id: str, source: str, row: int, text: bytes) -> Document:
@@ -298,19 +372,178 @@ def family_for_tokenizer(tokenizer_or_vocab: Any) -> str:
     return "plain"
 
 
-def resolve_family(family: str | None, tokenizer_or_vocab: Any) -> str:
-    """`family` if given (validated), else the detected one.
+# The families a `template:<base>` rendering takes its non-chat blocks (the bos/eos of plain documents) from: the
+# detected one. A bare `template` (stores and caches written before `template:<base>` existed) keeps the
+# tokenizer's own bos/eos for them, i.e. base `plain`.
+TEMPLATE_BASES = ("chatml", "llama3", "gemma", "plain")
+_TEMPLATE_PREFIX = "template:"
+
+
+def is_template_family(family: str) -> bool:
+    """Whether `family` (resolved) renders chat with the tokenizer's own Jinja chat template."""
+    return family == "template" or family.startswith(_TEMPLATE_PREFIX)
+
+
+def template_base(family: str) -> str:
+    """The family that renders a template family's non-chat blocks: `template:chatml` -> `chatml`; the bare
+    `template` of older stores -> `plain` (the tokenizer's own bos/eos)."""
+    return family.removeprefix(_TEMPLATE_PREFIX) if family != "template" else "plain"
+
+
+def resolve_family(
+    family: str | None,
+    tokenizer_or_vocab: Any,
+    *,
+    markers_from: Any = None,
+    chat: bool = True,
+) -> str:
+    """The family to render with: `family` if given (validated), else the tokenizer's own chat template when it
+    has a usable one, else the family its special tokens imply.
+
+    - `auto` (or None): `template:<detected>` when the tokenizer has a Jinja `chat_template` that renders turns
+      at fixed byte spans (`template_problem` is None: prefix-stable, each message's content verbatim); otherwise
+      the detected family (`family_for_tokenizer`), with a logged note saying why the template was not used.
+      With `chat=False` (data without chat documents, whose rendering the template does not change) the detected
+      family, without looking at the template.
+    - `template`: `template:<detected>`; a template that is missing or has no fixed spans is refused here.
+    - `chatml`, `llama3`, `gemma`, `plain`, `role_prefix`, or an already resolved `template:<base>`: as given.
+
+    `<detected>` is the family of `markers_from`'s special tokens when given (a student speaking its teacher's
+    specials), else of `tokenizer_or_vocab`'s; it renders what the template does not: plain documents' bos/eos.
 
     Raises:
         ConfigError: an unknown family name.
+        TokenizerRefusedError: `template` for a tokenizer whose chat template is missing or has no fixed spans.
     """
+    detected = family_for_tokenizer(
+        markers_from if markers_from is not None else tokenizer_or_vocab
+    )
+    has_template = not isinstance(tokenizer_or_vocab, Vocab) and bool(
+        getattr(tokenizer_or_vocab, "chat_template", None)
+    )
     if family is None or family == "auto":
-        return family_for_tokenizer(tokenizer_or_vocab)
+        if not chat or not has_template:
+            return detected
+        problem = template_problem(tokenizer_or_vocab)
+        if problem is None:
+            return _TEMPLATE_PREFIX + detected
+        _note_unusable_template(tokenizer_or_vocab, problem, detected)
+        return detected
+    if family == "template":
+        problem = (
+            template_problem(tokenizer_or_vocab)
+            if not isinstance(tokenizer_or_vocab, Vocab)
+            else None
+        )
+        if problem is not None:
+            raise TokenizerRefusedError(problem)
+        return _TEMPLATE_PREFIX + detected
+    if family.startswith(_TEMPLATE_PREFIX) and template_base(family) in TEMPLATE_BASES:
+        return family
     if family not in FAMILIES:
         raise ConfigError(
             f"template family {family!r} is unknown; use one of {[*FAMILIES, 'auto']}"
         )
     return family
+
+
+_NOTED: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def _note_unusable_template(tokenizer: Any, problem: str, detected: str) -> None:
+    template = str(tokenizer.chat_template)
+    try:
+        if _NOTED.get(tokenizer) == template:
+            return  # said once per tokenizer
+        _NOTED[tokenizer] = template
+    except TypeError:  # not weak-referenceable
+        pass
+    if detected == "plain":
+        logger.warning(
+            "family auto: not using the chat template of %s (%s), and no chat family (chatml, llama3, gemma) "
+            "matches its special tokens: chat documents will be refused (plain text renders as family plain). "
+            "Set the family to role_prefix for plain-text roles",
+            type(tokenizer).__name__,
+            problem,
+        )
+    else:
+        logger.info(
+            "family auto: not using the chat template of %s (%s); rendering chat with the %s family instead",
+            type(tokenizer).__name__,
+            problem,
+            detected,
+        )
+
+
+# Conversations every usable template must render at fixed spans: whitespace at the edges of the content catches
+# templates that trim it, two exchanges catch templates that re-render earlier turns.
+_PROBE_MESSAGES: tuple[tuple[str, bytes], ...] = (
+    ("user", b" What is 2 + 2?\n"),
+    ("assistant", b"  It is 4. "),
+    ("user", b"\tAnd in w\xc3\xb6rds?"),
+    ("assistant", b"Four.\n\n"),
+)
+_SYSTEM_PROBE_MESSAGES: tuple[tuple[str, bytes], ...] = (
+    ("system", b" Be brief. "),
+    ("user", b"Hi"),
+    ("assistant", b"Hello"),
+)
+_PROBES: weakref.WeakKeyDictionary[Any, tuple[str, str | None]] = weakref.WeakKeyDictionary()
+
+
+def template_problem(tokenizer: Any) -> str | None:
+    """Why the tokenizer's Jinja `chat_template` cannot render chat at fixed byte spans, or None when it can.
+
+    Renders a probe conversation (user, assistant, user, assistant; contents with whitespace at both ends) the
+    way `render` does (`_template_blocks`): the template must exist, extend its previous rendering with each
+    message (prefix-stable) and keep every content verbatim. A template that only fails on a system message is
+    usable (a document with one is refused when rendered; logged once). Cached per tokenizer and template.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    try:
+        cached = _PROBES.get(tokenizer)
+    except TypeError:
+        cached = None
+    if cached is not None and cached[0] == str(template):
+        return cached[1]
+    problem: str | None = None
+    try:
+        _template_blocks(chat_document("template probe", "", 0, _PROBE_MESSAGES, "all"), tokenizer)
+    except (TokenizerRefusedError, DataError) as err:
+        problem = str(err)
+    if problem is None:
+        try:
+            _template_blocks(
+                chat_document("template probe", "", 0, _SYSTEM_PROBE_MESSAGES, "all"), tokenizer
+            )
+        except (TokenizerRefusedError, DataError) as err:
+            logger.info(
+                "the chat template of %s cannot render a system message (%s): documents with one are refused",
+                type(tokenizer).__name__,
+                err,
+            )
+    with contextlib.suppress(TypeError):
+        _PROBES[tokenizer] = (str(template), problem)
+    return problem
+
+
+def template_end_of_turn(tokenizer: Any) -> str | None:
+    """The special token that closes an assistant turn in the tokenizer's chat template: the first special token
+    of the `eot` block `render` gives the assistant turn of a one-exchange conversation (`<|im_end|>`,
+    `<|eot_id|>`, `<end_of_turn>`, a `</s>`); None when that block holds no special token (turns end in text).
+
+    Raises:
+        TokenizerRefusedError: the template is missing or has no fixed spans.
+    """
+    document = chat_document("end-of-turn probe", "", 0, [("user", b"Hi"), ("assistant", b"Hello")])
+    blocks = _template_blocks(document, tokenizer)
+    eot_index = max(i for i, seg in enumerate(document.segments) if seg.role == "eot")
+    specials = _special_texts(tokenizer)
+    for token_id in blocks[eot_index].tolist():
+        token = tokenizer.convert_ids_to_tokens(int(token_id))
+        if token in specials:
+            return str(token)
+    return None
 
 
 # The end-of-turn token of each chat family: what generation stops at after an assistant turn.
@@ -326,6 +559,8 @@ def family_chat_template(family: str) -> str | None:
     Raises:
         ConfigError: an unknown family.
     """
+    if is_template_family(family):
+        return None  # the tokenizer's own template is kept
     if family not in FAMILIES:
         raise ConfigError(f"template family {family!r} is unknown; use one of {list(FAMILIES)}")
     blocks = FAMILY_BLOCKS.get(family, {})
@@ -369,9 +604,14 @@ def _block_string(family: str, role: str, tokenizer: Any, vocab: Vocab) -> str |
             f"segment role {role!r} is not a template block; use one of {list(BLOCK_ROLES)}"
         )
     if role not in blocks:
+        try:
+            probed = _PROBES.get(tokenizer)
+        except TypeError:
+            probed = None
+        unused = f" (its chat template is not used: {probed[1]})" if probed and probed[1] else ""
         raise ConfigError(
-            f"template family {family!r} has no {role!r} block: it renders plain text only. Set the data spec's "
-            f"or recipe's family to one of chatml, llama3, gemma (tokenizer {vocab.name!r})"
+            f"template family {family!r} has no {role!r} block: it renders plain text only{unused}. Set the data "
+            f"spec's or recipe's family to one of chatml, llama3, gemma, role_prefix (tokenizer {vocab.name!r})"
         )
     template = blocks[role]
     if template in (_BOS, _EOS):
@@ -433,7 +673,9 @@ def block_token_ids(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.
         ConfigError: the family has no such block (e.g. a chat header in `plain`).
     """
     try:
-        cache = _BLOCK_CACHE.setdefault(tokenizer, {})
+        cache = _BLOCK_CACHE.get(tokenizer)
+        if cache is None:
+            cache = _BLOCK_CACHE[tokenizer] = {}
     except TypeError:  # not weak-referenceable
         cache = {}
     key = (id(vocab), family, role)
@@ -449,27 +691,34 @@ def block_token_ids(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.
 _CONTENT_SENTINEL = "\u2063alm\u2063content\u2063"
 
 
-def _chat_turns(document: Document) -> list[tuple[str, str, int, int, int]]:
-    """`(role, content, header index, text index, eot index)` per message of a chat document (none if plain)."""
+def _chat_turns(document: Document) -> list[tuple[str, str | None, int, int | None]]:
+    """`(role, content, header index, eot index)` per message of a chat document (none if plain).
+
+    The last turn of a sequence truncated in stage two may be cut: a header alone, or a header and its (cut)
+    text; it comes with content None and eot index None (only its header is rendered, from the sentinel).
+    """
     segments = document.segments
-    turns = []
+    turns: list[tuple[str, str | None, int, int | None]] = []
     for i, seg in enumerate(segments):
         if not seg.role.startswith("header:"):
             continue
-        if not (
-            i + 2 < len(segments)
-            and segments[i + 1].role == "text"
-            and segments[i + 2].role == "eot"
-        ):
+        role = seg.role.removeprefix("header:")
+        rest = [s.role for s in segments[i + 1 : i + 3]]
+        if rest == ["text", "eot"]:
+            try:
+                content = segments[i + 1].text.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(
+                    f"document {document.doc_id!r}: message is not UTF-8 ({err})"
+                ) from None
+            turns.append((role, content, i, i + 2))
+        elif rest in ([], ["text"]) and i + 1 + len(rest) == len(segments):
+            turns.append((role, None, i, None))  # cut by truncation: the header only
+        else:
             raise DataError(
                 f"document {document.doc_id!r}: a chat turn is header, text, eot; segment {i} is not followed "
                 "by them, so it cannot be rendered with a chat template"
             )
-        try:
-            content = segments[i + 1].text.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DataError(f"document {document.doc_id!r}: message is not UTF-8 ({err})") from None
-        turns.append((seg.role.removeprefix("header:"), content, i, i + 1, i + 2))
     return turns
 
 
@@ -497,7 +746,16 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
         )
 
     def rendered(messages: list[dict[str, str]]) -> str:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=False
+            )
+        except Exception as err:  # the template's own raise_exception, or any Jinja error it makes
+            roles = [m["role"] for m in messages]
+            raise TokenizerRefusedError(
+                f"the chat template of {type(tokenizer).__name__} fails on messages with roles {roles} "
+                f"({type(err).__name__}: {err}); pick a family (chatml, llama3, gemma, role_prefix) instead"
+            ) from None
         assert isinstance(text, str)
         return text
 
@@ -513,10 +771,14 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
     }
     messages: list[dict[str, str]] = []
     previous = ""
-    for number, (role, content, header_i, _, eot_i) in enumerate(turns):
+    for number, (role, content, header_i, eot_i) in enumerate(turns):
         probe = rendered([*messages, {"role": role, "content": _CONTENT_SENTINEL}])
-        messages.append({"role": role, "content": content})
-        real = rendered(messages)
+        real = (
+            previous
+            if content is None
+            else rendered([*messages, {"role": role, "content": content}])
+        )
+        messages.append({"role": role, "content": content or ""})
         if not (probe.startswith(previous) and real.startswith(previous)):
             raise TokenizerRefusedError(
                 f"the chat template of {type(tokenizer).__name__} is not prefix-stable: rendering message "
@@ -530,6 +792,9 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
                 "pick a family (chatml, llama3, gemma, plain) instead"
             )
         header, trailer = new.split(_CONTENT_SENTINEL)
+        if content is None or eot_i is None:  # a turn cut by truncation: nothing follows its header
+            blocks[header_i] = encode(header)
+            break
         if real != previous + header + content + trailer:
             raise TokenizerRefusedError(
                 f"the chat template changes message {number}'s content (e.g. trims it), so the rendered text "
@@ -558,6 +823,8 @@ class TokenizedSequence:
         truncated: whether tokens were cut at `max_length`.
         text: the content bytes actually covered (cut exactly where the tokens stop).
         doc_id, source, row: provenance (empty for sequences rebuilt from ids).
+        blocks: `block_runs(role, is_block)`, when the builder of the sequence knew them (`render` and
+            `sequence_from_ids` do, and build `role` from them), else None.
     """
 
     token_id: np.ndarray
@@ -571,6 +838,7 @@ class TokenizedSequence:
     doc_id: str = ""
     source: str = ""
     row: int = -1
+    blocks: BlockRuns | None = None
 
     def __len__(self) -> int:
         return len(self.token_id)
@@ -622,7 +890,9 @@ def render(
         document: abstract segments.
         tokenizer: HF tokenizer; `vocab` must be its `Vocab`.
         vocab: from `alm.vocab.vocab_from_tokenizer(tokenizer)`.
-        family: `chatml`, `llama3`, `gemma`, `plain`, or None/`auto` to detect it from the tokenizer.
+        family: a resolved family (`chatml`, `llama3`, `gemma`, `plain`, `role_prefix`, `template:<base>`; the
+            bare `template` of older stores: chat by the template, plain documents with the tokenizer's own
+            bos/eos), or None/`auto` to resolve it here (`resolve_family`).
         max_length: keep at most this many tokens (None: no limit).
 
     Returns:
@@ -633,17 +903,29 @@ def render(
         ConfigError: an unknown family, or a chat block in the `plain` family.
         DataError: a text segment is not valid UTF-8.
     """
-    family = resolve_family(family, tokenizer)
+    # `auto` is resolved here; a given family is taken as resolved (the bare `template` of older stores keeps its
+    # meaning: the tokenizer's own bos/eos for plain documents)
+    family = resolve_family(family, tokenizer) if family is None or family == "auto" else family
+    if not (
+        family in FAMILIES
+        or (family.startswith(_TEMPLATE_PREFIX) and template_base(family) in TEMPLATE_BASES)
+    ):
+        raise ConfigError(
+            f"template family {family!r} is unknown; use one of {[*FAMILIES, 'auto']}"
+        )
     if max_length is not None and max_length < 1:
         raise ConfigError(f"max_length must be >= 1, got {max_length}")
     # the tokenizer's own template renders the chat blocks; bos/eos of plain documents are its bos/eos tokens
-    template_blocks = _template_blocks(document, tokenizer) if family == "template" else {}
-    block_family = "plain" if family == "template" else family
+    templated = is_template_family(family)
+    template_blocks = _template_blocks(document, tokenizer) if templated else {}
+    block_family = template_base(family) if templated else family
     budget = max_length if max_length is not None else None
     id_parts: list[np.ndarray] = []
-    start_parts: list[np.ndarray] = []
-    end_parts: list[np.ndarray] = []
-    roles: list[Any] = []
+    # (start_pos, content byte, encoding) of each text segment
+    text_parts: list[tuple[int, int, TokenizedText]] = []
+    # (start_pos, end_pos, role) of each non-empty block, and the content byte it sits at
+    block_parts: list[tuple[int, int, str]] = []
+    block_bytes: list[int] = []
     segments: list[dict[str, Any]] = []
     content_byte = 0
     pos = 0
@@ -655,12 +937,8 @@ def render(
                 enc = encode_text(tokenizer, vocab, seg.text)
             else:
                 enc = _encode_prefix(tokenizer, vocab, seg.text, budget - pos + 1)
-            ids, start, end = (
-                enc.token_id,
-                enc.start_byte + content_byte,
-                enc.end_byte + content_byte,
-            )
-            roles.extend([None] * len(ids))
+            ids = enc.token_id
+            text_parts.append((pos, content_byte, enc))
             seg_end_byte = content_byte + len(seg.text)
         else:
             ids = (
@@ -668,9 +946,9 @@ def render(
                 if seg_index in template_blocks
                 else block_token_ids(block_family, seg.role, tokenizer, vocab)
             )
-            start = np.full(len(ids), content_byte, dtype=np.int64)
-            end = start.copy()
-            roles.extend([seg.role] * len(ids))
+            if len(ids):
+                block_parts.append((pos, pos + len(ids), seg.role))
+                block_bytes.append(content_byte)
             seg_end_byte = content_byte
         segments.append(
             {
@@ -682,28 +960,28 @@ def render(
             }
         )
         id_parts.append(ids)
-        start_parts.append(start)
-        end_parts.append(end)
         content_byte = seg_end_byte
         pos += len(ids)
 
-    token_id = np.concatenate(id_parts).astype(np.int32) if id_parts else np.zeros(0, np.int32)
-    start_byte = (
-        np.concatenate(start_parts).astype(np.int64) if start_parts else np.zeros(0, np.int64)
+    token_id = (
+        np.concatenate(id_parts).astype(np.int32, copy=False) if id_parts else np.zeros(0, np.int32)
     )
-    end_byte = np.concatenate(end_parts).astype(np.int64) if end_parts else np.zeros(0, np.int64)
-    role = np.empty(len(roles), dtype=object)
-    role[:] = roles
+    # [n] offsets: each text part's own, shifted to its content byte; a block's tokens at its byte, zero width
+    start_byte = np.empty(len(token_id), np.int64)
+    end_byte = np.empty(len(token_id), np.int64)
+    for first, text_byte, enc in text_parts:
+        last = first + len(enc.token_id)
+        np.add(enc.start_byte, text_byte, out=start_byte[first:last])
+        np.add(enc.end_byte, text_byte, out=end_byte[first:last])
+    for (first, last, _), block_byte in zip(block_parts, block_bytes, strict=True):
+        start_byte[first:last] = block_byte
+        end_byte[first:last] = block_byte
     content = document.content_text
     truncated = budget is not None and len(token_id) > budget
-    if truncated:
+    if budget is not None and truncated:
         covered = int(start_byte[budget])
-        token_id, start_byte, end_byte, role = (
-            token_id[:budget],
-            start_byte[:budget],
-            end_byte[:budget],
-            role[:budget],
-        )
+        token_id, start_byte, end_byte = token_id[:budget], start_byte[:budget], end_byte[:budget]
+        block_parts = [(s, min(e, budget), r) for s, e, r in block_parts if s < budget]
         kept = []
         for s in segments:
             if s["start_pos"] >= budget:
@@ -718,13 +996,13 @@ def render(
         segments = kept
     else:
         covered = len(content)
-    spans = document.loss_spans()
-    spans = merge_spans((s, min(e, covered)) for s, e in spans)
+    spans = merged_spans([(s, min(e, covered)) for s, e in document.loss_spans().tolist()])
+    blocks = _runs_of_parts(block_parts)
     return TokenizedSequence(
         token_id=token_id,
         start_byte=start_byte,
         end_byte=end_byte,
-        role=role,
+        role=_roles_of_runs(blocks, len(token_id)),
         segments=segments,
         loss_spans=spans,
         truncated=bool(truncated),
@@ -732,6 +1010,7 @@ def render(
         doc_id=document.doc_id,
         source=document.source,
         row=document.row,
+        blocks=blocks,
     )
 
 
@@ -762,8 +1041,16 @@ class StoredTokens(Protocol):
 
 
 def _segment_dicts(segments: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("start_byte", "end_byte", "start_pos", "end_pos")
-    return [{"role": str(seg["role"]), **{k: int(seg[k]) for k in keys}} for seg in segments]
+    return [
+        {
+            "role": str(seg["role"]),
+            "start_byte": int(seg["start_byte"]),
+            "end_byte": int(seg["end_byte"]),
+            "start_pos": int(seg["start_pos"]),
+            "end_pos": int(seg["end_pos"]),
+        }
+        for seg in segments
+    ]
 
 
 def sequence_from_stored(stored: StoredTokens, vocab: Vocab) -> TokenizedSequence:
@@ -809,7 +1096,7 @@ def sequence_from_ids(
     table = _segment_dicts(segments)
     start_byte = np.zeros(len(ids), dtype=np.int64)
     end_byte = np.zeros(len(ids), dtype=np.int64)
-    role = np.empty(len(ids), dtype=object)
+    block_parts: list[tuple[int, int, str]] = []
     pos = 0
     for seg in table:
         sp, ep, sb, eb = seg["start_pos"], seg["end_pos"], seg["start_byte"], seg["end_byte"]
@@ -822,11 +1109,10 @@ def sequence_from_ids(
             enc = token_offsets(vocab, ids[sp:ep], text[sb:eb])
             start_byte[sp:ep] = enc.start_byte + sb
             end_byte[sp:ep] = enc.end_byte + sb
-            role[sp:ep] = None
-        else:
+        elif ep > sp:
             start_byte[sp:ep] = sb
             end_byte[sp:ep] = sb
-            role[sp:ep] = seg["role"]
+            block_parts.append((sp, ep, seg["role"]))
         pos = ep
     if pos != len(ids):
         raise DataError(
@@ -837,7 +1123,18 @@ def sequence_from_ids(
         if loss_spans is None
         else np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2)
     )
-    return TokenizedSequence(ids, start_byte, end_byte, role, table, spans, truncated, bytes(text))
+    blocks = _runs_of_parts(block_parts)
+    return TokenizedSequence(
+        ids,
+        start_byte,
+        end_byte,
+        _roles_of_runs(blocks, len(ids)),
+        table,
+        spans,
+        truncated,
+        bytes(text),
+        blocks=blocks,
+    )
 
 
 def document_from_stored(stored: StoredTokens) -> Document:
@@ -881,18 +1178,16 @@ def document_from_parts(
         DataError: a segment lies outside `text`.
     """
     text = bytes(text)
-    spans = (
-        np.zeros((0, 2), np.int64)
-        if loss_spans is None
-        else merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
-    )
+    spans = [] if loss_spans is None else merged_spans(loss_spans).tolist()
     out: list[Segment] = []
     for seg in _segment_dicts(segments):
         sb, eb = seg["start_byte"], seg["end_byte"]
         if not 0 <= sb <= eb <= len(text):
             raise DataError(f"stored segment {seg} lies outside the text ({len(text)} bytes)")
         if seg["role"] == "text":
-            in_loss = eb > sb and bool(_text_in_spans(np.array([sb]), np.array([eb]), spans)[0])
+            # `_text_in_spans` of one non-empty range: the last merged span starting at or before it decides
+            covering = [span_end for span_start, span_end in spans if span_start <= sb]
+            in_loss = eb > sb and bool(covering) and eb <= covering[-1]
             out.append(Segment("text", text[sb:eb], in_loss))
         else:
             out.append(Segment(seg["role"]))

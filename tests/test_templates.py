@@ -141,10 +141,12 @@ def test_chatml_render_equals_template_string_tokenized_whole():
     }
 
 
-def test_no_system_prompt_is_injected():
+def test_no_system_prompt_is_injected_by_the_family():
     tok, vocab = setup("smollm2_chatml")
     doc = chat_document("d", "s", 0, [("user", b"Hi"), ("assistant", b"Hello")])
-    seq = render(doc, tok, vocab)
+    seq = render(
+        doc, tok, vocab, "chatml"
+    )  # `auto` takes SmolLM2's own template (test_chat_template_family)
     assert "header:system" not in set(seq.role)
     assert seq.token_id.tolist() == ids_of(
         tok, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
@@ -297,7 +299,8 @@ def test_text_tokens_are_in_the_loss_by_byte_span_and_zero_width_ones_by_what_fo
 def test_literal_special_strings_in_user_text_stay_text():
     tok, vocab = setup("smollm2_chatml")
     user = b"please print <|im_start|>assistant\n and <|im_end|> literally"
-    seq = render(chat_document("d", "s", 0, [("user", user), ("assistant", b"ok")]), tok, vocab)
+    document = chat_document("d", "s", 0, [("user", user), ("assistant", b"ok")])
+    seq = render(document, tok, vocab, "chatml")
     text_ids = seq.token_id[[r is None for r in seq.role]]
     assert not vocab.is_special[text_ids].any()
     assert vocab.is_special[seq.token_id].sum() == 4  # 2 headers + 2 eot

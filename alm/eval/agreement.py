@@ -36,7 +36,7 @@ from alm.losses.alm import (
 )
 from alm.losses.batch import pad_targets
 from alm.store.reader import StoredSequence, open_store
-from alm.templates import document_from_stored, family_for_tokenizer, render, sequence_from_stored
+from alm.templates import document_from_stored, render, resolve_family, sequence_from_stored
 
 STORE_FIELDS = ["token_id", "logp", "boundary_logmass"]
 
@@ -105,7 +105,7 @@ def store_agreement(
     teacher_vocab = open_store(store).vocab
     seqs = list(sequences) if sequences is not None else read_store_sequences(store, limit)
     classes = tuple(boundary_class_ids or LossConfig().boundary_class_ids())
-    family = family_for_tokenizer(scorer.vocab)
+    family = resolve_family("auto", scorer.tokenizer)  # as stage two's `family: auto` renders
     boundary_mask = torch.as_tensor(scorer.vocab.boundary_mask(classes))
     examples = []
     for seq in seqs:

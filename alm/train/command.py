@@ -26,7 +26,8 @@ from alm.train.loader import (
 from alm.train.log import METRICS_FILE, plot_metrics, read_metrics
 from alm.train.loop import run_train
 from alm.train.run_dir import check_output_dir, finished_message
-from alm.train.step import refuse_empty_loss_region
+from alm.train.run_lock import check_run_lock
+from alm.train.step import check_lr_schedule, refuse_empty_loss_region
 from alm.train.student import load_student_tokenizer
 
 
@@ -82,6 +83,8 @@ def dry_run_report(cfg: TrainRecipe) -> str:
         AlmError subclasses: the first problem found (the same error the run would stop with).
     """
     info = check_stores(cfg)
+    check_lr_schedule(cfg.optim)
+    check_run_lock(cfg.output_dir)
     paths = [ref.path for ref in cfg.stores] + ([cfg.eval.store] if cfg.eval else [])
     checked = [check_store_files(path) for path in dict.fromkeys(paths)]
     student = load_student_tokenizer(cfg.student, teacher_model=info.teacher_model)

@@ -14,6 +14,7 @@ step, log, checkpoint -> save the student with `save_pretrained`. The same code 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -36,6 +37,7 @@ from alm.train.checkpoint import (
     restore_checkpoint,
     save_run_checkpoint,
 )
+from alm.train.embedding_projector import fold_embedding_table, make_embedding_projector
 from alm.train.evaluate import evaluate_store
 from alm.train.loader import (
     MicroBatches,
@@ -54,10 +56,12 @@ from alm.train.run_dir import (
     prepare_output_dir,
     student_dir,
 )
+from alm.train.run_lock import RunLock
 from alm.train.signals import RunInterruptedError, StopSignals
 from alm.train.step import (
     TrainModule,
     apply_schedule,
+    check_lr_schedule,
     empty_losses,
     loss_settings,
     make_optimizer,
@@ -98,19 +102,24 @@ def run_train(cfg: TrainRecipe, *, resume: bool = False, overwrite: bool = False
     """
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    with StopSignals() as stop:
-        return _run_train(cfg, resume, overwrite, stop)
+    with StopSignals() as stop, contextlib.ExitStack() as held:
+        return _run_train(cfg, resume, overwrite, stop, held)
 
 
-def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignals) -> Path:
+def _run_train(
+    cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignals, held: contextlib.ExitStack
+) -> Path:
     device = parallel.init()
     stores = check_stores(cfg)
+    check_lr_schedule(cfg.optim)  # bad lr_scheduler_kwargs are refused before any model loads
     if any(ref.alignments == "required" for ref in cfg.stores):
         check_alignment_caches(
             cfg
         )  # a missing or stale required cache is refused before any model loads
     out = Path(cfg.output_dir)
     check_output_dir(cfg, resume, overwrite)  # refused before the tokenizer and the model load
+    # One live invocation per run folder (held until the run ends); rank 0 takes it, every rank learns if it failed.
+    parallel.on_main(lambda: held.enter_context(RunLock(out)), "take the run lock")
     if resume and finished_message(cfg) is not None:
         logger.info("%s", finished_message(cfg))
         return student_dir(cfg)
@@ -147,10 +156,13 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
         parallel.all_reduce_sum,
         max_length=cfg.student.max_length,
     )
-    changes: list[str] = []
-    if parallel.is_main():
-        changes = prepare_output_dir(cfg, resume, overwrite)
-    parallel.barrier()
+    changes = (
+        parallel.on_main(
+            lambda: prepare_output_dir(cfg, resume, overwrite, student_tokenizer.family),
+            "prepare the run folder",
+        )
+        or []
+    )
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -161,13 +173,19 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
     )
     if cfg.student.gradient_checkpointing:
         enable_gradient_checkpointing(student.model)
+    projector_kind = (
+        cfg.student.transfer.embedding_projector if cfg.student.transfer else "identity"
+    )
+    student_width = student.model.config.get_text_config().hidden_size
+    embedding_projector = make_embedding_projector(
+        projector_kind, student.model.get_input_embeddings(), student_width
+    )
     hf_model = apply_lora(student.model, cfg.lora) if cfg.lora else student.model
     settings = loss_settings(
         cfg.loss, teacher_hidden_second_moment(cfg.stores[0].path) if with_hidden else None
     )
-    student_width = student.model.config.get_text_config().hidden_size
     projector = make_projector(student_width, stores.hidden_size) if with_hidden else None
-    module = TrainModule(hf_model, projector)
+    module = TrainModule(hf_model, projector, embedding_projector)
     module.train()
     model = parallel.wrap(module, cfg.parallel, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -287,13 +305,19 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
     log.close()
     state = parallel.full_state_dict(model)  # collective under FSDP2: every rank takes part
     if parallel.is_main():
+        fold = None  # with the embedding projector the saved table is W + P(W): a plain model, no projector
+        if embedding_projector is not None:
+            fold = functools.partial(
+                fold_embedding_table,
+                kind=embedding_projector.kind,
+                projector_state=_with_prefix(state, "embedding_projector."),
+            )
         save_student(
             module.student,
             student.tokenizer,
             student_dir(cfg),
-            state_dict={
-                k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
-            },
+            state_dict=_with_prefix(state, "student."),
+            fold_input_embeddings=fold,
             family=student.family,
             dtype=SAVE_DTYPES[
                 cfg.save_dtype if cfg.save_dtype != "auto" else "bf16" if use_bf16 else "fp32"
@@ -307,6 +331,11 @@ def _run_train(cfg: TrainRecipe, resume: bool, overwrite: bool, stop: StopSignal
             push_student(student_dir(cfg), cfg.hub_model_id, private=cfg.hub_private_repo)
     parallel.barrier()
     return student_dir(cfg)
+
+
+def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` under `prefix`, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _evaluates_at(cfg: TrainRecipe, step: int) -> bool:

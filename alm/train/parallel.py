@@ -20,14 +20,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
-from typing import Any, Literal, cast
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from alm.errors import ConfigError
+from alm.errors import AlmError, ConfigError
 from alm.losses.gradmag import transformer_blocks
 
 
@@ -85,6 +85,44 @@ def broadcast_object(obj: object) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+T = TypeVar("T")
+
+
+class MainProcessFailedError(AlmError):
+    """Rank 0 failed at a step only it performs; raised on the other ranks, naming rank 0's error."""
+
+
+def on_main(action: Callable[[], T], what: str) -> T | None:
+    """Run `action` on rank 0 only and make every rank learn whether it failed.
+
+    A failure on rank 0 alone (a run folder it cannot prepare, a run lock another invocation holds) must not leave
+    the other ranks waiting at their next collective for a rank 0 that has gone: the outcome is broadcast, rank 0
+    re-raises its own error and every other rank raises `MainProcessFailedError` naming it. On one process this is
+    `action()`.
+
+    Returns:
+        `action()`'s result on rank 0; None on the other ranks.
+
+    Raises:
+        whatever `action` raised, on rank 0; MainProcessFailedError on the others.
+    """
+    if not dist.is_initialized():
+        return action()
+    result: T | None = None
+    error: BaseException | None = None
+    if is_main():
+        try:
+            result = action()
+        except BaseException as err:  # re-raised below, once the other ranks know
+            error = err
+    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise MainProcessFailedError(f"rank 0 failed to {what}, so this rank stops too: {message}")
+    return result
 
 
 def wrap(model: nn.Module, mode: Literal["ddp", "fsdp2"], device: torch.device) -> nn.Module:

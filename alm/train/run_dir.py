@@ -22,6 +22,7 @@ from alm.errors import ConfigError
 from alm.store.replace import move_aside
 from alm.train.checkpoint import CHECKPOINTS_DIR, list_checkpoints
 from alm.train.log import LOG_FILE, METRICS_FILE
+from alm.train.run_lock import is_lock_entry
 
 logger = logging.getLogger(__name__)
 
@@ -130,16 +131,46 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _write_run_files(cfg: TrainRecipe) -> None:
+def _write_run_files(cfg: TrainRecipe, student_family: str | None) -> None:
     out = Path(cfg.output_dir)
     _write_atomic(
         out / CONFIG_FILE,
         yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False),
     )
-    _write_atomic(
-        out / RUN_FILE,
-        json.dumps({"kind": "alm-train-run", "config_hash": config_hash(cfg)}, indent=2) + "\n",
-    )
+    record: dict[str, object] = {"kind": "alm-train-run", "config_hash": config_hash(cfg)}
+    if student_family is not None:
+        record["student_family"] = student_family
+    _write_atomic(out / RUN_FILE, json.dumps(record, indent=2) + "\n")
+
+
+def _check_resumed_family(out: Path, previous: dict, student_family: str | None) -> None:
+    """The student must render as it did before the resume: `family: auto` resolves from the tokenizer and its
+    chat template (and resolved differently before alm used templates), so the recipe alone does not say."""
+    recorded = previous.get("student_family")
+    if student_family is None:
+        return
+    if recorded is None:
+        if student_family.startswith("template"):
+            logger.warning(
+                "resuming %s, whose run file does not record how the student rendered: it now renders chat "
+                "with its tokenizer's template (%s); if it was trained with a family before, resume with "
+                "student.family set to it",
+                out,
+                student_family,
+            )
+        return
+    if recorded != student_family:
+        raise ConfigError(
+            f"--resume: the run in {out} trained the student with template family {recorded!r}, but it would "
+            f"now render with {student_family!r} (student.family resolves from the tokenizer and its chat "
+            f"template); resume with student.family: {recorded.split(':')[0]!r}"
+            + (
+                " (the tokenizer's own template, unchanged)"
+                if recorded.startswith("template")
+                else ""
+            )
+            + ", or start a new run"
+        )
 
 
 def _check_resume(cfg: TrainRecipe, out: Path, previous: dict) -> list[str]:
@@ -168,7 +199,14 @@ def _check_resume(cfg: TrainRecipe, out: Path, previous: dict) -> list[str]:
         return []
     old = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     changes = recipe_changes(old, cfg.model_dump(mode="json", by_alias=True))
-    refused = [(key, a, b) for key, a, b in changes if not _resumable(key)]
+    # student.family may change when the run records how the student rendered: `prepare_output_dir` then checks
+    # that the new value resolves to that same rendering (`_check_resumed_family`)
+    family_checked = previous.get("student_family") is not None
+    refused = [
+        (key, a, b)
+        for key, a, b in changes
+        if not _resumable(key) and not (key == "student.family" and family_checked)
+    ]
     if refused:
         listed = "; ".join(f"{key}: {a!r} -> {b!r}" for key, a, b in refused)
         raise ConfigError(
@@ -190,7 +228,7 @@ def check_output_dir(cfg: TrainRecipe, resume: bool, overwrite: bool) -> list[st
     """
     out = Path(cfg.output_dir)
     run_file = out / RUN_FILE
-    entries = [p.name for p in out.iterdir()] if out.is_dir() else []
+    entries = [p.name for p in out.iterdir() if not is_lock_entry(p.name)] if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir {out} is a file; choose a folder path")
     if entries and not run_file.is_file():
@@ -220,7 +258,9 @@ def _started(out: Path) -> bool:
     return bool(list_checkpoints(out)) or (out / STUDENT_DIR).exists()
 
 
-def prepare_output_dir(cfg: TrainRecipe, resume: bool, overwrite: bool) -> list[str]:
+def prepare_output_dir(
+    cfg: TrainRecipe, resume: bool, overwrite: bool, student_family: str | None = None
+) -> list[str]:
     """Make the run folder ours: new, resumed, or (with `--overwrite`) replaced. Never touches a foreign folder.
 
     A run that stopped before its first checkpoint holds nothing to keep: the same command starts it again
@@ -236,6 +276,8 @@ def prepare_output_dir(cfg: TrainRecipe, resume: bool, overwrite: bool) -> list[
     """
     out = Path(cfg.output_dir)
     changes = check_output_dir(cfg, resume, overwrite)
+    if resume:
+        _check_resumed_family(out, _read_run_file(out), student_family)
     if (out / RUN_FILE).is_file() and not resume:
         if not _started(out):
             logger.info(
@@ -245,5 +287,5 @@ def prepare_output_dir(cfg: TrainRecipe, resume: bool, overwrite: bool) -> list[
         # moved aside, not deleted: alm's files of the old run go once the new student is saved
         move_aside(out, _OUR_ENTRIES)
     out.mkdir(parents=True, exist_ok=True)
-    _write_run_files(cfg)
+    _write_run_files(cfg, student_family)
     return changes

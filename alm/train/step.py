@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -30,21 +31,39 @@ from alm.losses.gradmag import gradmag_combine, last_block_parameters
 from alm.losses.hidden import hidden_state_loss, make_hidden_projection
 from alm.losses.sft import sft_loss
 from alm.train.batch import StudentBatch
+from alm.train.embedding_projector import EmbeddingProjector
 
 
 class TrainModule(nn.Module):
-    """The student and, when the hidden-state loss is on, its projection into the teacher's hidden width."""
+    """The student; when the hidden-state loss is on, its projection into the teacher's hidden width; and the
+    optional embedding projector on its input embeddings (`alm.train.embedding_projector`)."""
 
-    def __init__(self, student: nn.Module, projector: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        projector: nn.Module | None = None,
+        embedding_projector: EmbeddingProjector | None = None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.projector = projector
+        self.embedding_projector = embedding_projector
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_hidden: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.embedding_projector is None:
+            inputs = {"input_ids": input_ids}
+        else:
+            # E' = E + P(E) on the rows looked up (the saved student folds it into its table)
+            embedding = self.student.get_input_embeddings()  # pyright: ignore[reportCallIssue]
+            assert isinstance(embedding, nn.Module)
+            table = embedding.weight
+            assert isinstance(table, torch.Tensor)
+            rows = nn.functional.embedding(input_ids, table)  # [B, Ts, d]
+            inputs = {"inputs_embeds": embedding(input_ids) + self.embedding_projector(rows)}
         out = self.student(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden
+            **inputs, attention_mask=attention_mask, output_hidden_states=with_hidden
         )
         if not with_hidden:
             return out.logits, None
@@ -378,12 +397,57 @@ def lr_factor(optim: OptimConfig) -> Callable[[int], float]:
         )  # every schedule offered is one
         hf_factor = schedule.lr_lambdas[0]
         hf_factor(0)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ArithmeticError) as err:
         raise ConfigError(
             f"optim.lr_scheduler_type {optim.lr_scheduler_type!r} with lr_scheduler_kwargs "
             f"{dict(optim.lr_scheduler_kwargs)}: {err}"
         ) from None
     return functools.partial(_warmup_shifted, hf_factor=hf_factor, warmup=optim.warmup_steps)
+
+
+# `check_lr_schedule` evaluates the schedule at every step up to this many steps, else at this many spread evenly.
+_SCHEDULE_CHECK_STEPS = 10_000
+
+
+def check_lr_schedule(optim: OptimConfig) -> None:
+    """Refuse a learning-rate schedule that cannot run, before any model loads (`alm train`, `--dry-run`).
+
+    The schedule is built against a throwaway optimizer over one parameter (`lr_factor`) and evaluated at every
+    step (spread evenly over long runs): each factor must be a number in [0, 1], i.e. every step's rate lies
+    between 0 and `optim.lr` (e.g. `cosine_with_min_lr` with `min_lr_rate: 2`, `polynomial` with a negative
+    `power`, `inverse_sqrt` with `timescale: 0` are refused).
+
+    Raises:
+        ConfigError: the kwargs do not fit the schedule, or a step's factor is not in [0, 1].
+    """
+    factor = lr_factor(optim)
+    total = optim.steps
+    steps = (
+        range(total)
+        if total <= _SCHEDULE_CHECK_STEPS
+        else sorted(
+            {
+                round(i * (total - 1) / (_SCHEDULE_CHECK_STEPS - 1))
+                for i in range(_SCHEDULE_CHECK_STEPS)
+            }
+        )
+    )
+    described = (
+        f"optim.lr_scheduler_type {optim.lr_scheduler_type!r} with lr_scheduler_kwargs "
+        f"{dict(optim.lr_scheduler_kwargs)}"
+    )
+    for step in steps:
+        try:
+            value = factor(step)
+        except (TypeError, ValueError, ArithmeticError) as err:
+            raise ConfigError(
+                f"{described} fails at step {step + 1}: {type(err).__name__}: {err}"
+            ) from None
+        if not (math.isfinite(value) and 0.0 <= value <= 1.0 + 1e-12):
+            raise ConfigError(
+                f"{described} gives step {step + 1} the rate {value!r} x optim.lr; every step's rate must lie "
+                f"between 0 and optim.lr ({optim.lr}): fix the schedule's arguments"
+            )
 
 
 def _warmup_shifted(step: int, hf_factor: Callable[[int], float], warmup: int) -> float:

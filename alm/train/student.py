@@ -21,6 +21,7 @@ Never imports `torch.distributed` (see `alm.train.parallel`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +32,13 @@ from torch import nn
 from alm.config.train import LoraConfig, StudentConfig
 from alm.errors import BackendUnavailableError, ConfigError, DataError, TokenizerRefusedError
 from alm.teacher.default import refuse_missing_folder
-from alm.templates import FAMILY_END_OF_TURN, family_chat_template, resolve_family
+from alm.templates import (
+    FAMILY_END_OF_TURN,
+    family_chat_template,
+    is_template_family,
+    resolve_family,
+    template_end_of_turn,
+)
 from alm.vocab import (
     Vocab,
     build_byte_tokenizer,
@@ -421,9 +428,16 @@ def load_student_tokenizer(cfg: StudentConfig, *, teacher_model: str | None) -> 
     keeps_teacher_specials = (
         cfg.transfer.tokenizer == "bytes" or cfg.transfer.special_tokens == "teacher"
     )
-    family = resolve_family(
-        cfg.family, teacher_tokenizer if keeps_teacher_specials else student_tokenizer
-    )
+    if keeps_teacher_specials and not getattr(teacher_tokenizer, "chat_template", None):
+        # no teacher template to speak: the teacher's family, from its markers (the student's own template, if
+        # any, is not what the teacher speaks)
+        family = resolve_family(cfg.family, teacher_tokenizer)
+    else:  # the student tokenizer carries the teacher's template, or its own
+        family = resolve_family(
+            cfg.family,
+            student_tokenizer,
+            markers_from=teacher_tokenizer if keeps_teacher_specials else None,
+        )
     vocab = vocab_from_tokenizer(student_tokenizer)
     logger.info(
         "student renders the %s template family (%s special tokens)",
@@ -594,23 +608,41 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> nn.Module:
 def set_chat_template(model: PreTrainedModel, tokenizer: Any, family: str) -> None:
     """Make the student's tokenizer and generation config speak the chat family it was trained in.
 
-    `role_prefix` gets its template only. For a chat family (`chatml`, `llama3`, `gemma`): `tokenizer.chat_template` becomes the family's exact
-    rendering (`alm.templates.family_chat_template`, so `apply_chat_template` gives the text training rendered),
-    `eos_token` its end-of-turn (e.g. `<|im_end|>`, as instruct models ship), and generation stops at the
-    end-of-turn or the previous eos. `plain` changes nothing.
+    `role_prefix` gets its template only. For a chat family (`chatml`, `llama3`, `gemma`): `tokenizer.chat_template`
+    becomes the family's exact rendering (`alm.templates.family_chat_template`, so `apply_chat_template` gives the
+    text training rendered), `eos_token` its end-of-turn (e.g. `<|im_end|>`, as instruct models ship), and
+    generation stops at the end-of-turn or the previous eos. A template family (`template:<base>`) keeps the
+    tokenizer's own template, the one training rendered with, and takes its end-of-turn from it
+    (`alm.templates.template_end_of_turn`: the special token closing an assistant turn); a template whose turns
+    end in plain text keeps the eos. `plain` changes nothing.
     """
-    template = family_chat_template(family)
-    end_of_turn = FAMILY_END_OF_TURN.get(family)
-    if template is None:
-        return
-    if end_of_turn is None:  # `role_prefix`: turns end in plain text, the eos stays as it is
-        tokenizer.chat_template = template
-        return
+    if is_template_family(family):
+        template = None  # the tokenizer's own stays
+        try:
+            end_of_turn = template_end_of_turn(tokenizer)
+        except (
+            TokenizerRefusedError
+        ) as err:  # it rendered the training data, so this is not expected
+            logger.warning(
+                "saved student keeps its eos: no end-of-turn found in its template (%s)", err
+            )
+            return
+        if end_of_turn is None:
+            return
+    else:
+        template = family_chat_template(family)
+        end_of_turn = FAMILY_END_OF_TURN.get(family)
+        if template is None:
+            return
+        if end_of_turn is None:  # `role_prefix`: turns end in plain text, the eos stays as it is
+            tokenizer.chat_template = template
+            return
     end_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     if end_id is None or end_id == tokenizer.unk_token_id:
         return  # the tokenizer cannot render this family's chat blocks: it was not trained on chat
     previous_eos = tokenizer.eos_token_id
-    tokenizer.chat_template = template
+    if template is not None:
+        tokenizer.chat_template = template
     tokenizer.eos_token = end_of_turn
     stop_ids = list(dict.fromkeys(i for i in (end_id, previous_eos) if i is not None))
     model.generation_config.eos_token_id = stop_ids
@@ -635,6 +667,7 @@ def save_student(
     state_dict: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     family: str | None = None,
+    fold_input_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Save the final student (LoRA merged) and its tokenizer so `from_pretrained` loads the folder.
 
@@ -646,6 +679,8 @@ def save_student(
         dtype: floating-point weights are saved in this dtype (`save_dtype`); `config.json` records it.
         family: the template family the student was trained in; a chat family is saved as its chat template
             and end-of-turn (`set_chat_template`).
+        fold_input_embeddings: maps the trained input-embedding table [V, d] to the one the saved model uses
+            (the embedding projector's `W + P(W)`, `alm.train.embedding_projector.fold_embedding_table`).
     """
     from transformers import PreTrainedModel
 
@@ -659,6 +694,13 @@ def save_student(
         state_dict = None
     assert isinstance(model, PreTrainedModel)
     state_dict = dict(model.state_dict() if state_dict is None else state_dict)
+    if fold_input_embeddings is not None:
+        in_key = {id(m): n for n, m in model.named_modules()}[id(model.get_input_embeddings())]
+        out_module = model.get_output_embeddings()
+        assert out_module is None or _embedding_weight(out_module) is not _embedding_weight(
+            model.get_input_embeddings()
+        ), "a folded input table must not be tied to the output head"
+        state_dict[f"{in_key}.weight"] = fold_input_embeddings(state_dict[f"{in_key}.weight"])
     # tied weights (one storage under two names) stay one tensor, so save_pretrained still sees them tied
     converted: dict[tuple[Any, ...], torch.Tensor] = {}
     for key, value in state_dict.items():

@@ -188,9 +188,13 @@ def test_stale_cache_is_refused_or_ignored(stores, student_dir, tmp_path, caplog
     other_gamma = builder_for(store, student=str(student_dir), max_length=MAX_LENGTH)
     other_gamma.gamma = 0.2
     other_tokenizer = builder_for(store, student="bytes", max_length=MAX_LENGTH)
+    # a cache built while the student rendered chat in its family is stale once it renders with its template
+    other_family = builder_for(store, student=str(student_dir), max_length=MAX_LENGTH)
+    other_family.student_family = "template:chatml"
     for builder, why in (
         (other_length, "student_max_length"),
         (other_gamma, "gamma"),
+        (other_family, "student_family"),
         (other_tokenizer, "no finished cache"),
     ):
         with pytest.raises(StoreMismatchError, match=why):

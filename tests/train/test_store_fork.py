@@ -1,13 +1,15 @@
 """Verified store reads in forked DataLoader workers (issue 9): the checks hold no thread pool or lock that a
 fork could copy in a bad state.
 
-What the read path runs: CRC-32C (`google_crc32c`, a pure C function) and sha256 (`hashlib`) for the checks,
+What the read path runs: a decode thread pool made per process (`alm.store.reader._read_pool`, its lock made new
+in a forked child), CRC-32C (`google_crc32c`, a pure C function) and sha256 (`hashlib`) for the checks,
 single-call Blosc decompression (zarr sets `numcodecs.blosc.use_threads = False`, so no global Blosc context), a
 one-shot Zstd decode and Arrow IPC read for the index, and Arrow's Parquet reader for the vocabulary (its thread
 pool re-creates itself after a fork). These tests make the parent use every one of them first (with Blosc's
 global thread pool switched on as well), then fork real DataLoader workers that read and check every shard of a
 real store: the same bytes as the parent, a damaged file still one `StoreCorruptError`, and no hang (the
-loader's `timeout` turns one into a failure).
+loader's `timeout` turns one into a failure), also when a parent thread holds the decode pool's lock at the fork.
+Every process decodes with two threads here (`ALM_STORE_READ_THREADS=2`), so the pool exists on any machine.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ def blosc_threads():
         blosc.use_threads = before
 
 
+@pytest.fixture(autouse=True)
+def decode_threads(monkeypatch):
+    """Two decode threads in every process (the parent and the forked workers), whatever this machine's CPUs."""
+    monkeypatch.setenv("ALM_STORE_READ_THREADS", "2")
+
+
 @pytest.mark.parametrize("threads", [False, True], ids=["zarr-default", "blosc-threads-on"])
 def test_forked_dataloader_workers_read_and_check_every_shard_like_the_parent(
     stores, request, threads
@@ -107,3 +115,14 @@ def test_a_damaged_shard_read_in_a_forked_worker_is_the_store_error(stores, tmp_
         StoreCorruptError, match=r"shard 1, file shards/shard-00001/arrays/logp/c/0"
     ):
         list(_forked_loader(_ShardDigests(store)))
+
+
+def test_a_fork_while_a_parent_thread_holds_the_read_pools_lock_does_not_hang(stores):
+    from alm.store import reader
+
+    store = open_store(stores["plain"])
+    want = {j: _digest(store, j) for j in store.shard_indices}  # the parent's pool exists
+    with reader._pool_lock:  # held by another parent thread at the moment the workers fork
+        batches = iter(_forked_loader(_ShardDigests(store)))
+    got = list(batches)
+    assert len(got) == len(want) * ROUNDS and all(d == want[j] for j, d, _ in got)

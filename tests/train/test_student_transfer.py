@@ -406,9 +406,10 @@ def test_load_student_keeps_the_teachers_special_tokens_and_family_on_request(tm
         teacher_model=None,
         seed=0,
     )
-    assert (
-        kept.family == "llama3"
-    )  # the student speaks the teacher's template, though it also has chatml's
+    # the student speaks the teacher's own (prefix-stable) template, plain documents in the teacher's family,
+    # though its own tokenizer also has chatml's markers
+    assert kept.family == "template:llama3"
+    assert kept.tokenizer.chat_template == teacher_tok.chat_template
     assert kept.tokenizer.bos_token == "<|begin_of_text|>"
     own = load_student(StudentConfig(transfer=transfer), teacher_model=None, seed=0)
     assert own.family == "chatml"
