@@ -195,8 +195,11 @@ def test_training_killed_at_random_points_resumes_to_identical_weights(
         )
         killed += was_killed
         code, out = _finish(_alm("train", str(recipe(run)), "--resume"))
-        if code == 2:  # killed before its first checkpoint: the same command starts it again
-            assert "no checkpoint yet" in out, out
+        if (
+            code == 2
+        ):  # killed before its first checkpoint (or before the run folder was prepared, on a
+            # loaded machine): the same command starts it again
+            assert "no checkpoint yet" in out or "holds no training run" in out, out
             code, out = _finish(_alm("train", str(recipe(run))))
         assert code == 0, out
         got = load_file(str(run / "student" / "model.safetensors"))
