@@ -524,6 +524,7 @@ def run_precompute(
         hidden_size=int(model_info["hidden_size"]) if recipe.hidden_states else 0,
         hidden_encoding=recipe.hidden_dtype,
         precision=recipe.precision,
+        compression=recipe.compression,
         teacher_revision=str(model_info["revision"]) or None,
         teacher_config_hash=str(model_info["config_hash"]),
         backend=recipe.teacher.backend,

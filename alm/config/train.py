@@ -92,6 +92,16 @@ class TransferConfig(StrictModel):
             "`trust_remote_code=True` (docs/training.md)."
         ),
     )
+    embedding_projector: Literal["identity", "linear", "mlp"] = Field(
+        default="identity",
+        description=(
+            "A residual projector on the new input embeddings, E' = E + P(E), trained with the student and "
+            "zero-initialised on its residual branch (ALM_SPEC §8; tokenkit's `hypernet.architecture`): "
+            "`identity` (none, as the paper's examples), `linear` (P(e) = A e + b) or `mlp` (P(e) = "
+            "W2 gelu(W1 LayerNorm(e))). Needs `untie_embeddings: true`; the saved student has W + P(W) as its "
+            "input table (docs/training.md)."
+        ),
+    )
     special_tokens: Literal["student", "teacher"] = Field(
         default="student",
         description=(
@@ -154,6 +164,16 @@ class StudentConfig(StrictModel):
         ):
             raise ValueError(
                 "student.transfer.ngram_embeddings needs a byte student: set transfer.tokenizer: bytes"
+            )
+        if (
+            self.transfer is not None
+            and self.transfer.embedding_projector != "identity"
+            and not self.transfer.untie_embeddings
+        ):
+            raise ValueError(
+                f"student.transfer.embedding_projector: {self.transfer.embedding_projector} changes the input "
+                "embeddings only, so they cannot stay tied to the output head: set "
+                "student.transfer.untie_embeddings: true"
             )
         if (self.model is None) == (self.transfer is None):
             raise ValueError(

@@ -9,11 +9,15 @@ more than reading the shard. Trusts only shards listed in the manifest; refuses 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -252,14 +256,15 @@ def _plan_chunks(
 
 def _read_raw_chunks(
     location: Location, check: ShardCheck, array_rel: str, meta: dict[str, Any]
-) -> np.ndarray | None:
+) -> tuple[np.ndarray, list[Callable[[], None]]] | None:
     """Read a token-chunked Zarr v3 array straight from its chunk files into one buffer.
 
     The fast path for alm's own layouts (codecs: little-endian `bytes`, optionally followed by one `blosc`
     compressor; regular chunks over the token axis; default "/" chunk keys): one file read per chunk, copied
-    (version 1) or Blosc-decompressed (version 2) into the output, each chunk file hashed as it is read. A missing
-    or short chunk file is an error (never the fill value). Returns None for any other layout, which then goes
-    through zarr.
+    (version 1, done here) or Blosc-decompressed (versions 2 and 3: returned as one task per chunk, for
+    `_run_tasks`) into the output, each chunk file checked as it is read. A missing or short chunk file is an
+    error (never the fill value). Returns the output and the tasks still to run, or None for any other layout,
+    which then goes through zarr.
     """
     try:
         shape = tuple(meta["shape"])
@@ -320,7 +325,7 @@ def _read_raw_chunks(
             view[:] = np.frombuffer(data, dtype=np.uint8, count=len(view))
         else:
             raise check.error(key, "is missing (a chunk of the array)")
-    return out
+    return out, []
 
 
 def _read_array_via_zarr(
@@ -347,16 +352,18 @@ def _read_blosc_chunks(
     shape: tuple[int, ...],
     chunk_shape: tuple[int, ...],
     dtype: np.dtype,
-) -> np.ndarray:
-    """Decompress every Blosc chunk of a version 2 array into one output buffer (no intermediate copies), each
-    compressed chunk file checked against the shard's inventory first; a missing chunk is an error."""
+) -> tuple[np.ndarray, list[Callable[[], None]]]:
+    """The output buffer of a Blosc-compressed array and one task per chunk that reads the chunk file, checks it
+    against the shard's inventory and decompresses it into its place in the buffer (no intermediate copies); a
+    missing chunk is an error. The tasks are independent: `_run_tasks` may run them in threads (file reads, CRC
+    and Blosc all release the GIL)."""
     from numcodecs import blosc  # pyright: ignore[reportAttributeAccessIssue]  # a C extension
 
     out, flat, chunk_bytes, keys, offsets, fetched = _plan_chunks(
         location, check, array_rel, shape, chunk_shape, dtype
     )
-    for key, offset in zip(keys, offsets):
-        view = flat[offset : offset + chunk_bytes]
+
+    def decode(key: str, view: np.ndarray) -> None:
         if location.is_local:
             try:
                 with open(location.path(check.shard_path, key), "rb", buffering=0) as fh:
@@ -377,19 +384,95 @@ def _read_blosc_chunks(
                 view[:] = np.frombuffer(blosc.decompress(data), dtype=np.uint8)[: len(view)]
         except (RuntimeError, ValueError) as err:
             raise check.error(key, f"cannot be decompressed ({err})") from None
-    return out
+
+    tasks: list[Callable[[], None]] = [
+        functools.partial(decode, key, flat[offset : offset + chunk_bytes])
+        for key, offset in zip(keys, offsets)
+    ]
+    return out, tasks
+
+
+def read_threads() -> int:
+    """Threads a whole-shard read decodes with: `ALM_STORE_READ_THREADS` if set (1 = no threads), else the CPUs
+    this process may run on, at most `MAX_READ_THREADS`."""
+    env = os.environ.get("ALM_STORE_READ_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise StoreError(
+                f"ALM_STORE_READ_THREADS={env!r} is not a whole number; set it to the threads a store read "
+                "may use (1 = none), or unset it"
+            ) from None
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_READ_THREADS, cpus))
+
+
+MAX_READ_THREADS = 4
+_pool_state: dict[
+    str, Any
+] = {}  # {"pid", "threads", "pool"}: one decode pool per process (forks make their own)
+_pool_lock = threading.Lock()
+
+
+def _read_pool(threads: int) -> ThreadPoolExecutor | None:
+    """This process's decode thread pool (None for one thread); a forked child never uses its parent's."""
+    if threads <= 1:
+        return None
+    with _pool_lock:
+        state = _pool_state
+        if state.get("pid") != os.getpid() or state.get("threads") != threads:
+            state.update(
+                pid=os.getpid(),
+                threads=threads,
+                pool=ThreadPoolExecutor(threads, thread_name_prefix="alm-store-read"),
+            )
+        return state["pool"]
+
+
+def _run_tasks(tasks: list[Callable[[], Any]], threads: int | None = None) -> list[Any]:
+    """Run independent tasks, in threads when more than one may be used; results in order. The first task that
+    raises (in order) raises here, after every task has finished (no task still writes into a buffer then)."""
+    pool = _read_pool(read_threads() if threads is None else threads) if len(tasks) > 1 else None
+    if pool is None:
+        return [task() for task in tasks]
+    futures = [pool.submit(task) for task in tasks]
+    wait(futures)
+    return [f.result() for f in futures]
 
 
 def read_shard_arrays(
-    location: Location, shard_path: str, names: list[str], check: ShardCheck | None = None
+    location: Location,
+    shard_path: str,
+    names: list[str],
+    check: ShardCheck | None = None,
+    *,
+    threads: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Read the named per-token arrays of one shard folder, each in one go, every file checked by `check`.
+
+    Args:
+        threads: decode threads (default `read_threads()`; 1 = in this thread).
 
     Raises:
         StoreCorruptError: a file is missing, or differs from what `check` records.
     """
     check = check or ShardCheck(location.url, shard_path)
+    arrays, tasks = _plan_shard_arrays(location, check, names)
+    _run_tasks(tasks, threads)
+    return arrays
+
+
+def _plan_shard_arrays(
+    location: Location, check: ShardCheck, names: list[str]
+) -> tuple[dict[str, np.ndarray], list[Callable[[], None]]]:
+    """The output arrays of `read_shard_arrays` and the chunk decodes still to run into them (metadata read and
+    checked here, and any layout other than alm's own read whole here through zarr)."""
     out = {}
+    tasks: list[Callable[[], None]] = []
     for name in names:
         array_rel = f"{schema.ARRAYS_DIR}/{name}"
         meta_bytes = check.read(location, f"{array_rel}/zarr.json")
@@ -397,18 +480,31 @@ def read_shard_arrays(
             meta = json.loads(meta_bytes)
         except ValueError as err:
             raise check.error(f"{array_rel}/zarr.json", f"is not valid JSON ({err})") from None
-        try:
-            arr = _read_raw_chunks(location, check, array_rel, meta)
-            if arr is None:
+        with _damage_as_error(check, array_rel):
+            planned = _read_raw_chunks(location, check, array_rel, meta)
+            if planned is None:
                 arr = _read_array_via_zarr(location, check, array_rel, meta_bytes)
-        except StoreError:
-            raise
-        except (
-            Exception
-        ) as err:  # zarr or numpy refusing damaged metadata: a damaged file, not a bug
-            raise check.error(array_rel, f"cannot be read ({type(err).__name__}: {err})") from None
+            else:
+                arr, more = planned
+                tasks += [functools.partial(_checked_task, check, array_rel, t) for t in more]
         out[name] = arr
-    return out
+    return out, tasks
+
+
+@contextlib.contextmanager
+def _damage_as_error(check: ShardCheck, rel: str) -> Iterator[None]:
+    """zarr or numpy refusing damaged metadata or bytes: a damaged file (StoreCorruptError), not a bug."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as err:
+        raise check.error(rel, f"cannot be read ({type(err).__name__}: {err})") from None
+
+
+def _checked_task(check: ShardCheck, rel: str, task: Callable[[], None]) -> None:
+    with _damage_as_error(check, rel):
+        task()
 
 
 def read_shard_index(
@@ -617,12 +713,16 @@ class TeacherStore:
             else f"{self.url}/{schema.TOKENIZER_DIR}"
         )
 
-    def read_shard(self, shard_index: int, fields: list[str] | None = None) -> ShardData:
+    def read_shard(
+        self, shard_index: int, fields: list[str] | None = None, *, threads: int | None = None
+    ) -> ShardData:
         """Read one whole shard (index + arrays), checking every file read against `shard.json`.
 
         Args:
             shard_index: a finished shard of this store.
             fields: limits the arrays read (default: all stored); `token_id` is always read.
+            threads: decode threads (default `read_threads()`: `ALM_STORE_READ_THREADS`, else the CPUs this
+                process may use, at most 4); 1 decodes in the calling thread.
 
         Raises:
             StoreError: the shard is not part of this store, or a field is not stored.
@@ -645,10 +745,21 @@ class TeacherStore:
         check = self.shard_check(shard_index)
         if check.files is not None:
             check.read(self.location, f"{schema.ARRAYS_DIR}/zarr.json")
-        index = read_shard_index(
-            self.location, path, check=check, format_version=self.format_version
+        arrays, tasks = _plan_shard_arrays(self.location, check, names)
+        # the index decodes beside the arrays' chunks (Zstd, Blosc, file reads and CRC release the GIL)
+        index, *_ = _run_tasks(
+            [
+                functools.partial(
+                    read_shard_index,
+                    self.location,
+                    path,
+                    check=check,
+                    format_version=self.format_version,
+                ),
+                *tasks,
+            ],
+            threads,
         )
-        arrays = read_shard_arrays(self.location, path, names, check)
         if check.files is None:
             _check_recorded_checksums(check, doc, arrays)
         for name, arr in arrays.items():
@@ -670,10 +781,13 @@ class TeacherStore:
             hidden_encoding=self.hidden_encoding,
         )
 
-    def iter_shards(self, fields: list[str] | None = None) -> Iterator[ShardData]:
-        """Whole shards in shard order (the fast path for data loaders: shuffle in memory)."""
+    def iter_shards(
+        self, fields: list[str] | None = None, *, threads: int | None = None
+    ) -> Iterator[ShardData]:
+        """Whole shards in shard order (the fast path for data loaders: shuffle in memory); `threads` as for
+        `read_shard`."""
         for j in self.shard_indices:
-            yield self.read_shard(j, fields)
+            yield self.read_shard(j, fields, threads=threads)
 
     def iter_sequences(self, fields: list[str] | None = None) -> Iterator[StoredSequence]:
         """Every sequence, shard by shard, in stored order."""

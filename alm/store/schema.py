@@ -7,8 +7,9 @@ checks that a sequence handed to the writer is well formed. Pure: imports numpy 
 never `alm.config`. The boundary classes are the store's own definition (the format is versioned apart from the
 code); `tests/store/test_schema.py` checks that `alm.vocab` classifies tokens the same way.
 
-Version 3 (this code writes it) compresses every array (Blosc zstd with byte shuffle, `array_compressors`), writes
-the index as one Zstd-compressed Arrow IPC stream (`index.arrows.zst`, `index_to_bytes`), lists each shard file with
+Version 3 (this code writes it) compresses every array (by default Blosc zstd with byte shuffle; the `compression`
+presets of `ARRAY_CODECS` trade size for read speed), writes the index as one Zstd frame holding an Arrow IPC stream
+(`index.arrows.zst`, `index_to_bytes`), lists each shard file with
 its CRC-32C (`alm.store.integrity`), writes compact JSON without consolidated Zarr metadata, and can round `logp` /
 `boundary_logmass` to fewer mantissa bits (`precision: compact`, `PRECISION_MANTISSA_BITS`). Versions 1 and 2 are
 still read (`READABLE_FORMAT_VERSIONS`): version 2 differs in the index (`index.arrow`, an Arrow IPC file with
@@ -22,7 +23,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -92,14 +93,40 @@ HIDDEN_ENCODINGS: tuple[str, ...] = ("bfloat16", "float16")
 # (per-chunk overhead dominates below ~100k tokens).
 CHUNK_TOKENS = 262_144
 
-# Array compression, chosen per field by `bench/bench_store_codecs.py` on real teacher stores (the table is in
-# docs/store.md): Blosc with zstd and byte shuffle is the smallest of the codecs Zarr ships for every field (plain
-# Zstd, bit shuffle and lz4 are all larger: lz4 decodes 2-3x faster but makes boundary_logmass 50% larger, which the
-# 12 B/token target cannot afford). Version 3 uses Blosc level 7 (version 2: 5): 0.57 B/token smaller on the demo
-# store and no slower to decode (zstd decodes at the same speed whatever the level); only writing is slower.
-BLOSC_CNAME = "zstd"
-BLOSC_CLEVEL = 7
-BLOSC_SHUFFLE = "shuffle"
+# Array compression (`compression` in the plan and the precompute recipe), chosen per field by
+# `bench/bench_store_codecs.py` on real teacher stores (the tables are in docs/store.md). Each preset names, per
+# field, a Blosc codec `(cname, clevel, shuffle)` (Zarr's `blosc` codec, self-describing: plain zarr decodes any of
+# them) or None for no compressor (Zarr's `bytes` codec alone, as in version 1):
+#   small (default): Blosc zstd level 7 with byte shuffle, the smallest of the codecs Zarr ships for every field
+#     (plain Zstd, bit shuffle, lz4 and lz4hc are all larger); zstd decodes at the same speed whatever the level,
+#     about 1 GB/s on one core of the development machine, which is what bounds a whole-shard read.
+#   fast: Blosc lz4hc level 9 with byte shuffle for the integer fields and `logp` (3-4x faster to decode than
+#     zstd, no entropy coding; 1.2x zstd's size), no compression for the float16 fields, whose mantissa bits are
+#     close to random: lz4hc saves only a fifth of `boundary_logmass` (8.0 of 10 bytes per token) and decodes at
+#     a third of a memory copy.
+#   none: uncompressed (18 bytes per token for the default fields; reads run at memory-copy speed).
+# Version 2 used Blosc zstd level 5 for every array.
+COMPRESSIONS: tuple[str, ...] = ("small", "fast", "none")
+DEFAULT_COMPRESSION = "small"
+BloscChoice = tuple[  # (cname, clevel, shuffle) of Zarr's BloscCodec
+    Literal["lz4", "lz4hc", "blosclz", "zlib", "zstd"],
+    int,
+    Literal["noshuffle", "shuffle", "bitshuffle"],
+]
+_ZSTD: BloscChoice = ("zstd", 7, "shuffle")
+_LZ4HC: BloscChoice = ("lz4hc", 9, "shuffle")
+ARRAY_CODECS: dict[str, dict[str, BloscChoice | None]] = {
+    "small": dict.fromkeys(ALL_FIELDS, _ZSTD),
+    "fast": {
+        "token_id": _LZ4HC,
+        "logp": _LZ4HC,
+        "boundary_logmass": None,
+        "topk_id": _LZ4HC,
+        "topk_logp": None,
+        "hidden": None,
+    },
+    "none": dict.fromkeys(ALL_FIELDS, None),
+}
 BLOSC_BLOCKSIZE = (
     1 << 20
 )  # bytes per Blosc block: large blocks decode about twice as fast as the automatic size
@@ -367,32 +394,62 @@ def json_bytes(document: Any) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
 
 
-def array_compressors(dtype: str) -> list[Any]:
-    """The Zarr v3 compressors of a per-token array of this numpy dtype (version 2: Blosc zstd, byte shuffle)."""
+def check_compression(compression: str) -> str:
+    """Refuse an unknown compression preset; return it.
+
+    Raises:
+        StoreError: naming the presets.
+    """
+    if compression not in COMPRESSIONS:
+        raise StoreError(
+            f"store compression {compression!r}; use one of {list(COMPRESSIONS)} (docs/store.md)"
+        )
+    return compression
+
+
+def array_compressors(
+    dtype: str, field: str, compression: str = DEFAULT_COMPRESSION
+) -> list[Any] | None:
+    """The Zarr v3 compressors of per-token array `field` (numpy `dtype`) under a compression preset; None for
+    no compressor."""
     from zarr.codecs import BloscCodec
 
+    choice = ARRAY_CODECS[check_compression(compression)][field]
+    if choice is None:
+        return None
+    cname, clevel, shuffle = choice
     return [
         BloscCodec(
-            cname=BLOSC_CNAME,
-            clevel=BLOSC_CLEVEL,
-            shuffle=BLOSC_SHUFFLE,
+            cname=cname,
+            clevel=clevel,
+            shuffle=shuffle,
             typesize=np.dtype(dtype).itemsize,
             blocksize=BLOSC_BLOCKSIZE,
         )
     ]
 
 
-def codec_label(dtype: str) -> str:
-    """The chosen array codec in `bench/bench_store_codecs.py`'s naming."""
-    return f"blosc {BLOSC_CNAME} {BLOSC_CLEVEL} {BLOSC_SHUFFLE}"
+def codec_label(field: str, compression: str = DEFAULT_COMPRESSION) -> str:
+    """The array codec of `field` under a preset in `bench/bench_store_codecs.py`'s naming."""
+    choice = ARRAY_CODECS[check_compression(compression)][field]
+    if choice is None:
+        return "none"
+    cname, clevel, shuffle = choice
+    return f"blosc {cname} {clevel} {shuffle}"
 
 
-# The index (version 3) is one Zstd frame (level 19) holding an Arrow IPC stream: measured by
-# bench/bench_store_codecs.py on the demo store (256 short documents), 2.67 B/token against 4.18 for version 2's
+# The index (version 3) is one Zstd frame holding an Arrow IPC stream, at level 19 (`compression: small`): measured
+# by bench/bench_store_codecs.py on the demo store (256 short documents), 2.67 B/token against 4.18 for version 2's
 # Arrow IPC file with Zstd-compressed buffers (each buffer compressed alone, behind its own headers, plus the
 # schema twice) and 3.06 for Parquet, which also decodes about 25x slower (the nested segment lists). Plain
-# pyarrow reads it: `pa.ipc.open_stream(pa.input_stream(path, compression="zstd")).read_all()`.
+# pyarrow reads it: `pa.ipc.open_stream(pa.input_stream(path, compression="zstd")).read_all()`. The `fast` and
+# `none` presets store the stream in raw (uncompressed) Zstd blocks (`zstd_raw_frame`): the same file, read the
+# same way by any Zstd decoder, at memory-copy speed (Zstd's entropy decoding of the text, about 1 GB/s, would
+# cost more than all the lz4hc arrays).
 INDEX_ZSTD_LEVEL = 19
+INDEX_ZSTD_LEVELS: dict[str, int | None] = {"small": INDEX_ZSTD_LEVEL, "fast": None, "none": None}
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+ZSTD_RAW_BLOCK_BYTES = 1 << 17  # Zstd's largest block (128 KiB)
 
 
 def index_file(format_version: int) -> str:
@@ -400,13 +457,34 @@ def index_file(format_version: int) -> str:
     return INDEX_FILE if format_version >= 3 else INDEX_FILE_V2
 
 
-def index_to_bytes(table: pa.Table) -> bytes:
+def index_to_bytes(table: pa.Table, compression: str = DEFAULT_COMPRESSION) -> bytes:
     """A shard index as the bytes of `index.arrows.zst` (an Arrow IPC stream in one Zstd frame)."""
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
-    codec = pa.Codec("zstd", compression_level=INDEX_ZSTD_LEVEL)
+    level = INDEX_ZSTD_LEVELS[check_compression(compression)]
+    if level is None:
+        return zstd_raw_frame(memoryview(sink.getvalue()))
+    codec = pa.Codec("zstd", compression_level=level)
     return codec.compress(sink.getvalue(), asbytes=True)
+
+
+def zstd_raw_frame(data: bytes | memoryview) -> bytes:
+    """`data` as one Zstd frame of raw (stored) blocks (RFC 8878 §3.1.1): any Zstd decoder reads it back, at the
+    speed of a memory copy. The frame records its content size (8 bytes) and a 128 KiB window (the block size),
+    so streaming decoders need no more memory than that."""
+    data = memoryview(data).cast("B")
+    # descriptor 0xC0: 8-byte content size, not single-segment, no checksum, no dictionary; window 2**17 (0x38)
+    parts = [ZSTD_MAGIC, b"\xc0\x38", len(data).to_bytes(8, "little")]
+    starts = range(0, len(data), ZSTD_RAW_BLOCK_BYTES)
+    if not starts:
+        parts.append((1).to_bytes(3, "little"))  # one empty last block
+    for start in starts:
+        block = data[start : start + ZSTD_RAW_BLOCK_BYTES]
+        last = start + len(block) >= len(data)
+        # block header: bit 0 last block, bits 1-2 type (0 = raw), bits 3-23 size
+        parts += [(int(last) | len(block) << 3).to_bytes(3, "little"), block]
+    return b"".join(parts)
 
 
 def zstd_content_size(head: bytes) -> int | None:
@@ -415,7 +493,7 @@ def zstd_content_size(head: bytes) -> int | None:
     Args:
         head: the first bytes of the frame (18 suffice: magic, descriptor, window, dictionary id, size).
     """
-    if len(head) < 5 or head[:4] != b"\x28\xb5\x2f\xfd":
+    if len(head) < 5 or head[:4] != ZSTD_MAGIC:
         return None
     descriptor = head[4]
     size_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3

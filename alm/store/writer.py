@@ -94,6 +94,9 @@ class StorePlan:
         hidden_encoding: `bfloat16` (uint16 bit patterns) or `float16`.
         precision: `exact` (stored as given) or `compact` (`logp` and `boundary_logmass` rounded to the mantissa
             bits of `schema.PRECISION_MANTISSA_BITS`; what `alm precompute` writes by default).
+        compression: the codec preset (`schema.COMPRESSIONS`): `small` (default), `fast` or `none`
+            (`schema.ARRAY_CODECS`, `schema.INDEX_ZSTD_LEVELS`). Left out of the plan's JSON when `small`, so a
+            default plan is the plan of the alm versions before the presets.
         teacher_revision: model revision (commit) if known.
         teacher_config_hash: hash of the teacher's config.
         backend: `hf` or `vllm`.
@@ -116,6 +119,7 @@ class StorePlan:
     hidden_size: int = 0
     hidden_encoding: str = "bfloat16"
     precision: str = "exact"
+    compression: str = schema.DEFAULT_COMPRESSION
     teacher_revision: str | None = None
     teacher_config_hash: str = ""
     backend: str = "hf"
@@ -129,6 +133,7 @@ class StorePlan:
         object.__setattr__(self, "fields", tuple(self.fields))
         if self.num_shards < 1:
             raise StoreError(f"num_shards={self.num_shards}; a store has at least one shard")
+        schema.check_compression(self.compression)
         self.field_specs()  # validates fields / sizes
 
     def field_specs(self) -> dict[str, schema.FieldSpec]:
@@ -145,6 +150,10 @@ class StorePlan:
         out["fields"] = list(self.fields)
         out["settings"] = dict(self.settings)
         out["backend_versions"] = dict(self.backend_versions)
+        if self.compression == schema.DEFAULT_COMPRESSION:
+            del out[
+                "compression"
+            ]  # the plan (and its fingerprint) of a default store as before the presets
         return out
 
     @classmethod
@@ -594,7 +603,9 @@ class ShardWriter:
                 shape=(0, *spec.trailing_shape),
                 dtype=spec.dtype,
                 chunks=(chunk, *spec.trailing_shape),
-                compressors=schema.array_compressors(spec.dtype),
+                compressors=schema.array_compressors(
+                    spec.dtype, name, self.layout.plan.compression
+                ),
                 fill_value=0,
                 config={
                     "write_empty_chunks": True
@@ -734,7 +745,7 @@ class ShardWriter:
         # no consolidated metadata (version 2): it repeated every array's zarr.json in the group's (fixed bytes per
         # shard), and readers open arrays by name
         table = pa.Table.from_pylist(self._rows, schema=schema.INDEX_SCHEMA)
-        index_bytes = schema.index_to_bytes(table)
+        index_bytes = schema.index_to_bytes(table, self.layout.plan.compression)
         loc.write_bytes(index_bytes, self._dir, schema.INDEX_FILE)
         plan = self.layout.plan
         seq_ids = sorted(self._seen_seq_ids)

@@ -37,6 +37,7 @@ from alm.train.checkpoint import (
     restore_checkpoint,
     save_run_checkpoint,
 )
+from alm.train.embedding_projector import fold_embedding_table, make_embedding_projector
 from alm.train.evaluate import evaluate_store
 from alm.train.loader import (
     MicroBatches,
@@ -173,13 +174,19 @@ def _run_train(
     )
     if cfg.student.gradient_checkpointing:
         enable_gradient_checkpointing(student.model)
+    projector_kind = (
+        cfg.student.transfer.embedding_projector if cfg.student.transfer else "identity"
+    )
+    student_width = student.model.config.get_text_config().hidden_size
+    embedding_projector = make_embedding_projector(
+        projector_kind, student.model.get_input_embeddings(), student_width
+    )
     hf_model = apply_lora(student.model, cfg.lora) if cfg.lora else student.model
     settings = loss_settings(
         cfg.loss, teacher_hidden_second_moment(cfg.stores[0].path) if with_hidden else None
     )
-    student_width = student.model.config.get_text_config().hidden_size
     projector = make_projector(student_width, stores.hidden_size) if with_hidden else None
-    module = TrainModule(hf_model, projector)
+    module = TrainModule(hf_model, projector, embedding_projector)
     module.train()
     model = parallel.wrap(module, cfg.parallel, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -299,13 +306,19 @@ def _run_train(
     log.close()
     state = parallel.full_state_dict(model)  # collective under FSDP2: every rank takes part
     if parallel.is_main():
+        fold = None  # with the embedding projector the saved table is W + P(W): a plain model, no projector
+        if embedding_projector is not None:
+            fold = functools.partial(
+                fold_embedding_table,
+                kind=embedding_projector.kind,
+                projector_state=_with_prefix(state, "embedding_projector."),
+            )
         save_student(
             module.student,
             student.tokenizer,
             student_dir(cfg),
-            state_dict={
-                k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")
-            },
+            state_dict=_with_prefix(state, "student."),
+            fold_input_embeddings=fold,
             family=student.family,
             dtype=SAVE_DTYPES[
                 cfg.save_dtype if cfg.save_dtype != "auto" else "bf16" if use_bf16 else "fp32"
@@ -331,6 +344,11 @@ def _take_lock_and_prepare(
     """Take the run lock (held until the run ends), then prepare the run folder under it."""
     held.enter_context(RunLock(cfg.output_dir))
     return prepare_output_dir(cfg, resume, overwrite, student_family)
+
+
+def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of `state` under `prefix`, with the prefix removed."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _evaluates_at(cfg: TrainRecipe, step: int) -> bool:

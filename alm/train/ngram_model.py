@@ -121,12 +121,13 @@ class AlmNgramLlamaForCausalLM(LlamaForCausalLM):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:  # pyright: ignore[reportIncompatibleMethodOverride]
         """`LlamaForCausalLM.forward`; the n-gram look-back continues while the KV cache is non-empty."""
-        embedding = self.model.embed_tokens
-        assert isinstance(embedding, NgramEmbedding)
         past_key_values = kwargs.get("past_key_values")
-        embedding.continue_context = (
-            past_key_values is not None and past_key_values.get_seq_length() > 0
-        )
+        continue_context = past_key_values is not None and past_key_values.get_seq_length() > 0
+        # every n-gram embedding under embed_tokens: itself, or the copies a LoRA (peft) wrapper trains
+        embeddings = [m for m in self.model.embed_tokens.modules() if isinstance(m, NgramEmbedding)]
+        assert embeddings, "the input embedding of an n-gram student is an NgramEmbedding"
+        for embedding in embeddings:
+            embedding.continue_context = continue_context
         return super().forward(*args, **kwargs)
 
 

@@ -31,21 +31,39 @@ from alm.losses.gradmag import gradmag_combine, last_block_parameters
 from alm.losses.hidden import hidden_state_loss, make_hidden_projection
 from alm.losses.sft import sft_loss
 from alm.train.batch import StudentBatch
+from alm.train.embedding_projector import EmbeddingProjector
 
 
 class TrainModule(nn.Module):
-    """The student and, when the hidden-state loss is on, its projection into the teacher's hidden width."""
+    """The student; when the hidden-state loss is on, its projection into the teacher's hidden width; and the
+    optional embedding projector on its input embeddings (`alm.train.embedding_projector`)."""
 
-    def __init__(self, student: nn.Module, projector: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        projector: nn.Module | None = None,
+        embedding_projector: EmbeddingProjector | None = None,
+    ) -> None:
         super().__init__()
         self.student = student
         self.projector = projector
+        self.embedding_projector = embedding_projector
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, with_hidden: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.embedding_projector is None:
+            inputs = {"input_ids": input_ids}
+        else:
+            # E' = E + P(E) on the rows looked up (the saved student folds it into its table)
+            embedding = self.student.get_input_embeddings()  # pyright: ignore[reportCallIssue]
+            assert isinstance(embedding, nn.Module)
+            table = embedding.weight
+            assert isinstance(table, torch.Tensor)
+            rows = nn.functional.embedding(input_ids, table)  # [B, Ts, d]
+            inputs = {"inputs_embeds": embedding(input_ids) + self.embedding_projector(rows)}
         out = self.student(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_hidden
+            **inputs, attention_mask=attention_mask, output_hidden_states=with_hidden
         )
         if not with_hidden:
             return out.logits, None

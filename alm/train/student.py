@@ -21,6 +21,7 @@ Never imports `torch.distributed` (see `alm.train.parallel`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -666,6 +667,7 @@ def save_student(
     state_dict: dict[str, torch.Tensor] | None = None,
     dtype: torch.dtype = torch.float32,
     family: str | None = None,
+    fold_input_embeddings: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Save the final student (LoRA merged) and its tokenizer so `from_pretrained` loads the folder.
 
@@ -677,6 +679,8 @@ def save_student(
         dtype: floating-point weights are saved in this dtype (`save_dtype`); `config.json` records it.
         family: the template family the student was trained in; a chat family is saved as its chat template
             and end-of-turn (`set_chat_template`).
+        fold_input_embeddings: maps the trained input-embedding table [V, d] to the one the saved model uses
+            (the embedding projector's `W + P(W)`, `alm.train.embedding_projector.fold_embedding_table`).
     """
     from transformers import PreTrainedModel
 
@@ -690,6 +694,13 @@ def save_student(
         state_dict = None
     assert isinstance(model, PreTrainedModel)
     state_dict = dict(model.state_dict() if state_dict is None else state_dict)
+    if fold_input_embeddings is not None:
+        in_key = {id(m): n for n, m in model.named_modules()}[id(model.get_input_embeddings())]
+        out_module = model.get_output_embeddings()
+        assert out_module is None or _embedding_weight(out_module) is not _embedding_weight(
+            model.get_input_embeddings()
+        ), "a folded input table must not be tied to the output head"
+        state_dict[f"{in_key}.weight"] = fold_input_embeddings(state_dict[f"{in_key}.weight"])
     # tied weights (one storage under two names) stay one tensor, so save_pretrained still sees them tied
     converted: dict[tuple[Any, ...], torch.Tensor] = {}
     for key, value in state_dict.items():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from store_helpers import make_plan, random_store
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "store.md"
@@ -20,8 +21,9 @@ def docs_snippet() -> str:
     return match.group(1)
 
 
-def test_docs_snippet_reads_a_store_without_alm(tmp_path):
-    plan = make_plan(num_shards=2)
+@pytest.mark.parametrize("compression", ["small", "fast", "none"])
+def test_docs_snippet_reads_a_store_without_alm(tmp_path, compression):
+    plan = make_plan(num_shards=2, compression=compression)
     shards = random_store(tmp_path / "store", plan, num_per_shard=3)
     code = docs_snippet().replace('STORE = "path/to/store"', f"STORE = {str(tmp_path / 'store')!r}")
     code += "\nimport sys\nassert not any(m == 'alm' or m.startswith('alm.') for m in sys.modules), 'imported alm'\n"

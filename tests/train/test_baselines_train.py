@@ -2,7 +2,7 @@
 and the loss, a student equal to the teacher starts at the minimum, each kind trains end to end, and a store
 without top-k (or a topk_kd student with another tokenizer) is refused with one message.
 
-Stores come from `run_precompute` with `top_k: 16` on the tiny random teacher of `conftest.py`. The loss
+Stores come from `run_precompute` with `top_k: 16` on the tiny random teacher (`conftest.py`'s `topk_stores`). The loss
 references are the per-position float64 loops of `tests/losses/test_baselines.py`, fed from the store's arrays
 read directly (not through the batch builder).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from train_helpers import REPO, precompute, train_recipe
+from train_helpers import REPO, TOPK_STORE_K, train_recipe
 
 from alm.config import load_yaml_model
 from alm.config.train import LossConfig, TrainRecipe
@@ -33,33 +33,6 @@ from alm.train.step import TrainModule, loss_settings, micro_batch_loss, step_co
 from alm.train.student import load_tokenizer
 from alm.vocab import vocab_from_tokenizer
 from tests.losses.test_baselines import reference_topk_kl, reference_uld
-
-TOP_K = 16
-
-
-@pytest.fixture(scope="module")
-def topk_stores(teacher_dir, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("topk_stores")
-    return {
-        "train": precompute(
-            root, teacher_dir, "train", split="train", limit=8, hidden=False, top_k=TOP_K
-        ),
-        "heldout": precompute(
-            root, teacher_dir, "heldout", split="heldout", limit=4, hidden=False, top_k=TOP_K
-        ),
-    }
-
-
-@pytest.fixture(scope="module")
-def same_tokenizer_student(teacher_dir, tmp_path_factory) -> Path:
-    """Random weights with the teacher's own tokenizer (a same-tokenizer student that is not the teacher)."""
-    from factories import tiny_llama
-
-    folder = tmp_path_factory.mktemp("same_tok_student")
-    tokenizer = load_tokenizer(str(teacher_dir))
-    tiny_llama(len(tokenizer), seed=99, hidden=32).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _builder(store_path: Path, student_dir: Path, baseline: str) -> StudentExampleBuilder:
@@ -116,7 +89,7 @@ def test_stored_topk_reaches_the_loss_as_the_reference_computed_from_the_store(
     total, count = 0.0, 0
     for seq in _stored(store_path):
         assert seq.topk_id is not None and seq.topk_logp is not None
-        assert seq.topk_id.shape == (len(seq.token_id), TOP_K)
+        assert seq.topk_id.shape == (len(seq.token_id), TOPK_STORE_K)
         teacher = sequence_from_stored(seq, vocab)
         in_loss = token_in_loss(teacher.start_byte, teacher.end_byte, teacher.role, seq.loss_spans)
         with torch.no_grad():

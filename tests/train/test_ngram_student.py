@@ -156,3 +156,35 @@ def test_ngram_embeddings_need_a_byte_student(tokenizer):
         StudentConfig(
             transfer={"tokenizer": tokenizer, "ngram_embeddings": True}  # pyright: ignore[reportArgumentType]
         )
+
+
+def test_ngram_student_under_lora_trains_its_byte_table_and_saves_a_merged_ngram_student(
+    teacher_dir, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    from alm.config.train import LoraConfig
+    from alm.train.student import apply_lora
+
+    student = _byte_student(teacher_dir)
+    ids = torch.tensor([student.tokenizer("LoRA wraps the n-gram embedding.")["input_ids"]])
+    lora_model = apply_lora(student.model, LoraConfig(r=4, alpha=8))
+    # peft wraps embed_tokens (the trained copy, ALM_SPEC §8): the forward still finds the n-gram embedding
+    lora_model(input_ids=ids).logits.sum().backward()
+    grads = {n: p.grad for n, p in lora_model.named_parameters() if p.requires_grad}
+    byte_table = [n for n in grads if "embed_tokens" in n and "modules_to_save" in n]
+    assert byte_table and all(grads[n] is not None and grads[n].abs().sum() > 0 for n in byte_table)
+    with torch.no_grad():
+        for name, param in lora_model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.02 * torch.randn_like(param))
+        want = torch.log_softmax(lora_model(input_ids=ids).logits, -1)
+    save_student(lora_model, student.tokenizer, tmp_path / "student")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "student", trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    assert isinstance(loaded.get_input_embeddings(), torch.nn.Module)
+    assert type(loaded.get_input_embeddings()).__name__ == "NgramEmbedding"
+    with torch.no_grad():
+        got = torch.log_softmax(loaded(input_ids=ids).logits, -1)
+    assert_fp32_close(got.numpy(), want.numpy(), ulps=256, scale=10.0)  # merged LoRA: other order

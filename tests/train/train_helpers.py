@@ -8,6 +8,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 DATA_SPEC = REPO / "data_specs" / "stdlib_docs.yaml"
+TOPK_STORE_K = 16  # the top-k of `conftest.py`'s `topk_stores`
 
 
 def write_yaml(path: Path, data: dict) -> Path:
