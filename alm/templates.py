@@ -769,17 +769,65 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
     blocks = {
         i: np.zeros(0, np.int32) for i, seg in enumerate(document.segments) if seg.role == "bos"
     }
-    messages: list[dict[str, str]] = []
+    roles = tuple(role for role, *_ in turns)
+    pieces = _turn_pieces(tokenizer, roles, rendered, encode)
+    complete = [(role, content) for role, content, _, eot_i in turns if content is not None]
+    if complete:
+        # the one content-dependent render: the whole conversation must be its turns' pieces around the contents
+        real = rendered([{"role": role, "content": content} for role, content in complete])
+        expected = ""
+        for number, (_, content) in enumerate(complete):
+            header, trailer = pieces[number][0], pieces[number][1]
+            expected += header + content + trailer
+            if not real.startswith(expected):
+                raise TokenizerRefusedError(
+                    f"the chat template changes message {number}'s content or renders around it "
+                    "differently for this content (e.g. trims it), so the rendered text is not the data's "
+                    "bytes; pick a family (chatml, llama3, gemma, plain) instead"
+                )
+        if real != expected:
+            raise TokenizerRefusedError(
+                "the chat template renders something after the last message that depends on the content; "
+                "pick a family (chatml, llama3, gemma, plain) instead"
+            )
+    for number, (_, content, header_i, eot_i) in enumerate(turns):
+        blocks[header_i] = pieces[number][2]
+        if content is not None and eot_i is not None:
+            blocks[eot_i] = pieces[number][3]
+    return blocks
+
+
+_TURN_PIECES: weakref.WeakKeyDictionary[
+    Any, dict[tuple[str, tuple[str, ...]], list[tuple[str, str, np.ndarray, np.ndarray]]]
+] = weakref.WeakKeyDictionary()
+_TURN_PIECES_MAX = 4096  # role sequences cached per tokenizer
+
+
+def _turn_pieces(
+    tokenizer: Any,
+    roles: tuple[str, ...],
+    rendered: Any,
+    encode: Any,
+) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(header, trailer, header ids, trailer ids) of each turn of a conversation with these roles, from renders of
+    sentinel contents, prefix by prefix: each render must extend the previous one (prefix-stable) and hold the
+    new sentinel once. Cached per tokenizer, template and role sequence (a data set has few).
+
+    Raises:
+        TokenizerRefusedError: the template is not prefix-stable or renders a content other than once.
+    """
+    key = (str(tokenizer.chat_template), roles)
+    try:
+        cache = _TURN_PIECES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable
+        cache = {}
+    if key in cache:
+        return cache[key]
+    out: list[tuple[str, str, np.ndarray, np.ndarray]] = []
     previous = ""
-    for number, (role, content, header_i, eot_i) in enumerate(turns):
-        probe = rendered([*messages, {"role": role, "content": _CONTENT_SENTINEL}])
-        real = (
-            previous
-            if content is None
-            else rendered([*messages, {"role": role, "content": content}])
-        )
-        messages.append({"role": role, "content": content or ""})
-        if not (probe.startswith(previous) and real.startswith(previous)):
+    for number in range(len(roles)):
+        probe = rendered([{"role": r, "content": _CONTENT_SENTINEL} for r in roles[: number + 1]])
+        if not probe.startswith(previous):
             raise TokenizerRefusedError(
                 f"the chat template of {type(tokenizer).__name__} is not prefix-stable: rendering message "
                 f"{number} changes what it rendered for the messages before it, so turns have no fixed byte "
@@ -792,17 +840,12 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
                 "pick a family (chatml, llama3, gemma, plain) instead"
             )
         header, trailer = new.split(_CONTENT_SENTINEL)
-        if content is None or eot_i is None:  # a turn cut by truncation: nothing follows its header
-            blocks[header_i] = encode(header)
-            break
-        if real != previous + header + content + trailer:
-            raise TokenizerRefusedError(
-                f"the chat template changes message {number}'s content (e.g. trims it), so the rendered text "
-                "is not the data's bytes; pick a family (chatml, llama3, gemma, plain) instead"
-            )
-        blocks[header_i], blocks[eot_i] = encode(header), encode(trailer)
-        previous = real
-    return blocks
+        out.append((header, trailer, encode(header), encode(trailer)))
+        previous = probe
+    if len(cache) >= _TURN_PIECES_MAX:
+        cache.clear()
+    cache[key] = out
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
