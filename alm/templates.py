@@ -152,7 +152,7 @@ class Document:
             if seg.in_loss and seg.text:
                 spans.append((offset, offset + len(seg.text)))
             offset += len(seg.text)
-        return merge_spans(spans)
+        return merged_spans(spans)
 
 
 def merge_spans(spans: Iterable[tuple[int, int]]) -> np.ndarray:
@@ -164,6 +164,19 @@ def merge_spans(spans: Iterable[tuple[int, int]]) -> np.ndarray:
         else:
             out.append([start, end])
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def merged_spans(spans: Any) -> np.ndarray:
+    """`merge_spans` of an int [k, 2] array (or nested sequence); an already merged one (non-empty ranges,
+    increasing, none touching: what `render` and the store hold) comes back as it is, without the Python pass."""
+    array = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    rows = array.tolist()
+    previous_end = None
+    for start, end in rows:
+        if end <= start or (previous_end is not None and start <= previous_end):
+            return merge_spans((start, end) for start, end in rows)
+        previous_end = end
+    return array
 
 
 def _text_in_spans(start_byte: np.ndarray, end_byte: np.ndarray, spans: np.ndarray) -> np.ndarray:
@@ -187,6 +200,7 @@ def token_in_loss(
     loss_spans: Any,
     *,
     is_block: np.ndarray | None = None,
+    runs: BlockRuns | None = None,
 ) -> np.ndarray:
     """Which tokens of one sequence are in the loss region: THE loss-region rule (ALM_SPEC §3, §13.8).
 
@@ -205,32 +219,89 @@ def token_in_loss(
         role: [n], None for text tokens, the block role otherwise; None for an all-text sequence.
         loss_spans: int [k, 2] byte ranges `[start, end)` of the trainable text (merged here).
         is_block: bool [n], `role != None`, when the caller has it already (saves a pass over `role`).
+        runs: `block_runs(role, is_block)`, when the caller has it already (with `is_block`).
 
     Returns:
         bool [n].
     """
     start = np.asarray(start_byte, dtype=np.int64)
     end = np.asarray(end_byte, dtype=np.int64)
-    spans = merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
-    in_loss = _text_in_spans(start, end, spans)
+    in_loss = _text_in_spans(start, end, merged_spans(loss_spans))
     if role is None:
         return in_loss
-    roles = np.asarray(role, dtype=object)  # [n]; no copy for an object array
-    block: np.ndarray = (
+    block: np.ndarray
+    if is_block is None:
+        roles = np.asarray(role, dtype=object)  # [n]; no copy for an object array
         # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
-        np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
-        if is_block is None
-        else is_block
-    )
+        block = np.not_equal(roles, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+        runs = block_runs(roles, block)
+    else:
+        block = is_block
+        if runs is None:
+            runs = block_runs(np.asarray(role, dtype=object), block)
+    run_starts, run_ends, run_roles = runs
+    if not run_starts:
+        return in_loss
     all_text_trained = bool(in_loss[~block].all())
-    for pos in np.flatnonzero(block).tolist():  # a handful per sequence, in order
-        current = roles[pos]
-        if pos > 0 and roles[pos - 1] == current:  # inside a run: its first token decided
-            in_loss[pos] = in_loss[pos - 1]
-        else:
-            trained = pos > 0 and bool(in_loss[pos - 1])
-            in_loss[pos] = trained and (all_text_trained or current not in OPENING_BLOCK_ROLES)
+    for first, run_end, current in zip(run_starts, run_ends, run_roles, strict=True):  # in order
+        trained = first > 0 and bool(in_loss[first - 1])
+        in_loss[first:run_end] = trained and (
+            all_text_trained or current not in OPENING_BLOCK_ROLES
+        )
     return in_loss
+
+
+# The template blocks of a sequence (`block_runs`): first positions, one past the last positions, roles.
+BlockRuns = tuple[list[int], list[int], list[Any]]
+
+
+def block_runs(role: np.ndarray, is_block: np.ndarray) -> BlockRuns:
+    """The template blocks of one sequence: maximal runs of consecutive block tokens with one role.
+
+    Args:
+        role: object [n], None for text tokens, the block role otherwise.
+        is_block: bool [n], `role != None`.
+
+    Returns:
+        Per run, in order: its first token position, one past its last, and its role (Python lists; a handful).
+    """
+    positions = np.flatnonzero(is_block).tolist()
+    roles = role[positions].tolist() if positions else []
+    starts: list[int] = []
+    ends: list[int] = []
+    run_roles: list[Any] = []
+    for pos, current in zip(positions, roles, strict=True):
+        if ends and ends[-1] == pos and run_roles[-1] == current:
+            ends[-1] = pos + 1
+        else:
+            starts.append(pos)
+            ends.append(pos + 1)
+            run_roles.append(current)
+    return starts, ends, run_roles
+
+
+def _runs_of_parts(parts: Iterable[tuple[int, int, Any]]) -> BlockRuns:
+    """`block_runs` of a sequence whose non-empty template blocks are `parts` (start_pos, end_pos, role), in
+    order: adjacent parts with one role form one run, as their tokens do."""
+    starts: list[int] = []
+    ends: list[int] = []
+    roles: list[Any] = []
+    for start, end, role in parts:
+        if ends and ends[-1] == start and roles[-1] == role:
+            ends[-1] = end
+        else:
+            starts.append(start)
+            ends.append(end)
+            roles.append(role)
+    return starts, ends, roles
+
+
+def _roles_of_runs(runs: BlockRuns, num_tokens: int) -> np.ndarray:
+    """object [n]: each run's role on its tokens, None on text tokens."""
+    role = np.empty(num_tokens, dtype=object)  # NumPy fills object arrays with None
+    for start, end, current in zip(*runs, strict=True):
+        role[start:end] = current
+    return role
 
 
 def plain_document(doc_id: str, source: str, row: int, text: bytes) -> Document:
@@ -602,7 +673,9 @@ def block_token_ids(family: str, role: str, tokenizer: Any, vocab: Vocab) -> np.
         ConfigError: the family has no such block (e.g. a chat header in `plain`).
     """
     try:
-        cache = _BLOCK_CACHE.setdefault(tokenizer, {})
+        cache = _BLOCK_CACHE.get(tokenizer)
+        if cache is None:
+            cache = _BLOCK_CACHE[tokenizer] = {}
     except TypeError:  # not weak-referenceable
         cache = {}
     key = (id(vocab), family, role)
@@ -696,17 +769,65 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
     blocks = {
         i: np.zeros(0, np.int32) for i, seg in enumerate(document.segments) if seg.role == "bos"
     }
-    messages: list[dict[str, str]] = []
+    roles = tuple(role for role, *_ in turns)
+    pieces = _turn_pieces(tokenizer, roles, rendered, encode)
+    complete = [(role, content) for role, content, _, eot_i in turns if content is not None]
+    if complete:
+        # the one content-dependent render: the whole conversation must be its turns' pieces around the contents
+        real = rendered([{"role": role, "content": content} for role, content in complete])
+        expected = ""
+        for number, (_, content) in enumerate(complete):
+            header, trailer = pieces[number][0], pieces[number][1]
+            expected += header + content + trailer
+            if not real.startswith(expected):
+                raise TokenizerRefusedError(
+                    f"the chat template changes message {number}'s content or renders around it "
+                    "differently for this content (e.g. trims it), so the rendered text is not the data's "
+                    "bytes; pick a family (chatml, llama3, gemma, plain) instead"
+                )
+        if real != expected:
+            raise TokenizerRefusedError(
+                "the chat template renders something after the last message that depends on the content; "
+                "pick a family (chatml, llama3, gemma, plain) instead"
+            )
+    for number, (_, content, header_i, eot_i) in enumerate(turns):
+        blocks[header_i] = pieces[number][2]
+        if content is not None and eot_i is not None:
+            blocks[eot_i] = pieces[number][3]
+    return blocks
+
+
+_TURN_PIECES: weakref.WeakKeyDictionary[
+    Any, dict[tuple[str, tuple[str, ...]], list[tuple[str, str, np.ndarray, np.ndarray]]]
+] = weakref.WeakKeyDictionary()
+_TURN_PIECES_MAX = 4096  # role sequences cached per tokenizer
+
+
+def _turn_pieces(
+    tokenizer: Any,
+    roles: tuple[str, ...],
+    rendered: Any,
+    encode: Any,
+) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(header, trailer, header ids, trailer ids) of each turn of a conversation with these roles, from renders of
+    sentinel contents, prefix by prefix: each render must extend the previous one (prefix-stable) and hold the
+    new sentinel once. Cached per tokenizer, template and role sequence (a data set has few).
+
+    Raises:
+        TokenizerRefusedError: the template is not prefix-stable or renders a content other than once.
+    """
+    key = (str(tokenizer.chat_template), roles)
+    try:
+        cache = _TURN_PIECES.setdefault(tokenizer, {})
+    except TypeError:  # not weak-referenceable
+        cache = {}
+    if key in cache:
+        return cache[key]
+    out: list[tuple[str, str, np.ndarray, np.ndarray]] = []
     previous = ""
-    for number, (role, content, header_i, eot_i) in enumerate(turns):
-        probe = rendered([*messages, {"role": role, "content": _CONTENT_SENTINEL}])
-        real = (
-            previous
-            if content is None
-            else rendered([*messages, {"role": role, "content": content}])
-        )
-        messages.append({"role": role, "content": content or ""})
-        if not (probe.startswith(previous) and real.startswith(previous)):
+    for number in range(len(roles)):
+        probe = rendered([{"role": r, "content": _CONTENT_SENTINEL} for r in roles[: number + 1]])
+        if not probe.startswith(previous):
             raise TokenizerRefusedError(
                 f"the chat template of {type(tokenizer).__name__} is not prefix-stable: rendering message "
                 f"{number} changes what it rendered for the messages before it, so turns have no fixed byte "
@@ -719,17 +840,12 @@ def _template_blocks(document: Document, tokenizer: Any) -> dict[int, np.ndarray
                 "pick a family (chatml, llama3, gemma, plain) instead"
             )
         header, trailer = new.split(_CONTENT_SENTINEL)
-        if content is None or eot_i is None:  # a turn cut by truncation: nothing follows its header
-            blocks[header_i] = encode(header)
-            break
-        if real != previous + header + content + trailer:
-            raise TokenizerRefusedError(
-                f"the chat template changes message {number}'s content (e.g. trims it), so the rendered text "
-                "is not the data's bytes; pick a family (chatml, llama3, gemma, plain) instead"
-            )
-        blocks[header_i], blocks[eot_i] = encode(header), encode(trailer)
-        previous = real
-    return blocks
+        out.append((header, trailer, encode(header), encode(trailer)))
+        previous = probe
+    if len(cache) >= _TURN_PIECES_MAX:
+        cache.clear()
+    cache[key] = out
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -750,6 +866,8 @@ class TokenizedSequence:
         truncated: whether tokens were cut at `max_length`.
         text: the content bytes actually covered (cut exactly where the tokens stop).
         doc_id, source, row: provenance (empty for sequences rebuilt from ids).
+        blocks: `block_runs(role, is_block)`, when the builder of the sequence knew them (`render` and
+            `sequence_from_ids` do, and build `role` from them), else None.
     """
 
     token_id: np.ndarray
@@ -763,6 +881,7 @@ class TokenizedSequence:
     doc_id: str = ""
     source: str = ""
     row: int = -1
+    blocks: BlockRuns | None = None
 
     def __len__(self) -> int:
         return len(self.token_id)
@@ -845,9 +964,11 @@ def render(
     block_family = template_base(family) if templated else family
     budget = max_length if max_length is not None else None
     id_parts: list[np.ndarray] = []
-    start_parts: list[np.ndarray] = []
-    end_parts: list[np.ndarray] = []
-    roles: list[Any] = []
+    # (start_pos, content byte, encoding) of each text segment
+    text_parts: list[tuple[int, int, TokenizedText]] = []
+    # (start_pos, end_pos, role) of each non-empty block, and the content byte it sits at
+    block_parts: list[tuple[int, int, str]] = []
+    block_bytes: list[int] = []
     segments: list[dict[str, Any]] = []
     content_byte = 0
     pos = 0
@@ -859,12 +980,8 @@ def render(
                 enc = encode_text(tokenizer, vocab, seg.text)
             else:
                 enc = _encode_prefix(tokenizer, vocab, seg.text, budget - pos + 1)
-            ids, start, end = (
-                enc.token_id,
-                enc.start_byte + content_byte,
-                enc.end_byte + content_byte,
-            )
-            roles.extend([None] * len(ids))
+            ids = enc.token_id
+            text_parts.append((pos, content_byte, enc))
             seg_end_byte = content_byte + len(seg.text)
         else:
             ids = (
@@ -872,9 +989,9 @@ def render(
                 if seg_index in template_blocks
                 else block_token_ids(block_family, seg.role, tokenizer, vocab)
             )
-            start = np.full(len(ids), content_byte, dtype=np.int64)
-            end = start.copy()
-            roles.extend([seg.role] * len(ids))
+            if len(ids):
+                block_parts.append((pos, pos + len(ids), seg.role))
+                block_bytes.append(content_byte)
             seg_end_byte = content_byte
         segments.append(
             {
@@ -886,28 +1003,28 @@ def render(
             }
         )
         id_parts.append(ids)
-        start_parts.append(start)
-        end_parts.append(end)
         content_byte = seg_end_byte
         pos += len(ids)
 
-    token_id = np.concatenate(id_parts).astype(np.int32) if id_parts else np.zeros(0, np.int32)
-    start_byte = (
-        np.concatenate(start_parts).astype(np.int64) if start_parts else np.zeros(0, np.int64)
+    token_id = (
+        np.concatenate(id_parts).astype(np.int32, copy=False) if id_parts else np.zeros(0, np.int32)
     )
-    end_byte = np.concatenate(end_parts).astype(np.int64) if end_parts else np.zeros(0, np.int64)
-    role = np.empty(len(roles), dtype=object)
-    role[:] = roles
+    # [n] offsets: each text part's own, shifted to its content byte; a block's tokens at its byte, zero width
+    start_byte = np.empty(len(token_id), np.int64)
+    end_byte = np.empty(len(token_id), np.int64)
+    for first, text_byte, enc in text_parts:
+        last = first + len(enc.token_id)
+        np.add(enc.start_byte, text_byte, out=start_byte[first:last])
+        np.add(enc.end_byte, text_byte, out=end_byte[first:last])
+    for (first, last, _), block_byte in zip(block_parts, block_bytes, strict=True):
+        start_byte[first:last] = block_byte
+        end_byte[first:last] = block_byte
     content = document.content_text
     truncated = budget is not None and len(token_id) > budget
-    if truncated:
+    if budget is not None and truncated:
         covered = int(start_byte[budget])
-        token_id, start_byte, end_byte, role = (
-            token_id[:budget],
-            start_byte[:budget],
-            end_byte[:budget],
-            role[:budget],
-        )
+        token_id, start_byte, end_byte = token_id[:budget], start_byte[:budget], end_byte[:budget]
+        block_parts = [(s, min(e, budget), r) for s, e, r in block_parts if s < budget]
         kept = []
         for s in segments:
             if s["start_pos"] >= budget:
@@ -922,13 +1039,13 @@ def render(
         segments = kept
     else:
         covered = len(content)
-    spans = document.loss_spans()
-    spans = merge_spans((s, min(e, covered)) for s, e in spans)
+    spans = merged_spans([(s, min(e, covered)) for s, e in document.loss_spans().tolist()])
+    blocks = _runs_of_parts(block_parts)
     return TokenizedSequence(
         token_id=token_id,
         start_byte=start_byte,
         end_byte=end_byte,
-        role=role,
+        role=_roles_of_runs(blocks, len(token_id)),
         segments=segments,
         loss_spans=spans,
         truncated=bool(truncated),
@@ -936,6 +1053,7 @@ def render(
         doc_id=document.doc_id,
         source=document.source,
         row=document.row,
+        blocks=blocks,
     )
 
 
@@ -966,8 +1084,16 @@ class StoredTokens(Protocol):
 
 
 def _segment_dicts(segments: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    keys = ("start_byte", "end_byte", "start_pos", "end_pos")
-    return [{"role": str(seg["role"]), **{k: int(seg[k]) for k in keys}} for seg in segments]
+    return [
+        {
+            "role": str(seg["role"]),
+            "start_byte": int(seg["start_byte"]),
+            "end_byte": int(seg["end_byte"]),
+            "start_pos": int(seg["start_pos"]),
+            "end_pos": int(seg["end_pos"]),
+        }
+        for seg in segments
+    ]
 
 
 def sequence_from_stored(stored: StoredTokens, vocab: Vocab) -> TokenizedSequence:
@@ -1013,7 +1139,7 @@ def sequence_from_ids(
     table = _segment_dicts(segments)
     start_byte = np.zeros(len(ids), dtype=np.int64)
     end_byte = np.zeros(len(ids), dtype=np.int64)
-    role = np.empty(len(ids), dtype=object)
+    block_parts: list[tuple[int, int, str]] = []
     pos = 0
     for seg in table:
         sp, ep, sb, eb = seg["start_pos"], seg["end_pos"], seg["start_byte"], seg["end_byte"]
@@ -1026,11 +1152,10 @@ def sequence_from_ids(
             enc = token_offsets(vocab, ids[sp:ep], text[sb:eb])
             start_byte[sp:ep] = enc.start_byte + sb
             end_byte[sp:ep] = enc.end_byte + sb
-            role[sp:ep] = None
-        else:
+        elif ep > sp:
             start_byte[sp:ep] = sb
             end_byte[sp:ep] = sb
-            role[sp:ep] = seg["role"]
+            block_parts.append((sp, ep, seg["role"]))
         pos = ep
     if pos != len(ids):
         raise DataError(
@@ -1041,7 +1166,18 @@ def sequence_from_ids(
         if loss_spans is None
         else np.asarray(loss_spans, dtype=np.int64).reshape(-1, 2)
     )
-    return TokenizedSequence(ids, start_byte, end_byte, role, table, spans, truncated, bytes(text))
+    blocks = _runs_of_parts(block_parts)
+    return TokenizedSequence(
+        ids,
+        start_byte,
+        end_byte,
+        _roles_of_runs(blocks, len(ids)),
+        table,
+        spans,
+        truncated,
+        bytes(text),
+        blocks=blocks,
+    )
 
 
 def document_from_stored(stored: StoredTokens) -> Document:
@@ -1085,18 +1221,16 @@ def document_from_parts(
         DataError: a segment lies outside `text`.
     """
     text = bytes(text)
-    spans = (
-        np.zeros((0, 2), np.int64)
-        if loss_spans is None
-        else merge_spans((int(a), int(b)) for a, b in np.asarray(loss_spans).reshape(-1, 2))
-    )
+    spans = [] if loss_spans is None else merged_spans(loss_spans).tolist()
     out: list[Segment] = []
     for seg in _segment_dicts(segments):
         sb, eb = seg["start_byte"], seg["end_byte"]
         if not 0 <= sb <= eb <= len(text):
             raise DataError(f"stored segment {seg} lies outside the text ({len(text)} bytes)")
         if seg["role"] == "text":
-            in_loss = eb > sb and bool(_text_in_spans(np.array([sb]), np.array([eb]), spans)[0])
+            # `_text_in_spans` of one non-empty range: the last merged span starting at or before it decides
+            covering = [span_end for span_start, span_end in spans if span_start <= sb]
+            in_loss = eb > sb and bool(covering) and eb <= covering[-1]
             out.append(Segment("text", text[sb:eb], in_loss))
         else:
             out.append(Segment(seg["role"]))

@@ -15,15 +15,19 @@ Imports `alm.store`, `alm.templates`, `alm.vocab`, and `alm.teacher` for the tok
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from alm.errors import AlmError, StoreCorruptError
 from alm.store import schema
-from alm.store.reader import ShardData, TeacherStore
+from alm.store.reader import ShardData, StoredSequence, TeacherStore
 from alm.store.verify import VerifyReport, shard_progress, verify_store
 
 logger = logging.getLogger(__name__)
@@ -31,13 +35,29 @@ logger = logging.getLogger(__name__)
 DEEP_SAMPLE_SEQUENCES = 16
 
 
+def _load_store_tokenizer(store: TeacherStore) -> Any:
+    """The store's teacher tokenizer, loaded from the bytes checked against the manifest when the store was
+    opened (written to a temporary folder: the files are read from the store once, and what is loaded is what
+    was checked); from `vocab/tokenizer/` itself for a store whose manifest does not list them."""
+    from alm.teacher.hf import load_tokenizer
+
+    files = store.tokenizer_files()
+    if files is None:
+        return load_tokenizer(store.tokenizer_path)
+    with tempfile.TemporaryDirectory(prefix="alm-verify-tokenizer-") as folder:
+        for name, data in files.items():
+            path = os.path.join(folder, *name.split("/"))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(data)
+        return load_tokenizer(folder)
+
+
 class _Retokenizer:
     """Re-renders stored sequences with the store's own teacher tokenizer and template family."""
 
     def __init__(self, store: TeacherStore) -> None:
-        from alm.teacher.hf import load_tokenizer
-
-        self.tokenizer = load_tokenizer(store.tokenizer_path)
+        self.tokenizer = _load_store_tokenizer(store)
         self.vocab = store.vocab
         self.family = store.manifest.settings.get("family") or "plain"
         self.max_length = store.manifest.max_length
@@ -72,8 +92,51 @@ class _Retokenizer:
         return problems
 
 
-def deep_rescore(store: TeacherStore, num_sequences: int = DEEP_SAMPLE_SEQUENCES) -> dict[str, Any]:
+def deep_sample_positions(
+    store: TeacherStore, num_sequences: int = DEEP_SAMPLE_SEQUENCES
+) -> set[int]:
+    """Which sequences `--deep` re-scores: a fixed sample of positions in stored order."""
+    rng = np.random.default_rng(0)
+    total = store.num_sequences
+    return set(rng.choice(total, size=min(num_sequences, total), replace=False).tolist())
+
+
+class _DeepSample:
+    """Keeps the `--deep` sample's sequences (copies) as the verify pass reads each shard, so the shards are not
+    read a second time; an `on_values` callback that finds no problems itself."""
+
+    def __init__(self, store: TeacherStore) -> None:
+        self.wanted = deep_sample_positions(store)
+        self.position = 0
+        self.sequences: list[StoredSequence] = []
+
+    def __call__(self, store: TeacherStore, shard: ShardData) -> list[str]:
+        for seq in shard.sequences():
+            if self.position in self.wanted:
+                self.sequences.append(
+                    dataclasses.replace(
+                        seq,
+                        token_id=seq.token_id.copy(),
+                        logp=seq.logp.copy(),
+                        boundary_logmass=seq.boundary_logmass.copy(),
+                    )
+                )
+            self.position += 1
+        return []
+
+
+def deep_rescore(
+    store: TeacherStore,
+    num_sequences: int = DEEP_SAMPLE_SEQUENCES,
+    sequences: list[StoredSequence] | None = None,
+) -> dict[str, Any]:
     """Re-score a fixed sample of stored sequences with the teacher the manifest names.
+
+    Args:
+        store: the store.
+        num_sequences: the sample's size.
+        sequences: the sample, already read (`alm verify --deep` collects it while verifying); default: read
+            from the store (`deep_sample_positions`).
 
     Returns:
         `num_sequences`, `num_tokens`, `max_abs_logp_diff`, `max_abs_boundary_logmass_diff` (nats; positions
@@ -97,16 +160,15 @@ def deep_rescore(store: TeacherStore, num_sequences: int = DEEP_SAMPLE_SEQUENCES
         dtype=manifest.settings.get("teacher_dtype", "auto"),
         device="auto",
     )
-    sequences = []
-    rng = np.random.default_rng(0)
-    total = store.num_sequences
-    wanted = set(rng.choice(total, size=min(num_sequences, total), replace=False).tolist())
-    position = 0
-    for shard in store.iter_shards(["token_id", "logp", "boundary_logmass"]):
-        for seq in shard.sequences():
-            if position in wanted:
-                sequences.append(seq)
-            position += 1
+    if sequences is None:
+        sequences = []
+        wanted = deep_sample_positions(store, num_sequences)
+        position = 0
+        for shard in store.iter_shards(["token_id", "logp", "boundary_logmass"]):
+            for seq in shard.sequences():
+                if position in wanted:
+                    sequences.append(seq)
+                position += 1
     scores = teacher.score([seq.token_id for seq in sequences])
     worst_logp, worst_bm, where = 0.0, 0.0, ""
     for seq, score in zip(sequences, scores, strict=True):
@@ -128,14 +190,11 @@ def deep_rescore(store: TeacherStore, num_sequences: int = DEEP_SAMPLE_SEQUENCES
     }
 
 
-def _verify_alignment_caches(path_or_url: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+def _verify_alignment_caches(store: TeacherStore | None) -> tuple[list[str], list[str]]:
     """Problems and report lines of every alignment cache under the store's `alignments/`."""
     from alm.store.alignments import cache_dir, list_cache_keys, verify_cache
-    from alm.store.reader import open_store
 
-    try:
-        store = open_store(path_or_url)
-    except AlmError:
+    if store is None:
         return [], []  # verify_store reports the store itself
     problems: list[str] = []
     lines: list[str] = []
@@ -164,17 +223,32 @@ def run_verify(path_or_url: str | os.PathLike[str], *, deep: bool = False) -> st
     """
     from alm.store.reader import open_store
 
-    retokenize = None
-    try:
-        retokenize = _Retokenizer(open_store(path_or_url))
-    except StoreCorruptError:
-        pass  # verify_store reports it
-    except AlmError as err:
-        logger.warning("not re-tokenizing the stored text: %s", err)
+    store = retokenize = deep_sample = None
+    with contextlib.suppress(StoreCorruptError):  # verify_store reports it
+        store = open_store(
+            path_or_url
+        )  # once: every file is read once (the shards by the verify pass)
+    if store is not None:
+        try:
+            retokenize = _Retokenizer(store)
+        except StoreCorruptError:
+            pass  # verify_store reports it
+        except AlmError as err:
+            logger.warning("not re-tokenizing the stored text: %s", err)
+        if deep:
+            deep_sample = _DeepSample(store)
+    checks: list[Callable[[TeacherStore, ShardData], list[str]]] = [
+        c for c in (retokenize, deep_sample) if c is not None
+    ]
     report: VerifyReport = verify_store(
-        path_or_url, values=True, on_shard=shard_progress("verify"), on_values=retokenize
+        store if store is not None else path_or_url,
+        values=True,
+        on_shard=shard_progress("verify"),
+        on_values=(lambda s, shard: [p for check in checks for p in check(s, shard)])
+        if checks
+        else None,
     )
-    cache_problems, cache_lines = _verify_alignment_caches(path_or_url)
+    cache_problems, cache_lines = _verify_alignment_caches(store)
     if not report.ok or cache_problems:
         text = report.summary() if not report.ok else ""
         if cache_problems:
@@ -190,8 +264,8 @@ def run_verify(path_or_url: str | os.PathLike[str], *, deep: bool = False) -> st
     lines = [report.summary(), *cache_lines]
     if retokenize is not None:
         lines.append("  every untruncated sequence re-tokenizes to its stored teacher ids")
-    if deep:
-        figures = deep_rescore(open_store(path_or_url))
+    if deep and store is not None and deep_sample is not None:
+        figures = deep_rescore(store, sequences=deep_sample.sequences)
         lines.append(
             f"  --deep: re-scored {figures['num_sequences']} sequences ({figures['num_tokens']} tokens) with the "
             f"teacher: largest |logp difference| {figures['max_abs_logp_diff']:.3g} nats ({figures['where']}), "

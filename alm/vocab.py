@@ -156,6 +156,11 @@ class Vocab:
         starts = np.cumsum(self.token_length) - self.token_length
         return flat, starts
 
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        """The special ids, as a set (membership tests on a few ids without NumPy)."""
+        return frozenset(np.flatnonzero(self.is_special).tolist())
+
     def ids_bytes(self, ids: np.ndarray) -> bytes:
         """The concatenated bytes of `ids` (int [n]), i.e. `b"".join(token_bytes[i] for i in ids)`."""
         if len(ids) < 64:  # a few tokens: the join is cheaper than the gather's numpy calls
@@ -591,9 +596,17 @@ def _offsets_from_lengths(lengths: np.ndarray, dummy_prefix: bool) -> tuple[np.n
 
 def _check_tokens(vocab: Vocab, ids: np.ndarray, text: bytes, what: str) -> bool:
     """Verify that the tokens' bytes equal `text` (or a dummy space + `text`); return whether a dummy was used."""
-    special = vocab.is_special[ids] if len(ids) else np.zeros(0, dtype=bool)
-    if special.any():
-        pos = int(np.flatnonzero(special)[0])
+    if (
+        len(ids) < 64
+    ):  # a few tokens (a chat turn): Python's set and join beat numpy's per-call cost
+        ids_list = ids.tolist()
+        has_special = not vocab.special_ids.isdisjoint(ids_list)
+        joined = None if has_special else b"".join([vocab.token_bytes[i] for i in ids_list])
+    else:
+        has_special = bool(vocab.is_special[ids].any())
+        joined = None if has_special else vocab.ids_bytes(ids)
+    if joined is None:
+        pos = int(np.flatnonzero(vocab.is_special[ids])[0])
         token_id = int(ids[pos])
         role = vocab.special_role.get(token_id, "")
         reason = "produced <unk>" if role == "unk" else "produced a special token"
@@ -602,7 +615,6 @@ def _check_tokens(vocab: Vocab, ids: np.ndarray, text: bytes, what: str) -> bool
             f"{token_id}) at token {pos} for {what} {_excerpt(text)}: its tokens cannot reproduce the text's "
             "bytes. Use a tokenizer with byte fallback (ALM_SPEC §13.4)."
         )
-    joined = vocab.ids_bytes(ids)
     if joined == text:
         return False
     # A dummy prefix space: SentencePiece's `▁`, or a byte-level BPE with `add_prefix_space=True` (RoBERTa).
@@ -636,13 +648,21 @@ def _encode_ids(tokenizer: Any, string: str) -> list[int]:
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True
     try:
+        # `encode_batch_fast` (tokenizers >= 0.21) gives the same ids without tracking character offsets, which
+        # alm never reads (offsets come from the token bytes): 1.5x faster on long text.
+        encode_fast = getattr(backend, "encode_batch_fast", None)
+        if encode_fast is not None:
+            return encode_fast([string], add_special_tokens=False)[0].ids
         return backend.encode(string, add_special_tokens=False).ids
     finally:
         backend.encode_special_tokens = previous
 
 
-# Per tokenizer object: its byte -> id table when it is an identity byte tokenizer, else None (`_byte_table`).
-_BYTE_TABLES: weakref.WeakKeyDictionary[Any, np.ndarray | None] = weakref.WeakKeyDictionary()
+# Per tokenizer object: the vocabulary it was decided for and its byte -> id table when it is an identity byte
+# tokenizer, else None (`_byte_table`).
+_BYTE_TABLES: weakref.WeakKeyDictionary[Any, tuple[Vocab, np.ndarray | None]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _byte_table(tokenizer: Any, vocab: Vocab) -> np.ndarray | None:
@@ -650,11 +670,14 @@ def _byte_table(tokenizer: Any, vocab: Vocab) -> np.ndarray | None:
 
     That holds for the pure byte tokenizer (`build_byte_tokenizer`): a `bytes` vocabulary (256 one-byte tokens),
     no normalizer, a ByteLevel pre-tokenizer without prefix space and a BPE model without merges. Its encoding
-    of any text is then the byte lookup, which `encode_text` uses instead of calling the tokenizer (the result
-    is still checked by `_check_tokens`).
+    of any text is then the byte lookup, which `encode_text` uses instead of calling the tokenizer. Every entry
+    is a non-special id of `vocab` whose bytes are that one byte (`Vocab.bytes_to_id`), so the lookup reproduces
+    the text by construction and needs no per-text `_check_tokens`.
     """
     try:
-        return _BYTE_TABLES[tokenizer]
+        cached_vocab, cached_table = _BYTE_TABLES[tokenizer]
+        if cached_vocab is vocab:
+            return cached_table
     except (KeyError, TypeError):
         pass
     table = None
@@ -677,7 +700,7 @@ def _byte_table(tokenizer: Any, vocab: Vocab) -> np.ndarray | None:
             if (table < 0).any():
                 table = None
     with contextlib.suppress(TypeError):  # not weak-referenceable: decided again next time
-        _BYTE_TABLES[tokenizer] = table
+        _BYTE_TABLES[tokenizer] = (vocab, table)
     return table
 
 
@@ -711,9 +734,12 @@ def encode_text(tokenizer: Any, vocab: Vocab, text: bytes) -> TokenizedText:
         return TokenizedText(np.zeros(0, dtype=np.int32), empty, empty.copy(), 0)
     byte_table = _byte_table(tokenizer, vocab)
     if byte_table is not None:
-        token_id = byte_table[np.frombuffer(body, dtype=np.uint8)]  # [n], one token per byte
-    else:
-        token_id = np.asarray(_encode_ids(tokenizer, string), dtype=np.int32)
+        # One token per byte, each a non-special token whose bytes are that byte (`_byte_table` checked the
+        # table once per tokenizer), so the tokens reproduce `body` by construction: `_check_tokens` is moot.
+        token_id = byte_table[np.frombuffer(body, dtype=np.uint8)]  # [n]
+        start_byte = np.arange(num_bytes, dtype=np.int64)
+        return TokenizedText(token_id, start_byte, start_byte + 1, num_bytes, False)
+    token_id = np.asarray(_encode_ids(tokenizer, string), dtype=np.int32)
     dummy = _check_tokens(vocab, token_id, body, "text")
     start_byte, end_byte = _offsets_from_lengths(vocab.token_length[token_id], dummy)
     return TokenizedText(token_id, start_byte, end_byte, num_bytes, dummy)

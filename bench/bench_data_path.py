@@ -1,7 +1,7 @@
 """Stage two's data path per worker process: `StudentExampleBuilder` + `collate`, student tokenization included.
 
     .venv/bin/python bench/bench_data_path.py [--seconds 3] [--batch 16] [--gpu-student-tokens-per-s 66000]
-        [--profile bytes-docs]
+        [--profile bytes-docs] [--against /tmp/base]
 
 Teacher: SmolLM2-135M-Instruct's tokenizer (real), with random teacher values (the cost does not depend on them).
 Students: the pure byte tokenizer and a byte-level BPE (2,048 tokens) trained in-process. Workloads (issue 11,
@@ -15,18 +15,26 @@ Each line gives text MB/s, sequences/s, ms per sequence, student tokens/s, and h
 GPU step that consumes `--gpu-student-tokens-per-s` student tokens per second (default: a 1B student on one H200 at
 ~40% MFU, 0.4 * 989 TFLOP/s / (6 * 1e9 FLOP/token) ~= 66k tokens/s). `--profile NAME` (e.g. `bytes-docs`) prints
 the cProfile top 25 of that case.
+
+`--against PATH` times, in the same process, the data path of another checkout too (e.g. `git worktree add
+/tmp/base main`; its `alm` package is imported under another name), pass by pass alternating with this
+checkout's, and prints the CPU-time ratio before/after per case: on a shared machine only such ratios mean much.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import importlib
 import math
 import os
 import pstats
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -101,6 +109,40 @@ def run(builder: StudentExampleBuilder, sequences: list[StoredSequence], batch: 
     return student_tokens
 
 
+def import_checkout(path: str) -> tuple[Any, Any]:
+    """The `alm.vocab` and `alm.train.batch` modules of the checkout at `path`, imported as `alm_base`."""
+    target = Path(tempfile.mkdtemp(prefix="alm-base-")) / "alm_base"
+    for source in (Path(path) / "alm").rglob("*.py"):
+        text = re.sub(r"\balm\.(?=[a-z_])", "alm_base.", source.read_text())
+        text = re.sub(r"^(from|import) alm\b(?!_)", r"\1 alm_base", text, flags=re.M)
+        out = target / source.relative_to(Path(path) / "alm")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    sys.path.insert(0, str(target.parent))
+    return importlib.import_module("alm_base.vocab"), importlib.import_module(
+        "alm_base.train.batch"
+    )
+
+
+def compare(builders, sequences: list[StoredSequence], batch: int, seconds: float) -> list[float]:
+    """CPU seconds per pass of each (builder, collate) pair, passes alternating (the order flips each round)."""
+    spent = [0.0] * len(builders)
+    rounds = 0
+    for builder, collate_fn in builders:  # warm caches
+        for i in range(0, len(sequences), batch):
+            collate_fn([builder(s) for s in sequences[i : i + batch]])
+    while rounds < 2 or sum(spent) < seconds * len(builders):
+        order = range(len(builders)) if rounds % 2 == 0 else reversed(range(len(builders)))
+        for k in order:
+            builder, collate_fn = builders[k]
+            start = time.process_time()
+            for i in range(0, len(sequences), batch):
+                collate_fn([builder(s) for s in sequences[i : i + batch]])
+            spent[k] += time.process_time() - start
+        rounds += 1
+    return [t / rounds for t in spent]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -109,7 +151,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--gpu-student-tokens-per-s", type=float, default=66_000.0)
     parser.add_argument("--profile", help="print the cProfile top 25 of this case, e.g. bytes-docs")
+    parser.add_argument(
+        "--against", help="another alm checkout to time in the same run (before/after ratios)"
+    )
     args = parser.parse_args()
+    base = import_checkout(args.against) if args.against else None
 
     teacher_tok = smollm2_tokenizer()
     teacher_vocab = vocab_from_tokenizer(teacher_tok)
@@ -118,17 +164,39 @@ def main() -> None:
         "chat": stored(teacher_tok, teacher_vocab, chats(384)),
     }
     for student_name, student_tok in (("bytes", byte_tokenizer()), ("bpe", bpe_tokenizer(2048))):
+        settings = {
+            "student_tokenizer": student_tok,
+            "student_family": "chatml",
+            "max_length": MAX_LENGTH,
+            "boundary_class_ids": [0, 1, 2, 4],
+            "gamma": 0.1,
+        }
         builder = StudentExampleBuilder(
-            teacher_vocab=teacher_vocab,
-            student_tokenizer=student_tok,
-            student_vocab=vocab_from_tokenizer(student_tok),
-            student_family="chatml",
-            max_length=MAX_LENGTH,
-            boundary_class_ids=[0, 1, 2, 4],
-            gamma=0.1,
+            teacher_vocab=teacher_vocab, student_vocab=vocab_from_tokenizer(student_tok), **settings
         )
         for workload, sequences in workloads.items():
             name = f"{student_name}-{workload}"
+            if base is not None:
+                base_vocab, base_batch = base
+                base_builder = base_batch.StudentExampleBuilder(
+                    teacher_vocab=base_vocab.vocab_from_tokenizer(teacher_tok),
+                    student_vocab=base_vocab.vocab_from_tokenizer(student_tok),
+                    **settings,
+                )
+                before, after = compare(
+                    [(base_builder, base_batch.collate), (builder, collate)],
+                    sequences,
+                    args.batch,
+                    args.seconds,
+                )
+                num_bytes = sum(len(s.text) for s in sequences)
+                print(
+                    f"before/after {name:11s}: {before / after:5.2f}x  CPU ms/seq "
+                    f"{1e3 * before / len(sequences):6.3f} -> {1e3 * after / len(sequences):6.3f}  "
+                    f"CPU MB/s {num_bytes / before / 1e6:6.2f} -> {num_bytes / after / 1e6:6.2f}  "
+                    f"(load average {os.getloadavg()[0]:.1f})"
+                )
+                continue
             run(builder, sequences, args.batch)  # warm caches
             if args.profile == name:
                 profiler = cProfile.Profile()

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from alm.errors import AlignmentError
-from alm.templates import token_in_loss
+from alm.templates import TokenizedSequence, block_runs, token_in_loss
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,10 @@ class _Side:
     end_byte: np.ndarray  # int64 [n]
     role: np.ndarray  # object [n]
     is_block: np.ndarray  # bool [n]
+    runs: tuple[list[int], list[int], list[Any]]  # `block_runs`: first positions, ends, roles [nb]
     block_start_pos: np.ndarray  # int64 [nb]
-    block_end_pos: np.ndarray  # int64 [nb]
     block_role: list[Any]  # [nb]
-    block_complete: np.ndarray  # bool [nb]: not cut by truncation
+    block_complete: list[bool]  # [nb]: not cut by truncation
 
 
 def _side(tokens: Any, name: str) -> _Side:
@@ -106,7 +106,7 @@ def _side(tokens: Any, name: str) -> _Side:
             f"{name} tokens: start_byte and end_byte must be 1-D arrays of the same length, got shapes "
             f"{start_byte.shape} and {end_byte.shape}; pass one entry per token."
         )
-    if n and np.any(end_byte < start_byte):
+    if n and (end_byte < start_byte).any():
         bad = int(np.argmax(end_byte < start_byte))
         raise AlignmentError(
             f"{name} token {bad} ends before it starts ({start_byte[bad]}..{end_byte[bad]}); "
@@ -114,24 +114,23 @@ def _side(tokens: Any, name: str) -> _Side:
         )
     role_in = getattr(tokens, "role", None)
     if role_in is None:
-        role = np.full(n, None, dtype=object)
+        role = np.empty(n, dtype=object)  # NumPy fills object arrays with None
     else:
         role = np.asarray(role_in, dtype=object)  # [n]; no copy for an object array
     if role.shape != (n,):
         raise AlignmentError(
             f"{name} tokens: {len(role)} roles for {n} tokens; give one role (or None) per token."
         )
-    # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
-    is_block = np.not_equal(role, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
-    block_pos = np.flatnonzero(is_block).astype(_INT)
-    # A block starts where the previous token is not a block token or has another role; roles are compared
-    # only among block tokens (a handful per sequence).
-    block_role = role[block_pos]
-    starts = np.ones(len(block_pos), bool)
-    starts[1:] = (block_pos[1:] != block_pos[:-1] + 1) | (block_role[1:] != block_role[:-1])
-    first = np.flatnonzero(starts)
-    last = np.append(first[1:] - 1, len(block_pos) - 1).astype(_INT)
-    block_end_pos = block_pos[last] + 1 if len(block_pos) else np.zeros(0, _INT)
+    runs = tokens.blocks if isinstance(tokens, TokenizedSequence) else None
+    if runs is None:
+        # element-wise `!= None` on an object array; numpy's stubs do not admit None as an operand
+        is_block = np.not_equal(role, None)  # pyright: ignore[reportArgumentType, reportCallIssue]
+        runs = block_runs(role, is_block)
+    else:  # the runs `role` was built from (`render`, `sequence_from_ids`)
+        is_block = np.zeros(n, bool)
+        for start, end in zip(runs[0], runs[1], strict=True):
+            is_block[start:end] = True
+    run_starts, run_ends, run_roles = runs
     # A truncated sequence's last block may be cut; its full length is not known here, so a block reaching the last
     # token counts as incomplete (a block that exactly fills the budget is dropped too: nothing follows it anyway).
     truncated = bool(getattr(tokens, "truncated", False))
@@ -140,10 +139,10 @@ def _side(tokens: Any, name: str) -> _Side:
         end_byte,
         role,
         is_block,
-        block_pos[first],
-        block_end_pos,
-        list(block_role[first]),
-        ~(truncated & (block_end_pos == n)),
+        runs,
+        np.asarray(run_starts, dtype=_INT),
+        run_roles,
+        [not (truncated and end == n) for end in run_ends],
     )
 
 
@@ -168,8 +167,8 @@ def _match_blocks(teacher: _Side, student: _Side) -> tuple[np.ndarray, np.ndarra
         other = student_index.get((role, occurrence))
         if other is None or not (teacher.block_complete[index] and student.block_complete[other]):
             continue
-        teacher_byte = teacher.start_byte[teacher.block_start_pos[index]]
-        student_byte = student.start_byte[student.block_start_pos[other]]
+        teacher_byte = teacher.start_byte[teacher.runs[0][index]]
+        student_byte = student.start_byte[student.runs[0][other]]
         # Keep pairs in the same order on both sides (a crossing pair could not form chunks).
         if teacher_byte == student_byte and other > last_student:
             pairs_teacher.append(index)
@@ -185,38 +184,53 @@ def _token_chunk_index(
     n = len(side.start_byte)
     index = np.empty(n, _INT)
     text = ~side.is_block
-    chunk = np.searchsorted(common_end_byte, side.start_byte[text], side="right").astype(_INT)
+    chunk = np.searchsorted(common_end_byte, side.start_byte[text], side="right").astype(
+        _INT, copy=False
+    )
     chunk[chunk >= num_text_chunks] = -1  # unaligned tail
     index[text] = chunk
     index[side.is_block] = -2
-    if len(matched_blocks):
-        lengths = side.block_end_pos[matched_blocks] - side.block_start_pos[matched_blocks]
-        positions = np.repeat(side.block_start_pos[matched_blocks], lengths) + (
-            np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        )
-        index[positions] = num_text_chunks + np.repeat(np.arange(len(matched_blocks)), lengths)
+    run_starts, run_ends, _ = side.runs
+    for k, block in enumerate(
+        matched_blocks.tolist()
+    ):  # a handful of blocks, each a run of positions
+        index[run_starts[block] : run_ends[block]] = num_text_chunks + k
     return index
 
 
 def _ranges(index: np.ndarray, num_chunks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per chunk: first position, one past the last position, number of tokens."""
-    positions = np.arange(len(index), dtype=_INT)
     member = index >= 0
-    count = np.bincount(index[member], minlength=num_chunks).astype(_INT)
-    first = np.full(num_chunks, len(index), _INT)
-    last = np.full(num_chunks, -1, _INT)
-    np.minimum.at(first, index[member], positions[member])
-    np.maximum.at(last, index[member], positions[member])
+    chunk = index[member]  # [m] the chunk of each member token
+    positions = np.flatnonzero(member)  # [m] its position
+    count = np.bincount(chunk, minlength=num_chunks).astype(_INT, copy=False)
+    first = np.empty(num_chunks, _INT)  # (`np.full` is a Python wrapper around these two calls)
+    first.fill(len(index))
+    last = np.empty(num_chunks, _INT)
+    last.fill(-1)
+    np.minimum.at(first, chunk, positions)
+    np.maximum.at(last, chunk, positions)
     return first, last + 1, count
 
 
-def _all_in_loss(side: _Side, index: np.ndarray, num_chunks: int, loss_spans: Any) -> np.ndarray:
-    """Per chunk: every token of this side that belongs to it is in the loss (`token_in_loss`)."""
-    in_loss = token_in_loss(
-        side.start_byte, side.end_byte, side.role, loss_spans, is_block=side.is_block
+def _tokens_in_loss(side: _Side, loss_spans: Any) -> np.ndarray:
+    """bool [n]: `token_in_loss` of this side's tokens (with the block runs `_side` found)."""
+    return token_in_loss(
+        side.start_byte,
+        side.end_byte,
+        side.role,
+        loss_spans,
+        is_block=side.is_block,
+        runs=side.runs,
     )
-    chunk = index[np.flatnonzero(~in_loss)]  # chunks holding a token outside the loss (-1/-2: none)
+
+
+def _all_in_loss(index: np.ndarray, num_chunks: int, token_in_loss: np.ndarray) -> np.ndarray:
+    """Per chunk: every token of this side that belongs to it is in the loss (`token_in_loss` [n])."""
     out = np.ones(num_chunks, bool)
+    if token_in_loss.all():
+        return out
+    chunk = index[~token_in_loss]  # chunks holding a token outside the loss (-1/-2: none)
     out[chunk[chunk >= 0]] = False
     return out
 
@@ -226,7 +240,7 @@ def _sorted_intersection(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     token ends of real tokenizations are), else `np.intersect1d`."""
     if len(first) == 0 or len(second) == 0:
         return np.zeros(0, _INT)
-    if np.all(first[1:] > first[:-1]) and np.all(second[1:] > second[:-1]):
+    if (first[1:] > first[:-1]).all() and (second[1:] > second[:-1]).all():
         if len(first) > len(second):
             first, second = second, first
         index = np.minimum(np.searchsorted(second, first), len(second) - 1)
@@ -258,6 +272,21 @@ def align_sequences(
     Raises:
         AlignmentError: malformed offsets.
     """
+    return align_with_loss_masks(teacher, student, loss_spans, keep_outside_loss=keep_outside_loss)[
+        0
+    ]
+
+
+def align_with_loss_masks(
+    teacher: Any, student: Any, loss_spans: Any = None, *, keep_outside_loss: bool = False
+) -> tuple[Chunks, np.ndarray, np.ndarray]:
+    """`align_sequences`, and each side's per-token loss mask it used (bool [n] and [m], `token_in_loss` of the
+    teacher and the student tokens with `loss_spans`; all True when `loss_spans` is None), so that the data path
+    does not compute the student's SFT mask a second time.
+
+    Raises:
+        AlignmentError: malformed offsets.
+    """
     teacher_side = _side(teacher, "teacher")
     student_side = _side(student, "student")
 
@@ -275,16 +304,17 @@ def align_sequences(
     teacher_start, teacher_end, teacher_count = _ranges(teacher_index, num_chunks)
     student_start, student_end, student_count = _ranges(student_index, num_chunks)
 
+    num_blocks = len(teacher_blocks)
     block_byte = teacher_side.start_byte[teacher_side.block_start_pos[teacher_blocks]]
-    start_byte = np.concatenate(
-        [np.concatenate([[0], common_end_byte[:-1]]).astype(_INT)[:num_text], block_byte]
-    )
-    end_byte = np.concatenate([common_end_byte, block_byte]).astype(_INT)
-    is_block = np.concatenate([np.zeros(num_text, bool), np.ones(len(teacher_blocks), bool)])
-    # Byte order; at one offset the text chunk ending there comes first, then the blocks in token order.
-    secondary = np.concatenate(
-        [np.zeros(num_text, _INT), 1 + np.arange(len(teacher_blocks), dtype=_INT)]
-    )
+    end_byte = np.concatenate([common_end_byte, block_byte]).astype(_INT, copy=False)  # [C]
+    start_byte = (
+        end_byte.copy()
+    )  # a block chunk starts where it ends; a text chunk at the previous end
+    start_byte[1:num_text] = common_end_byte[:-1]
+    if num_text:
+        start_byte[0] = 0
+    is_block = np.zeros(num_chunks, bool)
+    is_block[num_text:] = True
 
     valid = (
         (teacher_count > 0)
@@ -298,14 +328,24 @@ def align_sequences(
     )
     if loss_spans is None:
         in_loss = np.ones(num_chunks, bool)
+        teacher_in_loss = np.ones(len(teacher_index), bool)
+        student_in_loss = np.ones(len(student_index), bool)
     else:
-        in_loss = _all_in_loss(teacher_side, teacher_index, num_chunks, loss_spans) & _all_in_loss(
-            student_side, student_index, num_chunks, loss_spans
+        teacher_in_loss = _tokens_in_loss(teacher_side, loss_spans)
+        student_in_loss = _tokens_in_loss(student_side, loss_spans)
+        in_loss = _all_in_loss(teacher_index, num_chunks, teacher_in_loss) & _all_in_loss(
+            student_index, num_chunks, student_in_loss
         )
     if not keep_outside_loss:
         valid &= in_loss
-    order = np.lexsort((secondary, end_byte))
-    order = order[valid[order]]
+    if num_blocks:
+        # Byte order; at one offset the text chunk ending there comes first, then the blocks in token order.
+        secondary = np.zeros(num_chunks, _INT)
+        secondary[num_text:] = np.arange(1, num_blocks + 1)
+        order = np.lexsort((secondary, end_byte))
+        order = order[valid[order]]
+    else:  # text chunks only, whose ends are increasing: already in byte order
+        order = np.flatnonzero(valid)
     chunks = Chunks(
         teacher_start=teacher_start[order],
         teacher_end=teacher_end[order],
@@ -329,7 +369,7 @@ def align_sequences(
             "dropping %d chunks whose token order differs between teacher and student", (~ok).sum()
         )
         chunks = chunks.select(ok)
-    return chunks
+    return chunks, teacher_in_loss, student_in_loss
 
 
 @dataclass(frozen=True)

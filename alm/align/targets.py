@@ -104,9 +104,9 @@ def build_alm_targets(
     Raises:
         AlignmentError: the chunks reach past the teacher arrays, or a log-prob inside a chunk is NaN.
     """
-    logp = np.asarray(teacher_logp, dtype=np.float64)
-    boundary_logmass = np.minimum(np.asarray(teacher_boundary_logmass, dtype=np.float64), 0.0)
-    n = len(logp)
+    body = np.array(teacher_logp, dtype=np.float64)  # [n], a copy: position 0 is zeroed below
+    n = len(body)
+    boundary_logmass = np.asarray(teacher_boundary_logmass)
     if boundary_logmass.shape != (n,):
         raise AlignmentError(
             f"teacher_boundary_logmass has shape {boundary_logmass.shape}, expected ({n},) like teacher_logp; "
@@ -118,15 +118,19 @@ def build_alm_targets(
             "align against the same teacher tokens whose log-probs you pass."
         )
     # prefix[q] = Σ_{1 <= r < q} logp[r]; position 0 contributes nothing (§5.1).
-    body = logp.copy()
     if n:
         body[0] = 0.0
     prefix = np.zeros(n + 1)
     np.cumsum(body, out=prefix[1:])
 
-    loss_chunks = chunks.select(chunks.in_loss)
-    teacher_start, teacher_end = loss_chunks.teacher_start, loss_chunks.teacher_end
-    student_start, student_end = loss_chunks.student_start, loss_chunks.student_end
+    in_loss = chunks.in_loss
+    every_chunk = bool(in_loss.all())  # plain text trained throughout: nothing to select
+    teacher_start = chunks.teacher_start if every_chunk else chunks.teacher_start[in_loss]
+    teacher_end = chunks.teacher_end if every_chunk else chunks.teacher_end[in_loss]
+    student_start = chunks.student_start if every_chunk else chunks.student_start[in_loss]
+    student_end = chunks.student_end if every_chunk else chunks.student_end[in_loss]
+    chunk_is_block = chunks.is_block if every_chunk else chunks.is_block[in_loss]
+    num_loss_chunks = len(teacher_start)
     chunk_logp = np.minimum(
         prefix[teacher_end] - prefix[teacher_start], 0.0
     )  # [C'] clipped per chunk (§5.1)
@@ -136,26 +140,32 @@ def build_alm_targets(
             f"teacher log-prob is NaN inside chunk {bad} (teacher positions {teacher_start[bad]}..{teacher_end[bad]}); "
             "only position 0 of a sequence may be NaN. Check the teacher store."
         )
-    chunk_boundary = boundary_logmass[teacher_end - 1] if len(loss_chunks) else np.zeros(0)  # [C']
+    # [C'] the boundary log-mass (clipped to <= 0) at each chunk's last token
+    chunk_boundary = (
+        np.minimum(boundary_logmass[teacher_end - 1].astype(np.float64), 0.0)
+        if num_loss_chunks
+        else np.zeros(0)
+    )
     is_boundary = np.exp(chunk_boundary) > gamma  # strict (§5.3)
 
     ends_group = is_boundary.copy()
-    if len(loss_chunks):
+    if num_loss_chunks:
         adjacent = (teacher_start[1:] == teacher_end[:-1]) & (student_start[1:] == student_end[:-1])
         ends_group[:-1] |= ~adjacent
         ends_group[-1] = True
     group_last = np.flatnonzero(ends_group)
-    group_first = np.concatenate([[0], group_last[:-1] + 1]).astype(_INT)[: len(group_last)]
+    group_first = np.zeros(len(group_last), _INT)
+    group_first[1:] = group_last[:-1] + 1
     # [G] no append_space after a block, and none at all without debiasing
-    has_boundary_term = ~loss_chunks.is_block[group_last] & debias
+    last_is_block = chunk_is_block[group_last]
+    has_boundary_term = ~last_is_block & debias
     group_logp = (
         np.add.reduceat(chunk_logp, group_first) if len(group_last) else np.zeros(0)
     ) + np.where(has_boundary_term, chunk_boundary[group_last], 0.0)
-    keep = np.ones(len(group_last), bool)
     if drop_unterminated_groups:
-        keep = is_boundary[group_last] | loss_chunks.is_block[group_last]
-    group_first, group_last, group_logp = group_first[keep], group_last[keep], group_logp[keep]
-    has_boundary_term = has_boundary_term[keep]
+        keep = is_boundary[group_last] | last_is_block
+        group_first, group_last, group_logp = group_first[keep], group_last[keep], group_logp[keep]
+        has_boundary_term = has_boundary_term[keep]
 
     return AlmTargets(
         teacher_group_logp=group_logp.astype(np.float32),
@@ -179,13 +189,16 @@ def combine_boundary_classes(
     The default is `alm.boundary.DEFAULT_BOUNDARY_CLASSES`, tokenkit's `space+tab+newline+special` (§5.2), the
     same set `alm train` uses by default.
     """
-    stored = np.asarray(boundary_logmass, dtype=np.float64)[:, list(classes)]
-    top = np.max(stored, axis=1, keepdims=True)
+    stored = np.asarray(boundary_logmass)[:, list(classes)].astype(np.float64)  # [n, c]
+    top = stored.max(axis=1)  # [n]
     top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.minimum(
-            (top + np.log(np.exp(stored - top).sum(axis=1, keepdims=True)))[:, 0], 0.0
-        )
+    total = np.exp(stored - top[:, None]).sum(axis=1)  # [n]: >= 1, or 0 where every class is -inf
+    if len(total) and total.min() > 0:
+        log_total = np.log(total)
+    else:
+        with np.errstate(divide="ignore"):
+            log_total = np.log(total)
+    return np.minimum(top + log_total, 0.0)
 
 
 def chunk_logp_sums(logp: np.ndarray, start_pos: np.ndarray, end_pos: np.ndarray) -> np.ndarray:

@@ -59,10 +59,22 @@ class PaddedTargets:
         )
 
 
-def _pad(arrays: list[np.ndarray], width: int, fill: float, dtype: npt.DTypeLike) -> torch.Tensor:
+def _flat_index(lengths: list[int], width: int) -> np.ndarray:
+    """int64 [sum of lengths]: where row i's j-th value sits in a flattened [B, width] array (j < lengths[i])."""
+    counts = np.asarray(lengths, dtype=np.int64)
+    row_start = np.arange(len(lengths), dtype=np.int64) * width
+    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(
+        row_start - (np.cumsum(counts) - counts), counts
+    )
+
+
+def _pad(
+    arrays: list[np.ndarray], width: int, fill: float, dtype: npt.DTypeLike, flat: np.ndarray
+) -> torch.Tensor:
+    """Right-pad 1-D `arrays` into [B, width] with one scatter (`flat`: `_flat_index` of their lengths)."""
     out = np.full((len(arrays), width), fill, dtype=dtype)
-    for row, values in enumerate(arrays):
-        out[row, : len(values)] = values
+    if len(flat):
+        out.reshape(-1)[flat] = np.concatenate(arrays)
     return torch.from_numpy(out)
 
 
@@ -76,16 +88,18 @@ def pad_targets(examples: Sequence[AlmTargets]) -> PaddedTargets:
     num_chunks = [example.num_chunks for example in examples]
     group_width = max([1, *num_groups])
     chunk_width = max([1, *num_chunks])
+    group_flat = _flat_index(num_groups, group_width)
+    chunk_flat = _flat_index(num_chunks, chunk_width)
 
     def groups(field: str) -> torch.Tensor:
-        return _pad([getattr(e, field) for e in examples], group_width, -1, np.int64)
+        return _pad([getattr(e, field) for e in examples], group_width, -1, np.int64, group_flat)
 
     def chunks(field: str) -> torch.Tensor:
-        return _pad([getattr(e, field) for e in examples], chunk_width, -1, np.int64)
+        return _pad([getattr(e, field) for e in examples], chunk_width, -1, np.int64, chunk_flat)
 
     return PaddedTargets(
         teacher_group_logp=_pad(
-            [e.teacher_group_logp for e in examples], group_width, 0.0, np.float32
+            [e.teacher_group_logp for e in examples], group_width, 0.0, np.float32, group_flat
         ),
         teacher_group_start=groups("teacher_group_start"),
         teacher_group_end=groups("teacher_group_end"),
@@ -95,7 +109,7 @@ def pad_targets(examples: Sequence[AlmTargets]) -> PaddedTargets:
         student_group_last_pos=groups("student_group_last_pos"),
         group_mask=_mask(num_groups, group_width),
         group_has_boundary_term=_pad(
-            [e.group_has_boundary_term for e in examples], group_width, False, np.bool_
+            [e.group_has_boundary_term for e in examples], group_width, False, np.bool_, group_flat
         ),
         teacher_chunk_last_pos=chunks("teacher_chunk_last_pos"),
         student_chunk_last_pos=chunks("student_chunk_last_pos"),

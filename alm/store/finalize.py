@@ -7,11 +7,8 @@ and checksums match its `shard.json`, and its fingerprints match the plan. Impor
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,8 +19,9 @@ from alm.store._fs import Location, locate
 from alm.store.card import CARD_FILE, render_card
 from alm.store.fingerprint import array_checksum
 from alm.store.manifest import StoreManifest
+from alm.store.owned import written_store_files
 from alm.store.reader import ShardCheck, read_manifest, read_shard_arrays, read_shard_index
-from alm.store.replace import remove_replaced
+from alm.store.replace import remove_replaced, remove_replaced_remote
 from alm.store.writer import StoreLayout, StorePlan, read_plan, utc_now
 
 logger = logging.getLogger(__name__)
@@ -113,56 +111,6 @@ def _check_shard(
                     f"{where}/{name}: checksum differs from {schema.SHARD_FILE} (corrupt or modified)"
                 )
     return problems
-
-
-_TEMP_SUFFIX = re.compile(r"\.(tmp|stale)-[0-9a-f]{8}$")
-
-
-def written_store_files(root: Path) -> set[str]:
-    """The files of a (replaced) store folder that alm wrote, by relative path: its JSON documents, every file
-    its manifest and its shards' `shard.json` list, the vocabulary, alm's temp files, claims and caches. Anything
-    else (a user's notes in `shards/`) is not alm's."""
-
-    def listed(folder: Path) -> set[str]:
-        return {p.relative_to(root).as_posix() for p in folder.rglob("*") if p.is_file()}
-
-    out = {schema.PLAN_FILE, schema.MANIFEST_FILE, schema.VOCAB_TABLE_FILE, CARD_FILE}
-    try:
-        doc = json.loads((root / schema.MANIFEST_FILE).read_text(encoding="utf-8"))
-        out.update(StoreManifest.from_json(doc).files)
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # no or a damaged manifest
-        pass
-    tokenizer = root / schema.TOKENIZER_DIR
-    if tokenizer.is_dir():
-        out |= listed(tokenizer)  # written by the teacher tokenizer's save_pretrained
-    if (root / "alignments").is_dir():
-        out |= listed(root / "alignments")
-    shards = root / schema.SHARDS_DIR
-    for entry in sorted(shards.iterdir()) if shards.is_dir() else []:
-        if entry.is_dir() and entry.name.startswith(schema.TEMP_SHARD_DIR_PREFIX):
-            out |= listed(entry)
-        elif entry.is_dir() and schema.SHARD_DIR_PATTERN.fullmatch(entry.name):
-            where = f"{schema.SHARDS_DIR}/{entry.name}"
-            try:
-                doc = json.loads((entry / schema.SHARD_FILE).read_text(encoding="utf-8"))
-                files = doc.get("files")
-            except (OSError, ValueError, AttributeError):
-                files = None
-            if files is None:  # no inventory: the fixed names of a shard
-                files = [schema.INDEX_FILE, schema.INDEX_FILE_V2] + [
-                    p.relative_to(entry).as_posix()
-                    for p in (entry / schema.ARRAYS_DIR).rglob("*")
-                    if p.is_file()
-                ]
-            out |= {f"{where}/{rel}" for rel in [schema.SHARD_FILE, *files]}
-        elif schema.CLAIM_FILE_PATTERN.fullmatch(entry.name):
-            out.add(f"{schema.SHARDS_DIR}/{entry.name}")
-    # temp and stale copies of alm's files (a write killed before its rename)
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and _TEMP_SUFFIX.search(rel) and _TEMP_SUFFIX.sub("", rel) in out | {rel}:
-            out.add(rel)
-    return out
 
 
 def build_manifest(
@@ -317,8 +265,11 @@ def finalize_store(
         render_card(StoreManifest.from_json(manifest), schema.FORMAT_NAME).encode(), CARD_FILE
     )  # before the manifest: it is last
     location.write_bytes(schema.json_bytes(manifest), schema.MANIFEST_FILE)
-    if location.is_local:  # the replacement is complete: now the store it replaced may go
-        remove_replaced(location.root, written_store_files)
+    # the replacement is complete: now the store it replaced may go (only the files alm wrote)
+    if location.is_local:
+        remove_replaced(location.root, lambda aside: written_store_files(locate(str(aside))))
+    else:
+        remove_replaced_remote(location, written_store_files)
     logger.info(
         "finalized %s: %d shards, %d sequences, %d tokens",
         location.url,

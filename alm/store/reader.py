@@ -418,6 +418,18 @@ _pool_state: dict[
 _pool_lock = threading.Lock()
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (a DataLoader worker) starts with no pool and a fresh lock: another parent thread may have
+    held the lock at the fork, and the parent's pool threads do not exist in the child."""
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pool_state.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _read_pool(threads: int) -> ThreadPoolExecutor | None:
     """This process's decode thread pool (None for one thread); a forked child never uses its parent's."""
     if threads <= 1:
@@ -553,12 +565,18 @@ class TeacherStore:
     """
 
     def __init__(
-        self, location: Location, manifest_doc: dict[str, Any] | None, plan_doc: dict[str, Any]
+        self,
+        location: Location,
+        manifest_doc: dict[str, Any] | None,
+        plan_doc: dict[str, Any],
+        checked_files: Mapping[str, bytes] | None = None,
     ) -> None:
         self.location = location
         self.plan_doc = plan_doc
         self.manifest_doc = manifest_doc  # the JSON as written (None for an unfinished store)
         self._checked_shard_docs: dict[int, dict[str, Any]] = {}
+        # store-level files (plan, vocabulary, tokenizer), kept once checked: each is read once per store object
+        self._checked_files: dict[str, bytes] = dict(checked_files or {})
         self.manifest: StoreManifest
         if manifest_doc is not None:
             self.manifest = StoreManifest.from_json(manifest_doc)
@@ -622,7 +640,12 @@ class TeacherStore:
         Raises:
             StoreCorruptError: the file is missing or differs from what the manifest records.
         """
-        return _store_file_bytes(self.location, self.manifest.files, rel)
+        data = self._checked_files.get(rel)
+        if data is None:
+            data = self._checked_files[rel] = _store_file_bytes(
+                self.location, self.manifest.files, rel
+            )
+        return data
 
     def check_store_files(self) -> None:
         """Check every store-level file the manifest lists (plan, vocabulary table, tokenizer files).
@@ -632,6 +655,16 @@ class TeacherStore:
         """
         for rel in self.manifest.files:
             self.store_file_bytes(rel)
+
+    def tokenizer_files(self) -> dict[str, bytes] | None:
+        """The saved teacher tokenizer's files (name inside `vocab/tokenizer/` -> bytes), as checked against the
+        manifest on opening; None for a store whose manifest does not list them (written before inventories).
+        """
+        prefix = f"{schema.TOKENIZER_DIR}/"
+        names = [rel for rel in self.manifest.files if rel.startswith(prefix)]
+        if not names:
+            return None
+        return {rel[len(prefix) :]: self.store_file_bytes(rel) for rel in names}
 
     def shard_doc(self, shard_index: int) -> dict[str, Any]:
         """The shard's `shard.json`, checked against its own checksum and the manifest's record of it.
@@ -714,13 +747,20 @@ class TeacherStore:
         )
 
     def read_shard(
-        self, shard_index: int, fields: list[str] | None = None, *, threads: int | None = None
+        self,
+        shard_index: int,
+        fields: list[str] | None = None,
+        check: ShardCheck | None = None,
+        *,
+        threads: int | None = None,
     ) -> ShardData:
         """Read one whole shard (index + arrays), checking every file read against `shard.json`.
 
         Args:
             shard_index: a finished shard of this store.
             fields: limits the arrays read (default: all stored); `token_id` is always read.
+            check: the `shard_check(shard_index)` to check the reads with (its `seen` then names the files
+                read, so a caller checking every file reads only the others); default a new one.
             threads: decode threads (default `read_threads()`: `ALM_STORE_READ_THREADS`, else the CPUs this
                 process may use, at most 4); 1 decodes in the calling thread.
 
@@ -742,7 +782,7 @@ class TeacherStore:
         if "token_id" not in names:
             names.insert(0, "token_id")
         doc = self.shard_doc(shard_index)
-        check = self.shard_check(shard_index)
+        check = check or self.shard_check(shard_index)
         if check.files is not None:
             check.read(self.location, f"{schema.ARRAYS_DIR}/zarr.json")
         arrays, tasks = _plan_shard_arrays(self.location, check, names)
@@ -905,9 +945,12 @@ def open_store(
             f"(rerun the same command for the missing shards) or run `alm store finalize {location.url}`"
         )
     plan_doc: dict[str, Any] = {}
+    checked_files: dict[str, bytes] = {}
     files = (manifest or {}).get("files") or {}
     if has_plan or schema.PLAN_FILE in files:
-        data = _store_file_bytes(location, files, schema.PLAN_FILE)
+        data = checked_files[schema.PLAN_FILE] = _store_file_bytes(
+            location, files, schema.PLAN_FILE
+        )
         try:
             plan_doc = json.loads(data)
         except ValueError as err:
@@ -919,7 +962,7 @@ def open_store(
             raise integrity.corrupt(location.url, schema.PLAN_FILE, problem)
         schema.check_format(plan_doc, f"{location.url}/{schema.PLAN_FILE}")
     try:
-        store = TeacherStore(location, manifest, plan_doc)
+        store = TeacherStore(location, manifest, plan_doc, checked_files)
     except (KeyError, TypeError, ValueError) as err:
         damaged = schema.MANIFEST_FILE if manifest is not None else schema.PLAN_FILE
         raise integrity.corrupt(

@@ -8,8 +8,13 @@ its student, `remove_replaced(root, owned)` deletes from each aside folder exact
 wrote, moves every other file (a user's notes, a model card) back to its old place (or leaves it in the aside
 folder when that place is taken, with a warning), and removes the aside folder once it is empty.
 
-Also `output_write_error`: a full disk while a run writes its outputs, as one message. Local folders only.
-Imports the standard library and `alm.errors` only.
+Object stores (fsspec URLs) cannot rename a folder: there `move_aside_remote(location, rels)` moves only the files
+alm wrote (each copied then deleted, by `fs.mv`) into `.alm-replaced-<time>-<random>/`, so a user's files never
+move, and `remove_replaced_remote(location, owned)` deletes exactly the aside files `owned` says alm wrote once the
+new store is finished.
+
+Also `output_write_error`: a full disk while a run writes its outputs, as one message. Imports the standard
+library, `alm.errors` and `alm.store._fs` only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from alm.errors import StoreError
+from alm.store._fs import Location
+from alm.store.owned import files_under
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +45,7 @@ def move_aside(root: str | os.PathLike[str], entries: Iterable[str]) -> Path | N
     present = [name for name in entries if os.path.lexists(root / name)]
     if not present:
         return None
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    aside = root / f"{REPLACED_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}"
+    aside = root / _aside_name()
     aside.mkdir()
     for name in present:
         os.rename(root / name, aside / name)
@@ -86,6 +92,59 @@ def remove_replaced(root: str | os.PathLike[str], owned: Callable[[Path], set[st
     if kept:
         logger.warning(
             "--overwrite: %d file(s) not written by alm could not go back (their place is taken): %s",
+            len(kept),
+            ", ".join(kept[:5]),
+        )
+    return kept
+
+
+def _aside_name() -> str:
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    return f"{REPLACED_PREFIX}{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+def move_aside_remote(location: Location, rels: Iterable[str]) -> str | None:
+    """Move the existing files `rels` (relative to the store root) of an object store into a new aside folder,
+    one by one (copy, then delete); None when none exists. The store's other files stay where they are."""
+    present = [rel for rel in sorted(rels) if location.exists(rel) and not location.isdir(rel)]
+    if not present:
+        return None
+    aside = _aside_name()
+    for rel in present:
+        location.fs.mv(location.path(rel), location.path(aside, rel))
+    logger.info(
+        "--overwrite: moved the previous store's %d files aside to %s",
+        len(present),
+        location.path(aside),
+    )
+    return aside
+
+
+def remove_replaced_remote(
+    location: Location, owned: Callable[[Location, str], set[str]]
+) -> list[str]:
+    """Delete alm's files from every aside folder of an object store; keep (and name) any other. Returns the
+    kept files.
+
+    Args:
+        location: the store.
+        owned: given the store and an aside folder, the paths (relative to that folder) of the files alm wrote.
+    """
+    kept: list[str] = []
+    for name in location.listdir():
+        if not name.startswith(REPLACED_PREFIX) or not location.isdir(name):
+            continue
+        mine = owned(location, name)
+        others = [rel for rel in files_under(location, name) if rel not in mine]
+        for rel in sorted(mine & set(files_under(location, name))):
+            location.fs.rm(location.path(name, rel))
+        if others:
+            kept += [location.path(name, rel) for rel in others]
+        elif location.exists(name):
+            location.remove(name)  # only empty prefixes are left
+    if kept:
+        logger.warning(
+            "--overwrite: %d file(s) in the old store's aside folder were not written by alm and were kept: %s",
             len(kept),
             ", ".join(kept[:5]),
         )

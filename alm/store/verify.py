@@ -196,7 +196,7 @@ def value_problems(shard: ShardData, vocab_size: int | None, where: str) -> list
 
 
 def verify_store(
-    path_or_url: str | os.PathLike[str],
+    path_or_url: str | os.PathLike[str] | TeacherStore,
     *,
     values: bool = True,
     on_shard: Callable[[int, int], None] | None = None,
@@ -205,8 +205,12 @@ def verify_store(
     """Check a finished store: every file against the recorded sizes and checksums, and (with `values`) every
     value against its invariants. Never raises for a damaged store: the problems are in the report.
 
+    Each file is read once: a shard's files are checked as they are read and decoded, and the files no read
+    needs (none in a store alm wrote) are read only to be checked.
+
     Args:
-        path_or_url: the store root.
+        path_or_url: the store root, or a store already opened (its checked store-level files are not read
+            again).
         values: also check the values (logp, boundary masses, ids); otherwise files and checksums only.
         on_shard: called with (shards done, shards in all) after each shard, for a progress bar.
         on_values: an extra per-shard check (returns problems), e.g. re-tokenizing the text (`alm.verify`).
@@ -214,12 +218,16 @@ def verify_store(
     Raises:
         StoreError: there is no finished store at that path (nothing to verify).
     """
-    report = VerifyReport(url=str(path_or_url), values_checked=values)
-    try:
-        store = open_store(path_or_url)
-    except StoreCorruptError as err:
-        report.problems.append(_message(err))
-        return report
+    if isinstance(path_or_url, TeacherStore):
+        store = path_or_url
+        report = VerifyReport(url=store.url, values_checked=values)
+    else:
+        report = VerifyReport(url=str(path_or_url), values_checked=values)
+        try:
+            store = open_store(path_or_url)
+        except StoreCorruptError as err:
+            report.problems.append(_message(err))
+            return report
     report.url = store.url
     report.num_shards = len(store.shard_indices)
     _check_manifest(store, report)
@@ -232,8 +240,8 @@ def verify_store(
     for done, j in enumerate(store.shard_indices, start=1):
         where = schema.shard_path(j)
         try:
-            shard = store.read_shard(j)
             check = store.shard_check(j)
+            shard = store.read_shard(j, check=check)
             for rel in sorted(set(check.files or ()) - check.seen):
                 check.read(store.location, rel)
         except StoreError as err:

@@ -55,7 +55,8 @@ from alm.errors import StoreBusyError, StoreError
 from alm.store import integrity, schema
 from alm.store._fs import Location, locate, write_error
 from alm.store.fingerprint import ArrayHasher, bytes_fingerprint, json_fingerprint
-from alm.store.replace import move_aside
+from alm.store.owned import written_store_files
+from alm.store.replace import move_aside, move_aside_remote
 
 logger = logging.getLogger(__name__)
 
@@ -331,9 +332,10 @@ def prepare_store(
             # moved aside, not deleted: its files go only once the new store is finished (finalize_store),
             # and then only the files alm wrote (alm.store.replace)
             move_aside(location.root, _STORE_ENTRIES)
-        else:  # object stores cannot rename: alm's entries are removed (a user's other keys are kept)
-            for entry in _STORE_ENTRIES:
-                location.remove(entry)
+        else:
+            # object stores cannot rename a folder: alm's own files are moved aside one by one (a user's stay
+            # in place), and deleted once the new store is finished, as on a local disk
+            move_aside_remote(location, written_store_files(location))
     location.write_bytes(
         schema.json_bytes(integrity.with_checksum(plan_document(plan))), schema.PLAN_FILE
     )
@@ -376,8 +378,9 @@ class ShardClaim:
     atomically (a complete temp file hard-linked to the claim name, which fails if the name exists).
 
     A claim whose process is gone on this host is stale and taken over; a live claim, or one from another host
-    (whose process cannot be checked from here), is refused with `StoreBusyError` naming its holder. Object stores
-    have no atomic create, so there claims are not taken (one worker per shard is then the user's to ensure).
+    (whose process cannot be checked from here), is refused with `StoreBusyError` naming its holder. On object
+    stores the claim is created with fsspec's exclusive mode (`open(path, "xb")`: a conditional PUT on S3 and GCS),
+    which fails when the claim exists; a filesystem without exclusive create gets no claim and a warning.
     Re-entrant within one process: `ShardWriter` takes the claim itself unless the caller already holds it.
     """
 
@@ -404,13 +407,12 @@ class ShardClaim:
             StoreBusyError: another live worker (or a worker on another host) holds it.
         """
         loc = self.layout.location
-        if not loc.is_local:
-            return
         path = loc.path(self.rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if loc.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now()}
         for _ in range(3):
-            holder = self._read(path)
+            holder = self._read(path) if loc.is_local else self._read_remote(loc, path)
             if (
                 holder is not None
                 and holder.get("host") == me["host"]
@@ -430,6 +432,14 @@ class ShardClaim:
                     self.layout.url,
                     self._describe(holder),
                 )
+            if not loc.is_local:
+                if holder is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        loc.fs.rm(path)
+                if self._create_remote(loc, path, me):
+                    return
+                continue  # someone else was faster: look at who
+            if holder is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(path, f"{path}.stale-{uuid.uuid4().hex[:8]}")
                     for name in os.listdir(os.path.dirname(path)):
@@ -453,6 +463,40 @@ class ShardClaim:
             f"could not claim shard {self.shard_index} of {self.layout.url}: other workers keep taking it"
         )
 
+    def _create_remote(self, loc: Location, path: str, me: Mapping[str, Any]) -> bool:
+        """Create the claim on an object store, exclusively; False when it exists already."""
+        try:
+            with loc.fs.open(path, "xb") as fh:
+                fh.write(json.dumps(dict(me)).encode())
+        except FileExistsError:
+            return False
+        except (
+            ValueError,
+            NotImplementedError,
+            TypeError,
+        ) as err:  # no exclusive create on this filesystem
+            logger.warning(
+                "%s cannot create files exclusively (%s): shard %d is written without a claim; make sure "
+                "each worker gets its own --shard i/N",
+                self.layout.url,
+                err,
+                self.shard_index,
+            )
+            return True
+        self.held = True
+        return True
+
+    @staticmethod
+    def _read_remote(loc: Location, path: str) -> dict[str, Any] | None:
+        try:
+            data = loc.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return {"host": None, "pid": None, "started_at": "?", "unreadable": True}
+
     @staticmethod
     def _read(path: str) -> dict[str, Any] | None:
         try:
@@ -474,8 +518,18 @@ class ShardClaim:
         if not self.held:
             return
         self.held = False
+        loc = self.layout.location
         with contextlib.suppress(FileNotFoundError):
-            os.remove(self.layout.location.path(self.rel))
+            if loc.is_local:
+                os.remove(loc.path(self.rel))
+            else:
+                loc.fs.rm(loc.path(self.rel))
+
+
+def _remove_shard_files(location: Location, folder: str) -> None:
+    """Remove what a shard writer writes in a shard folder written in place (object stores); nothing else."""
+    for name in (schema.SHARD_FILE, schema.INDEX_FILE, schema.INDEX_FILE_V2, schema.ARRAYS_DIR):
+        location.remove(folder, name)
 
 
 class ShardWriter:
@@ -581,8 +635,9 @@ class ShardWriter:
                     loc.remove(schema.SHARDS_DIR, stale)
         else:
             self._dir = final
-            # partial leftovers of a killed writer (no shard.json, so never trusted)
-            loc.remove(final)
+            _remove_shard_files(
+                loc, final
+            )  # leftovers of a killed writer (no shard.json: never trusted)
         self._group = zarr.open_group(
             loc.zarr_store(self._dir, schema.ARRAYS_DIR, read_only=False), mode="w", zarr_format=3
         )
@@ -731,7 +786,10 @@ class ShardWriter:
         self._open = False
         loc = self.layout.location
         try:
-            loc.remove(self._dir)
+            if loc.is_local:
+                loc.remove(self._dir)  # the temp folder is this writer's own
+            else:
+                _remove_shard_files(loc, self._dir)
         except OSError:  # best effort: the folder is never trusted without shard.json anyway
             logger.warning("could not remove the aborted shard folder %s", loc.path(self._dir))
         self._claim.release()

@@ -30,8 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alm.align import align_sequences
-from alm.align.chunks import Chunks
+from alm.align.chunks import Chunks, align_with_loss_masks
 from alm.align.targets import (
     AlmTargets,
     build_alm_targets,
@@ -296,7 +295,10 @@ class StudentExampleBuilder:
             max_length=self.max_length,
         )
         loss_spans = np.asarray(seq.loss_spans, dtype=np.int64).reshape(-1, 2)
-        chunks_all = align_sequences(teacher, student, loss_spans, keep_outside_loss=True)
+        # the SFT mask is the student's `token_in_loss`, which the alignment computes anyway
+        chunks_all, _, sft_mask = align_with_loss_masks(
+            teacher, student, loss_spans, keep_outside_loss=True
+        )
         teacher_logmass = combine_boundary_classes(
             np.asarray(seq.boundary_logmass), self.boundary_class_ids
         )
@@ -307,7 +309,6 @@ class StudentExampleBuilder:
             gamma=self.gamma,
             debias=self.debias,
         )
-        sft_mask = token_in_loss(student.start_byte, student.end_byte, student.role, loss_spans)
         sft_mask[0] = False  # position 0 is never predicted
         distill = None
         if self.baseline is not None:
@@ -394,12 +395,15 @@ class StudentExampleBuilder:
 
 def _pad_rows(rows: list[np.ndarray], fill: float | bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad 1-D (or [n, d]) arrays to [B, max(1, longest)(, d)]; also the bool [B, L] mask of real rows."""
-    length = max([1, *(len(row) for row in rows)])
+    lengths = [len(row) for row in rows]
+    length = max([1, *lengths])
     out = np.full((len(rows), length, *rows[0].shape[1:]), fill, dtype=rows[0].dtype)
-    mask = np.zeros((len(rows), length), dtype=bool)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-        mask[i, : len(row)] = True
+    mask = np.arange(length)[None, :] < np.asarray(lengths)[:, None]  # [B, L]
+    if rows[0].ndim == 1:  # one scatter instead of a copy per row
+        out[mask] = np.concatenate(rows)
+    else:
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
     return torch.from_numpy(out), torch.from_numpy(mask)
 
 

@@ -56,7 +56,7 @@ from alm.train.run_dir import (
     prepare_output_dir,
     student_dir,
 )
-from alm.train.run_lock import RunLock
+from alm.train.run_lock import RunLock, check_run_lock
 from alm.train.signals import RunInterruptedError, StopSignals
 from alm.train.step import (
     TrainModule,
@@ -118,8 +118,9 @@ def _run_train(
         )  # a missing or stale required cache is refused before any model loads
     out = Path(cfg.output_dir)
     check_output_dir(cfg, resume, overwrite)  # refused before the tokenizer and the model load
-    # One live invocation per run folder (held until the run ends); rank 0 takes it, every rank learns if it failed.
-    parallel.on_main(lambda: held.enter_context(RunLock(out)), "take the run lock")
+    # One live invocation per run folder: a live holder is refused here, writing nothing (the lock itself is taken
+    # atomically when the folder is prepared); rank 0 checks, every rank learns if it failed.
+    parallel.on_main(lambda: check_run_lock(out), "check the run lock")
     if resume and finished_message(cfg) is not None:
         logger.info("%s", finished_message(cfg))
         return student_dir(cfg)
@@ -158,8 +159,8 @@ def _run_train(
     )
     changes = (
         parallel.on_main(
-            lambda: prepare_output_dir(cfg, resume, overwrite, student_tokenizer.family),
-            "prepare the run folder",
+            lambda: _take_lock_and_prepare(held, cfg, resume, overwrite, student_tokenizer.family),
+            "take the run lock and prepare the run folder",
         )
         or []
     )
@@ -331,6 +332,18 @@ def _run_train(
             push_student(student_dir(cfg), cfg.hub_model_id, private=cfg.hub_private_repo)
     parallel.barrier()
     return student_dir(cfg)
+
+
+def _take_lock_and_prepare(
+    held: contextlib.ExitStack,
+    cfg: TrainRecipe,
+    resume: bool,
+    overwrite: bool,
+    student_family: str,
+) -> list[str]:
+    """Take the run lock (held until the run ends), then prepare the run folder under it."""
+    held.enter_context(RunLock(cfg.output_dir))
+    return prepare_output_dir(cfg, resume, overwrite, student_family)
 
 
 def _with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -183,7 +183,7 @@ def test_rank_0_failing_to_set_up_the_run_stops_every_rank(tmp_path, stores, stu
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert f"pid {holder.pid}" in output, output[-3000:]
-    assert "rank 0 failed to take the run lock, so this rank stops too" in output, output[-3000:]
+    assert "rank 0 failed to check the run lock, so this rank stops too" in output, output[-3000:]
     assert elapsed < 240  # not the process group's 30-minute timeout
     assert not (tmp_path / "run" / "alm-run.json").exists()
 

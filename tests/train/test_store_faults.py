@@ -2,18 +2,21 @@
 `alm train --dry-run` and `alm train` each stop with exit 2 and one message naming the damaged file (issue 9).
 
 The default tier runs every fault through `alm verify` and `alm train --dry-run` (the CLI entry point, in this
-process) and one fault per file kind through `alm train`; the `slow` test runs the whole matrix as real `alm`
-processes. Both print the fault x command table.
+process) and one fault per file kind through `alm train`; the `slow` tests run every fault through `alm train` in
+this process, and the whole matrix as real `alm` processes. Each prints the fault x command table.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,8 +64,8 @@ TRAIN_FAULTS = [(rel, list(FAULTS)[i % 3]) for i, rel in enumerate(FILE_KINDS)] 
 ]
 
 
-def _damaged_copy(store: Path, root: Path, rel: str, fault: str) -> Path:
-    copy = root / f"store-{rel.replace('/', '_')}-{fault}"
+def _damaged_copy(store: Path, root: Path, rel: str, fault: str, tag: str = "") -> Path:
+    copy = root / f"store-{rel.replace('/', '_')}-{fault}{tag}"
     shutil.copytree(store, copy)
     FAULTS[fault](copy / rel)
     return copy
@@ -119,24 +122,36 @@ def _commands(store: Path, root: Path, student_dir: Path, name: str) -> dict[str
 
 
 def _matrix(
-    stores, student_dir, root: Path, runs: dict[str, list], run
+    stores, student_dir, root: Path, runs: dict[str, list], run, parallel: int = 1
 ) -> tuple[list[str], list[str]]:
-    """Run each command on a damaged copy per fault; return the failures (one per uncaught fault) and the
-    fault x command table."""
-    failures, table = [], {}
-    for command, faults in runs.items():
-        for rel, fault in faults:
-            copy = _damaged_copy(stores["plain"], root, rel, fault)
-            argv = _commands(copy, root, student_dir, f"{rel.replace('/', '_')}-{fault}")[command]
-            code, text = run(argv)
-            named = rel in text
-            caught = code == 2 and named and "Traceback" not in text
-            table[(rel, fault, command)] = "caught" if caught else f"exit {code}"
-            if not caught:
-                failures.append(
-                    f"{command} on {fault} {rel}: exit {code}, names file: {named}\n{text[-1500:]}"
-                )
+    """Run each command on a damaged copy per fault (`parallel` at a time); return the failures (one per uncaught
+    fault) and the fault x command table."""
+    jobs = [(command, rel, fault) for command, faults in runs.items() for rel, fault in faults]
+
+    def one(job: tuple[str, str, str]) -> tuple[int, str]:
+        command, rel, fault = job
+        tag = "-" + command.replace(" ", "_").replace("-", "")
+        copy = _damaged_copy(stores["plain"], root, rel, fault, tag)
+        name = f"{rel.replace('/', '_')}-{fault}{tag}"
+        try:
+            return run(_commands(copy, root, student_dir, name)[command])
+        finally:
             shutil.rmtree(copy)
+
+    if parallel > 1:
+        with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
+            results = list(pool.map(one, jobs))
+    else:
+        results = [one(job) for job in jobs]
+    failures, table = [], {}
+    for (command, rel, fault), (code, text) in zip(jobs, results, strict=True):
+        named = rel in text
+        caught = code == 2 and named and "Traceback" not in text
+        table[(rel, fault, command)] = "caught" if caught else f"exit {code}"
+        if not caught:
+            failures.append(
+                f"{command} on {fault} {rel}: exit {code}, names file: {named}\n{text[-1500:]}"
+            )
     commands = list(runs)
     lines = ["", f"{'fault':58s}" + "".join(f"{c:>22s}" for c in commands)]
     for rel, fault in ALL_FAULTS:
@@ -173,9 +188,24 @@ def test_every_fault_is_caught_by_verify_dry_run_and_train(stores, student_dir, 
 
 
 @pytest.mark.slow
+def test_alm_train_catches_every_fault(stores, student_dir, tmp_path, capsys):
+    """The whole matrix through `alm train` (the CLI entry point, in this process)."""
+
+    def run(argv: list[str]) -> tuple[int, str]:
+        return _run_in_process(argv, capsys)
+
+    failures, lines = _matrix(stores, student_dir, tmp_path, {"alm train": ALL_FAULTS}, run)
+    with capsys.disabled():
+        print("\n".join(lines))
+    assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_every_fault_is_caught_by_real_alm_processes(stores, student_dir, tmp_path):
+    """Every command on every fault as a real `alm` process (two at a time): 129 processes."""
     runs = dict.fromkeys(("alm verify", "alm train --dry-run", "alm train"), ALL_FAULTS)
-    failures, lines = _matrix(stores, student_dir, tmp_path, runs, _run_process)
+    failures, lines = _matrix(stores, student_dir, tmp_path, runs, _run_process, parallel=2)
     print("\n".join(lines))
     assert not failures, "\n\n".join(failures)
 
@@ -220,3 +250,52 @@ def test_verify_deep_rescores_a_sample_within_float16_rounding(stores, capsys):
     assert figures["max_abs_boundary_logmass_diff"] <= 2e-2 * 2.0 ** (10 - boundary_bits)
     code, text = _run_in_process(["verify", str(stores["plain"]), "--deep"], capsys)
     assert code == 0 and "--deep: re-scored 8 sequences" in text, text
+
+
+_READS: dict[str, Any] = {"root": None, "counts": collections.Counter(), "hooked": False}
+
+
+def _audit_reads(event: str, args: tuple) -> None:
+    root = _READS["root"]
+    if root is None or event != "open" or not isinstance(args[0], str):
+        return
+    mode = args[1] if len(args) > 1 else "r"
+    writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+        isinstance(mode, int) and mode & (os.O_WRONLY | os.O_RDWR)
+    )
+    if args[0].startswith(root) and not writing and os.path.isfile(args[0]):
+        _READS["counts"][os.path.relpath(args[0], root)] += 1
+
+
+def test_alm_verify_reads_every_store_file_exactly_once(stores, capsys, monkeypatch):
+    import pyarrow as pa
+
+    root = str(stores["plain"].resolve())
+    listed = {
+        os.path.relpath(os.path.join(d, f), root)
+        for d, _, files in os.walk(root)
+        for f in files
+        if f != "README.md"  # the store card is for people; nothing reads it
+    }
+    if not _READS[
+        "hooked"
+    ]:  # audit hooks cannot be removed: one per process, off unless `root` is set
+        sys.addaudithook(_audit_reads)
+        _READS["hooked"] = True
+    memory_map = pa.memory_map
+
+    def counted_memory_map(path, *args, **kwargs):
+        if str(path).startswith(root):
+            _READS["counts"][os.path.relpath(path, root)] += 1
+        return memory_map(path, *args, **kwargs)
+
+    monkeypatch.setattr(pa, "memory_map", counted_memory_map)
+    _READS["counts"].clear()
+    _READS["root"] = root
+    try:
+        code, text = _run_in_process(["verify", root], capsys)
+    finally:
+        _READS["root"] = None
+    assert code == 0, text
+    assert "re-tokenizes to its stored teacher ids" in text  # the tokenizer files were used, too
+    assert dict(_READS["counts"]) == dict.fromkeys(listed, 1)
