@@ -77,7 +77,8 @@ is the authority; the format is documented in alm's `docs/store.md`.
 
 {num_shards} shards, {manifest.num_sequences} sequences, {manifest.num_tokens} teacher tokens,
 {manifest.num_text_bytes} text bytes; shard files {_size(manifest.num_disk_bytes)}
-({manifest.num_disk_bytes / tokens:.1f} bytes per teacher token).
+({manifest.num_disk_bytes / tokens:.1f} bytes per teacher token; precision `{manifest.plan.get("precision", "exact")}`,
+compression `{manifest.plan.get("compression", "small")}`).
 
 ## Reading it without alm
 

@@ -75,6 +75,9 @@ def test_the_plan_records_a_preset_other_than_the_default(tmp_path):
     assert StorePlan.from_json(plan_b) == make_plan(compression="fast")
     assert make_plan().fingerprint() != make_plan(compression="fast").fingerprint()
     assert open_store(tmp_path / "b").manifest.plan["compression"] == "fast"
+    # the store card names the preset
+    assert "compression `small`" in (tmp_path / "a" / "README.md").read_text()
+    assert "compression `fast`" in (tmp_path / "b" / "README.md").read_text()
 
 
 def test_an_unknown_preset_is_refused():
