@@ -37,7 +37,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from alm.errors import ConfigError, DataError, TokenizerRefusedError
-from alm.vocab import TokenizedText, Vocab, encode_text, token_offsets
+from alm.vocab import TokenizedText, Vocab, encode_text, encode_texts, token_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -908,9 +908,14 @@ _PREFIX_BYTES_PER_TOKEN = 8
 _PREFIX_MARGIN_BYTES = 256
 
 
+def _prefix_cap(max_tokens: int) -> int:
+    """Text up to this many bytes is encoded whole for a budget of `max_tokens` tokens (`_encode_prefix`)."""
+    return max(_PREFIX_BYTES_PER_TOKEN * (max_tokens + 1), 4 * _PREFIX_MARGIN_BYTES)
+
+
 def _encode_prefix(tokenizer: Any, vocab: Vocab, text: bytes, max_tokens: int) -> TokenizedText:
     """`encode_text` of `text`, but for very long text only of a prefix long enough for `max_tokens` tokens."""
-    cap = max(_PREFIX_BYTES_PER_TOKEN * (max_tokens + 1), 4 * _PREFIX_MARGIN_BYTES)
+    cap = _prefix_cap(max_tokens)
     while cap < len(text):
         enc = encode_text(tokenizer, vocab, text[:cap])
         # The tokens near the cut may differ from the full text's; accept only if the kept ones end well before.
@@ -920,12 +925,38 @@ def _encode_prefix(tokenizer: Any, vocab: Vocab, text: bytes, max_tokens: int) -
     return encode_text(tokenizer, vocab, text)
 
 
+def encode_documents(
+    documents: Sequence[Document], tokenizer: Any, vocab: Vocab, max_length: int | None = None
+) -> list[dict[int, TokenizedText]]:
+    """Per document, segment index -> `encode_text` of that text segment, for `render(..., text_encodings=)`:
+    every text segment of every document in one tokenizer call (`encode_texts`).
+
+    A segment too long to be encoded whole under `max_length` (`render` encodes a prefix of it) is left out.
+    """
+    whole_bytes = None if max_length is None else _prefix_cap(max_length + 1)
+    keys: list[tuple[int, int]] = []
+    texts: list[bytes] = []
+    for doc_index, document in enumerate(documents):
+        for seg_index, seg in enumerate(document.segments):
+            if seg.role == "text" and (whole_bytes is None or len(seg.text) <= whole_bytes):
+                keys.append((doc_index, seg_index))
+                texts.append(seg.text)
+    out: list[dict[int, TokenizedText]] = [{} for _ in documents]
+    for (doc_index, seg_index), enc in zip(
+        keys, encode_texts(tokenizer, vocab, texts), strict=True
+    ):
+        out[doc_index][seg_index] = enc
+    return out
+
+
 def render(
     document: Document,
     tokenizer: Any,
     vocab: Vocab,
     family: str | None = None,
     max_length: int | None = None,
+    *,
+    text_encodings: Mapping[int, TokenizedText] | None = None,
 ) -> TokenizedSequence:
     """Render `document` for `tokenizer` in `family` and truncate to `max_length` tokens.
 
@@ -937,6 +968,8 @@ def render(
             bare `template` of older stores: chat by the template, plain documents with the tokenizer's own
             bos/eos), or None/`auto` to resolve it here (`resolve_family`).
         max_length: keep at most this many tokens (None: no limit).
+        text_encodings: segment index -> `encode_text` of that text segment, already computed (`encode_documents`:
+            a micro-batch's text in one tokenizer call); used where the whole segment would be encoded.
 
     Returns:
         The `TokenizedSequence` (offsets in the content text, segment table, loss spans, truncation, covered text).
@@ -976,7 +1009,12 @@ def render(
         if budget is not None and pos > budget:
             break
         if seg.role == "text":
-            if budget is None:
+            known = None if text_encodings is None else text_encodings.get(seg_index)
+            if known is not None and (
+                budget is None or len(seg.text) <= _prefix_cap(budget - pos + 1)
+            ):
+                enc = known  # what `encode_text` / `_encode_prefix` would return here
+            elif budget is None:
                 enc = encode_text(tokenizer, vocab, seg.text)
             else:
                 enc = _encode_prefix(tokenizer, vocab, seg.text, budget - pos + 1)

@@ -636,15 +636,19 @@ def _excerpt(text: bytes) -> str:
     return repr(text[:40] + (b"..." if len(text) > 40 else b""))
 
 
-def _encode_ids(tokenizer: Any, string: str) -> list[int]:
-    """Ids of `string` without added special tokens, literal special-token strings kept as text.
+def _encode_ids(tokenizer: Any, strings: Sequence[str]) -> list[list[int]]:
+    """Ids of each of `strings` without added special tokens, literal special-token strings kept as text.
 
     Calls the `tokenizers` backend directly (about 2x faster than `tokenizer(...)`), with `encode_special_tokens`
-    set for the call, which is what `tokenizer(..., split_special_tokens=True)` does.
+    set for the call, which is what `tokenizer(..., split_special_tokens=True)` does; several strings are one
+    backend call (the same ids as one call each: each string is encoded on its own).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        return tokenizer(string, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [
+            tokenizer(string, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            for string in strings
+        ]
     previous = backend.encode_special_tokens
     backend.encode_special_tokens = True
     try:
@@ -652,8 +656,8 @@ def _encode_ids(tokenizer: Any, string: str) -> list[int]:
         # alm never reads (offsets come from the token bytes): 1.5x faster on long text.
         encode_fast = getattr(backend, "encode_batch_fast", None)
         if encode_fast is not None:
-            return encode_fast([string], add_special_tokens=False)[0].ids
-        return backend.encode(string, add_special_tokens=False).ids
+            return [enc.ids for enc in encode_fast(list(strings), add_special_tokens=False)]
+        return [backend.encode(string, add_special_tokens=False).ids for string in strings]
     finally:
         backend.encode_special_tokens = previous
 
@@ -722,27 +726,52 @@ def encode_text(tokenizer: Any, vocab: Vocab, text: bytes) -> TokenizedText:
         TokenizerRefusedError: the tokens' bytes do not reproduce the text (or `<unk>` was produced).
         DataError: `text` is not valid UTF-8.
     """
-    try:
-        body = bytes(text)
-        string = body.decode("utf-8")
-    except UnicodeDecodeError:
-        body = text[: complete_utf8_prefix(text)]
-        string = body.decode("utf-8")
-    num_bytes = len(body)
-    if not body:
-        empty = np.zeros(0, dtype=np.int64)
-        return TokenizedText(np.zeros(0, dtype=np.int32), empty, empty.copy(), 0)
+    return encode_texts(tokenizer, vocab, [text])[0]
+
+
+def encode_texts(tokenizer: Any, vocab: Vocab, texts: Sequence[bytes]) -> list[TokenizedText]:
+    """`encode_text` of each of `texts`, the tokenizer called once for all of them (the same encodings).
+
+    Stage two encodes a micro-batch's text segments this way: one call keeps the tokenizer's tables warm in the
+    CPU caches between texts (about 20% of its time on 2 KB documents), and its per-call cost is paid once.
+
+    Raises:
+        TokenizerRefusedError, DataError: as `encode_text`, for the first text that fails.
+    """
+    bodies: list[bytes] = []
+    strings: list[str] = []
+    for text in texts:
+        try:
+            body = bytes(text)
+            string = body.decode("utf-8")
+        except UnicodeDecodeError:
+            body = text[: complete_utf8_prefix(text)]
+            string = body.decode("utf-8")
+        bodies.append(body)
+        strings.append(string)
     byte_table = _byte_table(tokenizer, vocab)
     if byte_table is not None:
         # One token per byte, each a non-special token whose bytes are that byte (`_byte_table` checked the
-        # table once per tokenizer), so the tokens reproduce `body` by construction: `_check_tokens` is moot.
-        token_id = byte_table[np.frombuffer(body, dtype=np.uint8)]  # [n]
-        start_byte = np.arange(num_bytes, dtype=np.int64)
-        return TokenizedText(token_id, start_byte, start_byte + 1, num_bytes, False)
-    token_id = np.asarray(_encode_ids(tokenizer, string), dtype=np.int32)
-    dummy = _check_tokens(vocab, token_id, body, "text")
-    start_byte, end_byte = _offsets_from_lengths(vocab.token_length[token_id], dummy)
-    return TokenizedText(token_id, start_byte, end_byte, num_bytes, dummy)
+        # table once per tokenizer), so the tokens reproduce each body by construction: `_check_tokens` is moot.
+        out = []
+        for body in bodies:
+            token_id = byte_table[np.frombuffer(body, dtype=np.uint8)]  # [n]
+            start_byte = np.arange(len(body), dtype=np.int64)
+            out.append(TokenizedText(token_id, start_byte, start_byte + 1, len(body), False))
+        return out
+    todo = [k for k, body in enumerate(bodies) if body]
+    ids = dict(zip(todo, _encode_ids(tokenizer, [strings[k] for k in todo]), strict=True))
+    out = []
+    for k, body in enumerate(bodies):
+        if not body:
+            empty = np.zeros(0, dtype=np.int64)
+            out.append(TokenizedText(np.zeros(0, dtype=np.int32), empty, empty.copy(), 0))
+            continue
+        token_id = np.asarray(ids[k], dtype=np.int32)
+        dummy = _check_tokens(vocab, token_id, body, "text")
+        start_byte, end_byte = _offsets_from_lengths(vocab.token_length[token_id], dummy)
+        out.append(TokenizedText(token_id, start_byte, end_byte, len(body), dummy))
+    return out
 
 
 def token_offsets(

@@ -23,7 +23,7 @@ the rest here. Never decodes text to `str`. Never imports torch.distributed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +41,15 @@ from alm.errors import AlignmentError, StoreError
 from alm.losses.baselines import MinedVocabMap, one_to_one_chunk_positions
 from alm.losses.batch import PaddedTargets, pad_targets
 from alm.templates import (
+    Document,
     TokenizedSequence,
     document_from_stored,
+    encode_documents,
     render,
     sequence_from_stored,
     token_in_loss,
 )
-from alm.vocab import Vocab
+from alm.vocab import TokenizedText, Vocab
 
 
 @dataclass(frozen=True)
@@ -284,15 +286,37 @@ class StudentExampleBuilder:
     def __call__(self, seq: Any) -> StudentExample:
         return self.build(seq)[0]
 
-    def build(self, seq: Any) -> tuple[StudentExample, Chunks]:
-        """The example and every aligned greedy chunk behind it (in the loss or not; `alm align` caches both)."""
+    def build_many(self, seqs: Sequence[Any]) -> list[StudentExample]:
+        """`self(seq)` for each of `seqs` (a micro-batch), the student tokenizer called once for all their text."""
+        documents = [document_from_stored(seq) for seq in seqs]
+        encodings = encode_documents(
+            documents, self.student_tokenizer, self.student_vocab, self.max_length
+        )
+        return [
+            self.build(seq, document=document, text_encodings=encoded)[0]
+            for seq, document, encoded in zip(seqs, documents, encodings, strict=True)
+        ]
+
+    def build(
+        self,
+        seq: Any,
+        *,
+        document: Document | None = None,
+        text_encodings: Mapping[int, TokenizedText] | None = None,
+    ) -> tuple[StudentExample, Chunks]:
+        """The example and every aligned greedy chunk behind it (in the loss or not; `alm align` caches both).
+
+        `document` (`document_from_stored(seq)`) and `text_encodings` (`encode_documents` of it) may be given
+        when already computed (`build_many`).
+        """
         teacher = sequence_from_stored(seq, self.teacher_vocab)
         student = render(
-            document_from_stored(seq),
+            document_from_stored(seq) if document is None else document,
             self.student_tokenizer,
             self.student_vocab,
             self.student_family,
             max_length=self.max_length,
+            text_encodings=text_encodings,
         )
         loss_spans = np.asarray(seq.loss_spans, dtype=np.int64).reshape(-1, 2)
         # the SFT mask is the student's `token_in_loss`, which the alignment computes anyway

@@ -291,7 +291,25 @@ class MicroBatches(Dataset):
         return cache.example(ref.shard_index, row, seq)
 
     def __getitem__(self, k: int) -> StudentBatch:
-        return collate([self.example(p) for p in self.positions(k)])
+        positions = list(self.positions(k))
+        examples: list[StudentExample | None] = [None] * len(positions)
+        built: list[
+            int
+        ] = []  # sequences without an alignment cache: built together (one tokenizer call)
+        sequences = []
+        for i, position in enumerate(positions):  # in stream order: shards are read once each
+            ref, row = self.order.locate(position)
+            sequences.append(self.sequence(position))
+            cache = self.alignment_caches[ref.store_index]
+            if cache is None:
+                built.append(i)
+            else:
+                examples[i] = cache.example(ref.shard_index, row, sequences[i])
+        if built:
+            batch = self.builder.build_many([sequences[i] for i in built])
+            for i, example in zip(built, batch, strict=True):
+                examples[i] = example
+        return collate([example for example in examples if example is not None])
 
 
 def example_builder(

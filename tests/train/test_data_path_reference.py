@@ -21,7 +21,7 @@ from alm.align.targets import AlmTargets
 from alm.store.reader import StoredSequence
 from alm.templates import chat_document, plain_document, render
 from alm.train.batch import StudentExampleBuilder, collate
-from alm.vocab import encode_text, vocab_from_tokenizer
+from alm.vocab import encode_text, encode_texts, vocab_from_tokenizer
 
 GEMMA_SPECIALS = ("<start_of_turn>", "<end_of_turn>")
 PIECES = [
@@ -122,7 +122,7 @@ def test_examples_and_batches_equal_the_reference(
         boundary_class_ids=[0, 1, 2, 4],
         gamma=0.1,
     )
-    new_examples, old_examples = [], []
+    new_examples, old_examples, kept = [], [], []
     for i, (is_chat, text, messages, loss) in enumerate(documents):
         if is_chat and any(role == "assistant" for role, _ in messages):
             encoded = [(role, content.encode()) for role, content in messages]
@@ -144,8 +144,13 @@ def test_examples_and_batches_equal_the_reference(
         _assert_same_arrays(new_chunks, old_chunks, _CHUNK_FIELDS, "chunks")
         new_examples.append(new_example)
         old_examples.append(old_example)
+        kept.append(seq)
     if not new_examples:
         return
+    # a micro-batch built at once (one student tokenizer call for all its text) gives the same examples
+    for many, old_example in zip(builder.build_many(kept), old_examples, strict=True):
+        _assert_same_arrays(many, old_example, ["input_ids", "sft_mask"], "build_many")
+        _assert_same_arrays(many.targets, old_example.targets, _TARGET_FIELDS, "build_many targets")
     new_batch, old_batch = collate(new_examples), reference.collate(old_examples)
     for field in ("input_ids", "attention_mask", "sft_mask", "num_sft_tokens"):
         a, b = getattr(new_batch, field), getattr(old_batch, field)
@@ -167,3 +172,19 @@ def test_encode_text_equals_the_tokenizers_own_ids(student_kind, text):
     )
     _assert_same_arrays(new, old, ["token_id", "start_byte", "end_byte"], "encode_text")
     assert (new.num_bytes, new.dummy_prefix) == (old.num_bytes, old.dummy_prefix)
+
+
+@pytest.mark.parametrize("student_kind", ["bytes", "bpe", "sentencepiece"])
+@settings(max_examples=40, deadline=None)
+@given(texts=st.lists(TEXT, max_size=5))
+def test_encode_texts_equals_encode_text_of_each(student_kind, texts):
+    tokenizer = _student(student_kind)
+    vocab = vocab_from_tokenizer(tokenizer)
+    raw = [text.encode() for text in texts]
+    raw.append(b"a\xe2\x82")  # a trailing partial UTF-8 character is left out, as by encode_text
+    many = encode_texts(tokenizer, vocab, raw)
+    assert len(many) == len(raw)
+    for new, text in zip(many, raw, strict=True):
+        old = reference.encode_text(tokenizer, vocab, text)
+        _assert_same_arrays(new, old, ["token_id", "start_byte", "end_byte"], "encode_texts")
+        assert (new.num_bytes, new.dummy_prefix) == (old.num_bytes, old.dummy_prefix)
