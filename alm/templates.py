@@ -179,8 +179,8 @@ def merged_spans(spans: Any) -> np.ndarray:
     return array
 
 
-def _text_in_spans(start_byte: np.ndarray, end_byte: np.ndarray, spans: np.ndarray) -> np.ndarray:
-    """bool [n]: `[start, end)` lies inside the union of `spans` (merged, [k, 2]); a zero-width range at o iff the
+def text_in_spans(start_byte: np.ndarray, end_byte: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """The text half of `token_in_loss`. bool [n]: `[start, end)` lies inside the union of `spans` (merged, [k, 2]); a zero-width range at o iff the
     byte at o is covered (it belongs to the text that follows it)."""
     if len(spans) == 0:
         return np.zeros(len(start_byte), bool)
@@ -226,7 +226,7 @@ def token_in_loss(
     """
     start = np.asarray(start_byte, dtype=np.int64)
     end = np.asarray(end_byte, dtype=np.int64)
-    in_loss = _text_in_spans(start, end, merged_spans(loss_spans))
+    in_loss = text_in_spans(start, end, merged_spans(loss_spans))
     if role is None:
         return in_loss
     block: np.ndarray
@@ -239,16 +239,28 @@ def token_in_loss(
         block = is_block
         if runs is None:
             runs = block_runs(np.asarray(role, dtype=object), block)
-    run_starts, run_ends, run_roles = runs
-    if not run_starts:
-        return in_loss
-    all_text_trained = bool(in_loss[~block].all())
-    for first, run_end, current in zip(run_starts, run_ends, run_roles, strict=True):  # in order
-        trained = first > 0 and bool(in_loss[first - 1])
-        in_loss[first:run_end] = trained and (
+    if runs[0]:
+        blocks_in_loss(in_loss, runs, all_text_trained=bool(in_loss[~block].all()))
+    return in_loss
+
+
+def blocks_in_loss(
+    in_loss: np.ndarray, runs: BlockRuns, *, all_text_trained: bool, first_pos: int = 0
+) -> None:
+    """The block half of `token_in_loss`, in place: each block of `runs` (in order) is in the loss iff the token
+    just before it is, an opening block only when `all_text_trained` too.
+
+    Args:
+        in_loss: bool [n]: the text rule's answer for every token (blocks are overwritten here).
+        runs: the sequence's `block_runs`, in its own positions.
+        all_text_trained: every text token of the sequence is in the loss.
+        first_pos: where the sequence's position 0 is in `in_loss` (several sequences end to end).
+    """
+    for first, run_end, current in zip(*runs, strict=True):  # in order
+        trained = first > 0 and bool(in_loss[first_pos + first - 1])
+        in_loss[first_pos + first : first_pos + run_end] = trained and (
             all_text_trained or current not in OPENING_BLOCK_ROLES
         )
-    return in_loss
 
 
 # The template blocks of a sequence (`block_runs`): first positions, one past the last positions, roles.
@@ -1266,7 +1278,7 @@ def document_from_parts(
         if not 0 <= sb <= eb <= len(text):
             raise DataError(f"stored segment {seg} lies outside the text ({len(text)} bytes)")
         if seg["role"] == "text":
-            # `_text_in_spans` of one non-empty range: the last merged span starting at or before it decides
+            # `text_in_spans` of one non-empty range: the last merged span starting at or before it decides
             covering = [span_end for span_start, span_end in spans if span_start <= sb]
             in_loss = eb > sb and bool(covering) and eb <= covering[-1]
             out.append(Segment("text", text[sb:eb], in_loss))

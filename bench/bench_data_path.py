@@ -104,7 +104,7 @@ def stored(teacher_tok, teacher_vocab, docs: list[Document]) -> list[StoredSeque
 def run(builder: StudentExampleBuilder, sequences: list[StoredSequence], batch: int) -> int:
     student_tokens = 0
     for i in range(0, len(sequences), batch):
-        out = collate(builder.build_many(sequences[i : i + batch]))
+        out = collate(build(builder, sequences[i : i + batch]))
         student_tokens += int(out.attention_mask.sum())
     return student_tokens
 
@@ -112,7 +112,7 @@ def run(builder: StudentExampleBuilder, sequences: list[StoredSequence], batch: 
 def build(builder: Any, sequences: list[StoredSequence]) -> list[Any]:
     """One micro-batch's examples: `build_many` where the checkout has it (one tokenizer call), else one by one."""
     if hasattr(builder, "build_many"):
-        return builder.build_many(sequences)
+        return [example for example, _ in builder.build_many(sequences)]
     return [builder(s) for s in sequences]
 
 

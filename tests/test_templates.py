@@ -278,7 +278,13 @@ def test_the_loss_region_rule_has_one_definition():
     from alm.align import chunks
     from alm.train import batch
 
-    assert batch.token_in_loss is token_in_loss and chunks.token_in_loss is token_in_loss
+    from alm import templates
+
+    assert batch.token_in_loss is token_in_loss
+    # the alignment applies the rule's two halves to a micro-batch at once: the very functions it is made of
+    assert {"text_in_spans", "blocks_in_loss"} <= set(token_in_loss.__code__.co_names)
+    assert chunks.text_in_spans is templates.text_in_spans
+    assert chunks.blocks_in_loss is templates.blocks_in_loss
 
 
 def test_text_tokens_are_in_the_loss_by_byte_span_and_zero_width_ones_by_what_follows():

@@ -271,6 +271,10 @@ class AlignSummary:
         )
 
 
+# `alm align` builds this many sequences at once (`StudentExampleBuilder.build_many`): a micro-batch's worth.
+_ALIGN_GROUP = 32
+
+
 def write_alignments(
     store_path: str,
     builder: StudentExampleBuilder,
@@ -294,11 +298,13 @@ def write_alignments(
         else:
             shard = store.read_shard(j, ["token_id", "logp", "boundary_logmass"])
             records = []
-            for seq in shard.sequences():
-                example, chunks = builder.build(seq)
-                records.append(
-                    record_from_example(seq, example, chunks, builder.boundary_class_ids)
-                )
+            sequences = list(shard.sequences())
+            for first in range(0, len(sequences), _ALIGN_GROUP):  # several at once (`build_many`)
+                group = sequences[first : first + _ALIGN_GROUP]
+                for seq, (example, chunks) in zip(group, builder.build_many(group), strict=True):
+                    records.append(
+                        record_from_example(seq, example, chunks, builder.boundary_class_ids)
+                    )
             cache_format.write_cache_shard(cache, store, j, records)
             written += 1
         if on_shard is not None:

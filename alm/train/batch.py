@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alm.align.chunks import Chunks, align_with_loss_masks
+from alm.align.chunks import Chunks, align_many, align_with_loss_masks
 from alm.align.targets import (
     AlmTargets,
     build_alm_targets,
@@ -286,43 +286,58 @@ class StudentExampleBuilder:
     def __call__(self, seq: Any) -> StudentExample:
         return self.build(seq)[0]
 
-    def build_many(self, seqs: Sequence[Any]) -> list[StudentExample]:
-        """`self(seq)` for each of `seqs` (a micro-batch), the student tokenizer called once for all their text."""
+    def build_many(self, seqs: Sequence[Any]) -> list[tuple[StudentExample, Chunks]]:
+        """`self.build(seq)` for each of `seqs` (a micro-batch), at once where that is faster and gives the same
+        results: the student tokenizer is called once for all their text (`encode_documents`) and the
+        alignment covers all of them in each NumPy call (`align_many`)."""
         documents = [document_from_stored(seq) for seq in seqs]
         encodings = encode_documents(
             documents, self.student_tokenizer, self.student_vocab, self.max_length
         )
-        return [
-            self.build(seq, document=document, text_encodings=encoded)[0]
+        sides = [
+            self._sides(seq, document, encoded)
             for seq, document, encoded in zip(seqs, documents, encodings, strict=True)
         ]
+        aligned = align_many(sides, keep_outside_loss=True)
+        return [
+            self._example(seq, *side, chunks_all, sft_mask)
+            for seq, side, (chunks_all, _, sft_mask) in zip(seqs, sides, aligned, strict=True)
+        ]
 
-    def build(
-        self,
-        seq: Any,
-        *,
-        document: Document | None = None,
-        text_encodings: Mapping[int, TokenizedText] | None = None,
-    ) -> tuple[StudentExample, Chunks]:
-        """The example and every aligned greedy chunk behind it (in the loss or not; `alm align` caches both).
+    def build(self, seq: Any) -> tuple[StudentExample, Chunks]:
+        """The example and every aligned greedy chunk behind it (in the loss or not; `alm align` caches both)."""
+        teacher, student, loss_spans = self._sides(seq, document_from_stored(seq), None)
+        # the SFT mask is the student's `token_in_loss`, which the alignment computes anyway
+        chunks_all, _, sft_mask = align_with_loss_masks(
+            teacher, student, loss_spans, keep_outside_loss=True
+        )
+        return self._example(seq, teacher, student, loss_spans, chunks_all, sft_mask)
 
-        `document` (`document_from_stored(seq)`) and `text_encodings` (`encode_documents` of it) may be given
-        when already computed (`build_many`).
-        """
+    def _sides(
+        self, seq: Any, document: Document, text_encodings: Mapping[int, TokenizedText] | None
+    ) -> tuple[TokenizedSequence, TokenizedSequence, np.ndarray]:
+        """The teacher's stored tokens, the student's rendering of `document` and the loss spans of `seq`."""
         teacher = sequence_from_stored(seq, self.teacher_vocab)
         student = render(
-            document_from_stored(seq) if document is None else document,
+            document,
             self.student_tokenizer,
             self.student_vocab,
             self.student_family,
             max_length=self.max_length,
             text_encodings=text_encodings,
         )
-        loss_spans = np.asarray(seq.loss_spans, dtype=np.int64).reshape(-1, 2)
-        # the SFT mask is the student's `token_in_loss`, which the alignment computes anyway
-        chunks_all, _, sft_mask = align_with_loss_masks(
-            teacher, student, loss_spans, keep_outside_loss=True
-        )
+        return teacher, student, np.asarray(seq.loss_spans, dtype=np.int64).reshape(-1, 2)
+
+    def _example(
+        self,
+        seq: Any,
+        teacher: TokenizedSequence,
+        student: TokenizedSequence,
+        loss_spans: np.ndarray,
+        chunks_all: Chunks,
+        sft_mask: np.ndarray,
+    ) -> tuple[StudentExample, Chunks]:
+        """The example of `seq` from its aligned sides (`sft_mask`: the student's `token_in_loss`)."""
         teacher_logmass = combine_boundary_classes(
             np.asarray(seq.boundary_logmass), self.boundary_class_ids
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from alm.eval.score import chunk_abs_logp_diff, next_token_logp
 from alm.losses.alm import logp_of_token, next_token_ids
 from alm.store.reader import open_store
 from alm.train import parallel
-from alm.train.batch import StudentBatch, StudentExample, StudentExampleBuilder, collate
+from alm.train.batch import StudentBatch, StudentExampleBuilder, collate
 
 
 def eval_batches(
@@ -42,7 +43,7 @@ def eval_batches(
     max_sequences: int | None,
 ) -> Iterator[StudentBatch]:
     """This rank's share of the held-out store, in stored order, collated in batches."""
-    pending: list[StudentExample] = []
+    pending: list[Any] = []  # stored sequences of the next batch
     for i, seq in enumerate(
         open_store(store_path).iter_sequences(["token_id", "logp", "boundary_logmass"])
     ):
@@ -50,12 +51,12 @@ def eval_batches(
             break
         if i % world_size != rank:
             continue
-        pending.append(builder(seq))
+        pending.append(seq)
         if len(pending) == batch_size:
-            yield collate(pending)
+            yield collate([example for example, _ in builder.build_many(pending)])
             pending = []
     if pending:
-        yield collate(pending)
+        yield collate([example for example, _ in builder.build_many(pending)])
 
 
 @torch.no_grad()

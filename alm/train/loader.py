@@ -307,7 +307,7 @@ class MicroBatches(Dataset):
                 examples[i] = cache.example(ref.shard_index, row, sequences[i])
         if built:
             batch = self.builder.build_many([sequences[i] for i in built])
-            for i, example in zip(built, batch, strict=True):
+            for i, (example, _) in zip(built, batch, strict=True):
                 examples[i] = example
         return collate([example for example in examples if example is not None])
 

@@ -13,7 +13,9 @@ from reference.alm_reference import reference_align
 
 from alm import align_chunks
 from alm.align import align_sequences
+from alm.align.chunks import _offsets, align_many, align_with_loss_masks
 from alm.errors import AlignmentError
+from alm.templates import token_in_loss
 
 ROLES = ("bos", "header:user", "header:assistant", "eot", "eos")
 
@@ -382,3 +384,47 @@ def test_align_sequences_keeps_outside_loss_chunks_on_request():
 def test_different_texts_are_refused_with_the_first_differing_byte():
     with pytest.raises(AlignmentError, match="byte 4"):
         align_chunks([b"abc", b"def"], [b"abc", b"dxf"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(documents(), min_size=1, max_size=5), st.booleans())
+def test_a_micro_batch_aligned_at_once_equals_each_sequence_alone(docs, keep_outside_loss):
+    """`align_many` lays the sequences end to end; each result must be the reference walk's (and its masks the
+    loss-region rule's), whatever the neighbours: truncated tails, blocks, no loss spans, empty loss spans."""
+    pairs, expected = [], []
+    for (teacher, t_roles, t_cut), (student, s_roles, s_cut), loss_spans in docs:
+        t_side, _ = _offsets(teacher, t_roles, "teacher", t_cut)
+        s_side, _ = _offsets(student, s_roles, "student", s_cut)
+        pairs.append((t_side, s_side, loss_spans))
+        expected.append(
+            reference_align(
+                teacher,
+                student,
+                t_roles,
+                s_roles,
+                loss_spans,
+                teacher_truncated=t_cut,
+                student_truncated=s_cut,
+            )
+        )
+    results = align_many(pairs, keep_outside_loss=keep_outside_loss)
+    assert len(results) == len(pairs)
+    for (chunks, t_mask, s_mask), (t_side, s_side, loss_spans), ref in zip(
+        results, pairs, expected, strict=True
+    ):
+        if keep_outside_loss:
+            chunks = chunks.select(chunks.in_loss)
+        assert as_tuples(chunks) == ref_tuples(ref)
+        alone, t_alone, s_alone = align_with_loss_masks(
+            t_side, s_side, loss_spans, keep_outside_loss=keep_outside_loss
+        )
+        for name in ("teacher_start", "end_byte", "in_loss", "is_block"):
+            assert getattr(alone, name).dtype == getattr(chunks, name).dtype
+        for mask, alone_mask, side in ((t_mask, t_alone, t_side), (s_mask, s_alone, s_side)):
+            assert mask.dtype == bool and np.array_equal(mask, alone_mask)
+            if loss_spans is None:
+                assert mask.all()
+            else:
+                assert np.array_equal(
+                    mask, token_in_loss(side.start_byte, side.end_byte, side.role, loss_spans)
+                )

@@ -122,7 +122,7 @@ def test_examples_and_batches_equal_the_reference(
         boundary_class_ids=[0, 1, 2, 4],
         gamma=0.1,
     )
-    new_examples, old_examples, kept = [], [], []
+    new_examples, old_examples, kept, old_chunk_list = [], [], [], []
     for i, (is_chat, text, messages, loss) in enumerate(documents):
         if is_chat and any(role == "assistant" for role, _ in messages):
             encoded = [(role, content.encode()) for role, content in messages]
@@ -145,12 +145,16 @@ def test_examples_and_batches_equal_the_reference(
         new_examples.append(new_example)
         old_examples.append(old_example)
         kept.append(seq)
+        old_chunk_list.append(old_chunks)
     if not new_examples:
         return
     # a micro-batch built at once (one student tokenizer call for all its text) gives the same examples
-    for many, old_example in zip(builder.build_many(kept), old_examples, strict=True):
+    for (many, many_chunks), old_example, old_chunks in zip(
+        builder.build_many(kept), old_examples, old_chunk_list, strict=True
+    ):
         _assert_same_arrays(many, old_example, ["input_ids", "sft_mask"], "build_many")
         _assert_same_arrays(many.targets, old_example.targets, _TARGET_FIELDS, "build_many targets")
+        _assert_same_arrays(many_chunks, old_chunks, _CHUNK_FIELDS, "build_many chunks")
     new_batch, old_batch = collate(new_examples), reference.collate(old_examples)
     for field in ("input_ids", "attention_mask", "sft_mask", "num_sft_tokens"):
         a, b = getattr(new_batch, field), getattr(old_batch, field)
