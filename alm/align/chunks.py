@@ -451,15 +451,21 @@ def _joined(sides: Sequence[_Side], byte_shift: np.ndarray) -> _Joined:
     lengths = np.asarray([len(side.start_byte) for side in sides], _INT)
     pos_shift = np.zeros(len(sides) + 1, _INT)
     np.cumsum(lengths, out=pos_shift[1:])
+    if len(sides) == 1:  # one sequence (shifted by 0): its own arrays, which are only read
+        one = sides[0]
+        return _Joined(
+            one.start_byte,
+            one.end_byte,
+            one.is_block,
+            np.zeros(len(one.start_byte), _INT),
+            pos_shift,
+        )
     seq = np.repeat(np.arange(len(sides), dtype=_INT), lengths)
     token_shift = byte_shift[seq]
-    if len(sides) == 1:
-        start_byte, end_byte, is_block = sides[0].start_byte, sides[0].end_byte, sides[0].is_block
-    else:
-        start_byte = np.concatenate([side.start_byte for side in sides])
-        end_byte = np.concatenate([side.end_byte for side in sides])
-        is_block = np.concatenate([side.is_block for side in sides])
-    return _Joined(start_byte + token_shift, end_byte + token_shift, is_block, seq, pos_shift)
+    start_byte = np.concatenate([side.start_byte for side in sides]) + token_shift
+    end_byte = np.concatenate([side.end_byte for side in sides]) + token_shift
+    is_block = np.concatenate([side.is_block for side in sides])
+    return _Joined(start_byte, end_byte, is_block, seq, pos_shift)
 
 
 def _joined_chunk_index(
@@ -480,7 +486,10 @@ def _joined_chunk_index(
         _INT, copy=False
     )
     tail = chunk >= num_text
-    tail[~tail] = common_seq[chunk[~tail]] != side.seq[text][~tail]
+    if (
+        len(side.pos_shift) > 2
+    ):  # several sequences: a common end of a later one is this one's tail too
+        tail[~tail] = common_seq[chunk[~tail]] != side.seq[text][~tail]
     chunk[tail] = -1  # unaligned tail
     index[text] = chunk
     index[side.is_block] = -2
