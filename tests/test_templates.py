@@ -275,10 +275,9 @@ def test_turn_closing_eot_is_in_loss_and_the_next_header_is_not(case):
 
 
 def test_the_loss_region_rule_has_one_definition():
+    from alm import templates
     from alm.align import chunks
     from alm.train import batch
-
-    from alm import templates
 
     assert batch.token_in_loss is token_in_loss
     # the alignment applies the rule's two halves to a micro-batch at once: the very functions it is made of
