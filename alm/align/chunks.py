@@ -280,6 +280,8 @@ def align_many(
         AlignmentError: malformed offsets (the first sequence that has them).
     """
     num = len(pairs)
+    if num == 0:
+        return []
     teachers = [_side(teacher, "teacher") for teacher, _, _ in pairs]
     students = [_side(student, "student") for _, student, _ in pairs]
     spans = [None if spans is None else merged_spans(spans) for _, _, spans in pairs]

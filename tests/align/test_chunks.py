@@ -408,7 +408,7 @@ def test_a_micro_batch_aligned_at_once_equals_each_sequence_alone(docs, keep_out
             )
         )
     results = align_many(pairs, keep_outside_loss=keep_outside_loss)
-    assert len(results) == len(pairs)
+    assert len(results) == len(pairs) and align_many([]) == []
     for (chunks, t_mask, s_mask), (t_side, s_side, loss_spans), ref in zip(
         results, pairs, expected, strict=True
     ):
