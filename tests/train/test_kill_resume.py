@@ -16,28 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import DATA_SPEC, REPO, train_recipe, write_yaml
+from train_helpers import DATA_SPEC, child_env, train_recipe, write_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 NUM_TRIALS = 8  # per kind of process
 
 
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "ALM_LOG_LEVEL": "WARNING",
-        "OMP_NUM_THREADS": "1",
-    }
-
-
 def _alm(*argv: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "alm.cli", *argv],
-        env=_env(),
+        env=child_env("WARNING"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

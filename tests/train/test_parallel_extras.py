@@ -14,15 +14,12 @@ refuses LoRA with FSDP2). One torchrun launch trains every two-process run. `slo
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 from tolerance import assert_fp32_close
-from train_helpers import REPO, train_recipe
+from train_helpers import torchrun_train_all, train_recipe
 
 from alm.config import load_yaml_model
 from alm.config.train import TrainRecipe
@@ -33,12 +30,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 _NOT_COMPARED = {"step", "tokens_per_s", "lr"}  # the process and the clock, not the step
 LORA = {"r": 4, "alpha": 8}
-_TRAIN_ALL = (
-    "import sys; from alm.config import load_yaml_model; from alm.config.train import TrainRecipe; "
-    "from alm.train import parallel; from alm.train.loop import run_train\n"
-    "for path in sys.argv[1:]: run_train(load_yaml_model(TrainRecipe, path))\n"
-    "parallel.shutdown()"
-)
 
 
 def _configurations(topk_stores, stores, student_dir, same_tokenizer_student) -> dict[str, dict]:
@@ -122,23 +113,7 @@ def runs(tmp_path_factory, topk_stores, stores, student_dir, same_tokenizer_stud
                     **extra,
                 )
             )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "ALM_LOG_LEVEL": "WARNING",
-    }
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    result = subprocess.run(
-        [*launcher, "--master-port", "29537", "--no-python", sys.executable, "-c", _TRAIN_ALL]
-        + [str(path) for path in two_process],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    result = torchrun_train_all(two_process, port=29537, timeout=1500)
     assert result.returncode == 0, result.stderr[-6000:]
     return root
 

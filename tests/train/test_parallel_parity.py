@@ -10,16 +10,13 @@ two-process runs, to pay the start-up once.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 from tolerance import assert_fp32_close
-from train_helpers import REPO, train_recipe
+from train_helpers import torchrun_train_all, train_recipe
 
 from alm.config import load_yaml_model
 from alm.config.train import TrainRecipe
@@ -36,15 +33,8 @@ LAYOUTS = ("ddp", "fsdp2")
 # Metrics that describe the step, not the process or the clock.
 _NOT_COMPARED = {"step", "tokens_per_s", "lr"}
 
+
 # Trains each recipe named on the command line in turn, in one process group.
-_TRAIN_ALL = (
-    "import sys; from alm.config import load_yaml_model; from alm.config.train import TrainRecipe; "
-    "from alm.train import parallel; from alm.train.loop import run_train\n"
-    "for path in sys.argv[1:]: run_train(load_yaml_model(TrainRecipe, path))\n"
-    "parallel.shutdown()"
-)
-
-
 def _recipe(tmp_path: Path, name: str, stores, student_dir, loss: dict, **changes) -> Path:
     settings = {"optim__steps": 2, "optim__grad_accum": 2, "optim__warmup_steps": 0, **changes}
     return train_recipe(
@@ -80,23 +70,7 @@ def parity_runs(tmp_path_factory, stores, student_dir) -> Path:
                     parallel=layout,
                 )
             )
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "ALM_LOG_LEVEL": "WARNING",
-    }
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
-    result = subprocess.run(
-        [*launcher, "--master-port", "29531", "--no-python", sys.executable, "-c", _TRAIN_ALL]
-        + [str(path) for path in two_process],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = torchrun_train_all(two_process, port=29531, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return root
 

@@ -20,36 +20,13 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, train_recipe
+from train_helpers import REPO, child_env, run_alm, train_recipe
 
 from alm.config.train import OptimConfig
 from alm.errors import ConfigError
 from alm.train.log import read_metrics
 from alm.train.run_lock import LOCK_FILE, RunLock, check_run_lock, read_lock
 from alm.train.step import check_lr_schedule
-
-
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "ALM_LOG_LEVEL": "INFO",
-    }
-
-
-def alm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "alm.cli", *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
 
 # A real process that takes the run lock of the folder argv[1], says so, and holds it until killed.
 _HOLDER = (
@@ -62,7 +39,7 @@ def _hold_lock(folder: Path) -> subprocess.Popen:
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, str(folder)],
         cwd=REPO,
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -123,7 +100,7 @@ def test_a_rerun_while_the_first_run_is_live_exits_2_and_after_kill_9_it_runs(
     first = subprocess.Popen(
         [sys.executable, "-m", "alm.cli", "train", str(recipe)],
         cwd=REPO,
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -136,7 +113,7 @@ def test_a_rerun_while_the_first_run_is_live_exits_2_and_after_kill_9_it_runs(
         assert first.poll() is None, "the first run ended early"
         assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
         for extra in ([], ["--overwrite"]):
-            second = alm("train", str(recipe), *extra)
+            second = run_alm("train", str(recipe), *extra)
             assert second.returncode == 2, second.stderr
             assert f"pid {first.pid}" in second.stderr, second.stderr
             assert "in use by another alm train" in second.stderr
@@ -146,7 +123,7 @@ def test_a_rerun_while_the_first_run_is_live_exits_2_and_after_kill_9_it_runs(
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    again = alm("train", str(recipe), "--set", "optim.steps=2")
+    again = run_alm("train", str(recipe), "--set", "optim.steps=2")
     assert again.returncode == 0, again.stderr
     assert "taking over the stale run lock" in again.stderr
     assert (run / "student" / "model.safetensors").is_file()
@@ -171,7 +148,7 @@ def test_rank_0_failing_to_set_up_the_run_stops_every_rank(tmp_path, stores, stu
         result = subprocess.run(
             [*launcher, "--master-port", "29537", "-m", "alm.cli", "train", str(recipe)],
             cwd=REPO,
-            env=_env(),
+            env=child_env(),
             capture_output=True,
             text=True,
             timeout=300,
@@ -236,7 +213,7 @@ def test_bad_schedule_arguments_are_refused_before_any_model_loads(tmp_path, sto
 def test_bad_schedule_arguments_exit_2_through_the_cli(tmp_path, stores, student_dir):
     recipe = _bad_schedule_recipe(tmp_path, stores, student_dir)
     for extra in (["--dry-run"], []):
-        result = alm("train", str(recipe), *extra)
+        result = run_alm("train", str(recipe), *extra)
         assert result.returncode == 2, result.stderr
         assert "min_lr_rate" in result.stderr and "between 0 and optim.lr" in result.stderr
         assert "Traceback" not in result.stderr

@@ -9,7 +9,6 @@ exits 2 for each tokenizer problem; an empty loss region is refused before train
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -20,33 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from train_helpers import REPO, train_recipe, write_yaml
+from train_helpers import REPO, child_env, run_alm, train_recipe, write_yaml
 
 from alm.train.log import read_metrics
 
 CHAT_SPEC = REPO / "data_specs" / "example_chat_jsonl.yaml"
-
-
-def _env() -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-        "ALM_LOG_LEVEL": "INFO",
-    }
-
-
-def alm(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "alm.cli", *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def weights(run: Path) -> dict[str, np.ndarray]:
@@ -85,7 +62,7 @@ def default_recipe(tmp_path: Path, store: Path, student_dir: Path, name: str, **
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, stores, student_dir) -> Path:
     root = tmp_path_factory.mktemp("uninterrupted")
-    result = alm("train", str(default_recipe(root, stores["plain"], student_dir, "reference")))
+    result = run_alm("train", str(default_recipe(root, stores["plain"], student_dir, "reference")))
     assert result.returncode == 0, result.stderr
     return root / "reference"
 
@@ -104,7 +81,7 @@ def test_signal_mid_run_then_resume_gives_the_uninterrupted_weights_bitwise(
     proc = subprocess.Popen(
         [sys.executable, "-m", "alm.cli", "train", str(recipe)],
         cwd=REPO,
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -124,7 +101,7 @@ def test_signal_mid_run_then_resume_gives_the_uninterrupted_weights_bitwise(
     assert 3 <= stopped_at < STEPS
     assert not (run / "student").exists()
 
-    resumed = alm("train", str(recipe), "--resume")
+    resumed = run_alm("train", str(recipe), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(weights(run), weights(reference_run))
     want = [(r["step"], r["loss"], r["lr"]) for r in step_records(reference_run)]
@@ -148,13 +125,13 @@ def test_resume_without_a_checkpoint_exits_2_and_a_failed_first_run_reruns_witho
         optim__steps=2,
         threads=1,
     )
-    first = alm("train", str(recipe))
+    first = run_alm("train", str(recipe))
     assert first.returncode == 2 and "Traceback" not in first.stderr, first.stderr
-    resumed = alm("train", str(recipe), "--resume")
+    resumed = run_alm("train", str(recipe), "--resume")
     assert resumed.returncode == 2, resumed.stderr
     assert "no checkpoint yet" in resumed.stderr and "without --resume" in resumed.stderr
     weights_file.write_bytes(kept)  # the user fixes the problem and runs the same command again
-    again = alm("train", str(recipe))
+    again = run_alm("train", str(recipe))
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "run" / "student" / "model.safetensors").is_file()
     assert not list(
@@ -167,7 +144,7 @@ def test_resume_without_a_checkpoint_exits_2_and_a_failed_first_run_reruns_witho
         student={"model": str(student_dir)},
         optim__steps=2,
     )
-    nothing = alm("train", str(empty), "--resume")
+    nothing = run_alm("train", str(empty), "--resume")
     assert nothing.returncode == 2 and "holds no training run" in nothing.stderr
 
 
@@ -188,19 +165,19 @@ def test_finished_run_says_so_and_extends_with_the_new_schedule_recorded(
         threads=1,
     )
     run = tmp_path / "run"
-    assert alm("train", str(recipe)).returncode == 0
-    finished = alm("train", str(recipe), "--resume")
+    assert run_alm("train", str(recipe)).returncode == 0
+    finished = run_alm("train", str(recipe), "--resume")
     assert finished.returncode == 0, finished.stderr
     assert "is finished (step 6 of 6)" in finished.stdout
     assert [r["step"] for r in step_records(run)] == list(
         range(1, 7)
     )  # nothing retrained or duplicated
 
-    refused = alm("train", str(recipe), "--resume", "--set", "optim.lr=1e-2", "--set", "seed=3")
+    refused = run_alm("train", str(recipe), "--resume", "--set", "optim.lr=1e-2", "--set", "seed=3")
     assert refused.returncode == 2, refused.stderr
     assert "optim.lr: 0.003 -> 0.01" in refused.stderr and "seed: 0 -> 3" in refused.stderr
 
-    extended = alm("train", str(recipe), "--resume", "--set", "optim.steps=12")
+    extended = run_alm("train", str(recipe), "--resume", "--set", "optim.steps=12")
     assert extended.returncode == 0, extended.stderr
     records = step_records(run)
     assert [r["step"] for r in records] == list(range(1, 13))
@@ -210,7 +187,7 @@ def test_finished_run_says_so_and_extends_with_the_new_schedule_recorded(
     assert records[6]["lr"] > 0.0
     assert "optim.steps: 6 -> 12" in (run / "train.log").read_text()
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["steps"] == 12
-    again = alm("train", str(recipe), "--resume", "--set", "optim.steps=12")
+    again = run_alm("train", str(recipe), "--resume", "--set", "optim.steps=12")
     assert again.returncode == 0 and "is finished (step 12 of 12)" in again.stdout
 
 
@@ -304,14 +281,14 @@ def test_dry_run_exits_2_for_each_tokenizer_problem(
         output=tmp_path / "run",
         student={"model": str(student_dir), "tokenizer": str(tokenizer)},
     )
-    result = alm("train", str(recipe), "--dry-run")
+    result = run_alm("train", str(recipe), "--dry-run")
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "run").exists()  # nothing written: the real run can follow
     if (
         problem != "missing"
     ):  # the run itself stops the same way, before any model loads, leaving nothing
-        run = alm("train", str(recipe))
+        run = run_alm("train", str(recipe))
         assert run.returncode == 2 and message in run.stderr, run.stderr
         assert not (tmp_path / "run").exists()
 
@@ -324,7 +301,7 @@ def test_dry_run_renders_one_example_of_each_store(tmp_path, stores, student_dir
         student={"model": str(student_dir)},
         eval={"store": str(stores["heldout"])},
     )
-    result = alm("train", str(recipe), "--dry-run")
+    result = run_alm("train", str(recipe), "--dry-run")
     assert result.returncode == 0, result.stderr
     rendered = [line for line in result.stdout.splitlines() if "student tokens:" in line]
     assert len(rendered) == 2
@@ -343,7 +320,7 @@ def test_an_empty_loss_region_is_refused_before_training(tmp_path, chat_store, s
         student={"model": str(student_dir), "max_length": 16},
     )
     for args in (("--dry-run",), ()):
-        result = alm("train", str(recipe), *args)
+        result = run_alm("train", str(recipe), *args)
         assert result.returncode == 2, result.stdout + result.stderr
         assert "nothing to train on" in result.stderr and "student.max_length=16" in result.stderr
     assert not (tmp_path / "run").exists()
@@ -354,14 +331,14 @@ def test_an_empty_loss_region_is_refused_before_training(tmp_path, chat_store, s
         student={"model": str(student_dir), "max_length": 96},
         optim__steps=1,
     )
-    result = alm("train", str(ok), "--dry-run")
+    result = run_alm("train", str(ok), "--dry-run")
     assert result.returncode == 0, result.stderr
 
 
 def test_version_and_short_help():
-    version = alm("--version")
+    version = run_alm("--version")
     assert version.returncode == 0 and version.stdout.startswith("alm 0.")
-    short = alm("train", "-h")
+    short = run_alm("train", "-h")
     assert short.returncode == 0 and "--resume" in short.stdout and "--dry-run" in short.stdout
 
 

@@ -1,7 +1,11 @@
-"""Helpers shared by the stage-two tests (recipes, paths); fixtures are in `conftest.py`."""
+"""Helpers shared by the stage-two tests (recipes, paths, real child processes); fixtures are in `conftest.py`."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
@@ -73,3 +77,54 @@ def train_recipe(path: Path, *, store: Path, output: Path, student: dict, **chan
             node = node.setdefault(part, {})
         node[leaf] = value
     return write_yaml(path, recipe)
+
+
+def child_env(log_level: str = "INFO") -> dict[str, str]:
+    """The environment of an `alm` or `torchrun` child process: offline, one torch thread, this checkout
+    importable, `ALM_LOG_LEVEL` set."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "ALM_LOG_LEVEL": log_level,
+    }
+
+
+def run_alm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`alm ARGS...` in a real process from the repository root, its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "alm.cli", *args],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# Run every recipe given on the command line, one after another, in one (torchrun-launched) process group.
+_TRAIN_ALL = (
+    "import sys; from alm.config import load_yaml_model; from alm.config.train import TrainRecipe; "
+    "from alm.train import parallel; from alm.train.loop import run_train\n"
+    "for path in sys.argv[1:]: run_train(load_yaml_model(TrainRecipe, path))\n"
+    "parallel.shutdown()"
+)
+
+
+def torchrun_train_all(
+    recipes: Sequence[Path], *, port: int, timeout: float, nproc: int = 2
+) -> subprocess.CompletedProcess:
+    """Train `recipes` one after another on `nproc` real processes (torchrun, gloo on CPU), in one launch."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    return subprocess.run(
+        [*launcher, "--master-port", str(port), "--no-python", sys.executable, "-c", _TRAIN_ALL]
+        + [str(path) for path in recipes],
+        cwd=REPO,
+        env=child_env("WARNING"),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
