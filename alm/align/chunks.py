@@ -117,6 +117,11 @@ def _side(tokens: Any, name: str) -> _Side:
             f"{name} tokens: start_byte and end_byte must be 1-D arrays of the same length, got shapes "
             f"{start_byte.shape} and {end_byte.shape}; pass one entry per token."
         )
+    if n and start_byte.min() < 0:
+        bad = int(np.argmax(start_byte < 0))
+        raise AlignmentError(
+            f"{name} token {bad} starts at byte {start_byte[bad]}; offsets are bytes of the content text, >= 0."
+        )
     if n and (end_byte < start_byte).any():
         bad = int(np.argmax(end_byte < start_byte))
         raise AlignmentError(
@@ -304,15 +309,13 @@ def align_many(
         keep = ~side.is_block & (side.end_byte > side.start_byte)
         return side.end_byte[keep]
 
-    common_end_byte = _sorted_intersection(
-        text_ends(teacher), text_ends(student)
-    )  # [K], all sequences
+    # [K], every sequence's common text ends, in order
+    common_end_byte = _sorted_intersection(text_ends(teacher), text_ends(student))
     common_seq = np.searchsorted(byte_shift, common_end_byte, side="right") - 1  # [K]
     num_text = len(common_end_byte)
     # Matched template blocks, numbered after the K text chunks, sequence by sequence.
-    block_teacher_runs: list[
-        tuple[int, int]
-    ] = []  # joined (first, end) positions of each matched block
+    # joined (first, end) positions of each matched block on each side
+    block_teacher_runs: list[tuple[int, int]] = []
     block_student_runs: list[tuple[int, int]] = []
     block_seq: list[int] = []
     block_rank: list[int] = []  # its rank among its sequence's matched blocks
@@ -488,9 +491,8 @@ def _joined_chunk_index(
         _INT, copy=False
     )
     tail = chunk >= num_text
-    if (
-        len(side.pos_shift) > 2
-    ):  # several sequences: a common end of a later one is this one's tail too
+    # several sequences: a common end of a later one is this one's tail too
+    if len(side.pos_shift) > 2:
         tail[~tail] = common_seq[chunk[~tail]] != side.seq[text][~tail]
     chunk[tail] = -1  # unaligned tail
     index[text] = chunk
@@ -507,7 +509,11 @@ def _joined_in_loss(
     byte_shift: np.ndarray,
 ) -> np.ndarray:
     """bool [N]: `token_in_loss` of every sequence's tokens with its loss spans (True throughout for None)."""
-    shifted = [s + byte_shift[i] for i, s in enumerate(spans) if s is not None and len(s)]
+    # Spans are cut at byte 0 first (tokens start there: the same tokens are covered), so that none reaches into
+    # the sequence before.
+    shifted = [
+        np.maximum(s, 0) + byte_shift[i] for i, s in enumerate(spans) if s is not None and len(s)
+    ]
     joined_spans = np.concatenate(shifted) if shifted else np.zeros((0, 2), _INT)
     in_loss = text_in_spans(side.start_byte, side.end_byte, joined_spans)
     untrained_text = np.bincount(side.seq[~side.is_block & ~in_loss], minlength=len(sides))

@@ -428,3 +428,26 @@ def test_a_micro_batch_aligned_at_once_equals_each_sequence_alone(docs, keep_out
                 assert np.array_equal(
                     mask, token_in_loss(side.start_byte, side.end_byte, side.role, loss_spans)
                 )
+
+
+def test_a_loss_span_before_byte_0_does_not_reach_the_previous_sequence():
+    first, _ = _offsets([b"ab", b"cd", b"e", b"f"], None, "teacher")
+    first_student, _ = _offsets([b"a", b"bc", b"d", b"ef"], None, "student")
+    second, _ = _offsets([b"gh", b"ij"], None, "teacher")
+    second_student, _ = _offsets([b"g", b"h", b"ij"], None, "student")
+    pairs = [(first, first_student, [(0, 2)]), (second, second_student, [(-3, 2)])]
+    for (chunks, t_mask, s_mask), (teacher, student, spans) in zip(
+        align_many(pairs), pairs, strict=True
+    ):
+        alone, t_alone, s_alone = align_with_loss_masks(teacher, student, spans)
+        assert as_tuples(chunks) == as_tuples(alone)
+        assert t_mask.tolist() == t_alone.tolist() and s_mask.tolist() == s_alone.tolist()
+    # the first sequence's last byte sits 2 bytes before the second's, within reach of an unclipped (-3, 2)
+    assert align_many(pairs)[0][1].tolist() == [True, False, False, False]
+
+
+def test_a_negative_token_offset_is_refused():
+    bad, _ = _offsets([b"ab", b"cd"], None, "teacher")
+    shifted = type(bad)(bad.start_byte - 1, bad.end_byte - 1, None)
+    with pytest.raises(AlignmentError, match="starts at byte -1"):
+        align_sequences(shifted, bad)
